@@ -1,0 +1,630 @@
+//! The campaign file (SPEC §2): parsed with serde + toml, unknown keys
+//! rejected with their line, paths resolved against the file's folder, the
+//! transport presets of SPEC §5 applied, and turned into ready-to-use values.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use serde::Deserialize;
+
+use crate::error::input_error;
+use crate::limits::Window;
+
+/// Environment variable read for the SMTP password when none is named.
+pub const DEFAULT_PASSWORD_ENV: &str = "HIKYAKU_SMTP_PASSWORD";
+/// More connections could leave more than 16 recipients `unknown` after a
+/// crash, which SPEC §7.3 forbids.
+pub const MAX_CONNECTIONS: usize = 16;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCampaign {
+    name: String,
+    recipients: RawRecipients,
+    message: MessageSection,
+    transport: RawTransport,
+    dkim: Option<RawDkim>,
+    #[serde(default)]
+    limits: RawLimits,
+    #[serde(default)]
+    retry: RawRetry,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRecipients {
+    file: PathBuf,
+    email_column: Option<String>,
+    encoding: Option<String>,
+    delimiter: Option<String>,
+}
+
+/// The `[message]` section, kept as written: its serialised form is part of
+/// the content fingerprint (SPEC §7.5).
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MessageSection {
+    pub from: String,
+    pub reply_to: Option<String>,
+    pub to_name: Option<String>,
+    pub cc: Option<String>,
+    pub bcc: Option<String>,
+    pub subject: String,
+    pub text: Option<PathBuf>,
+    pub html: Option<PathBuf>,
+    pub markdown: Option<PathBuf>,
+    #[serde(default)]
+    pub attachments: Vec<String>,
+    pub list_unsubscribe: Option<String>,
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTransport {
+    kind: Option<String>,
+    preset: Option<String>,
+    host: Option<String>,
+    port: Option<u16>,
+    tls: Option<String>,
+    username: Option<String>,
+    password_env: Option<String>,
+    password_file: Option<PathBuf>,
+    password_command: Option<String>,
+    ca_file: Option<PathBuf>,
+    connections: Option<usize>,
+    timeout: Option<String>,
+    dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDkim {
+    domain: String,
+    selector: String,
+    private_key_file: PathBuf,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    per_second: Option<u32>,
+    per_minute: Option<u32>,
+    per_hour: Option<u32>,
+    per_day: Option<u32>,
+    windows: Option<Vec<RawWindow>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWindow {
+    max: u32,
+    period: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRetry {
+    max_attempts: Option<u32>,
+    backoff: Option<String>,
+}
+
+/// A loaded, validated campaign.
+#[derive(Debug, Clone)]
+pub struct Campaign {
+    pub name: String,
+    /// The campaign file itself.
+    pub path: PathBuf,
+    /// The folder every relative path is resolved against.
+    pub dir: PathBuf,
+    pub recipients: RecipientsConfig,
+    pub message: MessageSection,
+    pub transport: TransportConfig,
+    pub dkim: Option<DkimConfig>,
+    pub windows: Vec<Window>,
+    pub retry: RetryConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct RecipientsConfig {
+    pub file: PathBuf,
+    pub email_column: String,
+    pub encoding: &'static encoding_rs::Encoding,
+    pub delimiter: u8,
+}
+
+#[derive(Debug, Clone)]
+pub struct DkimConfig {
+    pub domain: String,
+    pub selector: String,
+    pub private_key_file: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct RetryConfig {
+    pub max_attempts: u32,
+    pub backoff: Duration,
+}
+
+impl RetryConfig {
+    /// Delay before attempt `attempts + 1`: `backoff` doubled per attempt
+    /// already made, capped at one hour (SPEC §2).
+    pub fn delay_after(&self, attempts: u32) -> Duration {
+        let factor = 1u32 << attempts.saturating_sub(1).min(20);
+        self.backoff
+            .saturating_mul(factor)
+            .min(Duration::from_secs(3600))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsMode {
+    StartTls,
+    Implicit,
+    None,
+}
+
+#[derive(Debug, Clone)]
+pub enum TransportConfig {
+    Smtp(SmtpConfig),
+    File { dir: PathBuf },
+}
+
+#[derive(Debug, Clone)]
+pub struct SmtpConfig {
+    pub host: String,
+    pub port: u16,
+    pub tls: TlsMode,
+    pub username: Option<String>,
+    pub password: PasswordSource,
+    pub ca_file: Option<PathBuf>,
+    pub connections: usize,
+    pub timeout: Duration,
+}
+
+/// Where the SMTP password comes from. The password itself is read only when
+/// the transport is built, and never kept in anything that is printed.
+#[derive(Debug, Clone)]
+pub enum PasswordSource {
+    Env(String),
+    File(PathBuf),
+    Command(String),
+}
+
+/// A secret that prints as `***` in every `Debug` or `Display`.
+#[derive(Clone)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl PasswordSource {
+    /// Reads the password; errors name the source, never the value.
+    pub fn read(&self) -> Result<Secret> {
+        let value = match self {
+            PasswordSource::Env(var) => std::env::var(var).map_err(|_| {
+                input_error(format!(
+                    "the SMTP password is read from the environment variable {var}, which is not set \
+                     (for Gmail, create an app password and export {var}=...)"
+                ))
+            })?,
+            PasswordSource::File(path) => std::fs::read_to_string(path)
+                .with_context(|| format!("reading password_file {}", path.display()))
+                .map_err(|e| input_error(format!("{e:#}")))?,
+            PasswordSource::Command(cmd) => {
+                let out = std::process::Command::new("sh")
+                    .arg("-c")
+                    .arg(cmd)
+                    .stderr(std::process::Stdio::inherit())
+                    .output()
+                    .map_err(|e| input_error(format!("running password_command: {e}")))?;
+                if !out.status.success() {
+                    return Err(input_error(format!(
+                        "password_command exited with {}",
+                        out.status
+                    )));
+                }
+                String::from_utf8(out.stdout)
+                    .map_err(|_| input_error("password_command printed bytes that are not UTF-8"))?
+            }
+        };
+        let value = value.trim_end_matches(['\r', '\n']).to_string();
+        if value.is_empty() {
+            return Err(input_error("the SMTP password is empty"));
+        }
+        Ok(Secret(value))
+    }
+}
+
+impl SmtpConfig {
+    /// The account whose limits apply: `username@host`, or `host:port`
+    /// without authentication (SPEC §6).
+    pub fn account(&self) -> String {
+        match &self.username {
+            Some(user) => format!("{user}@{}", self.host),
+            None => format!("{}:{}", self.host, self.port),
+        }
+    }
+}
+
+impl Campaign {
+    /// The account key of the send log and limits.
+    pub fn account(&self) -> String {
+        match &self.transport {
+            TransportConfig::Smtp(smtp) => smtp.account(),
+            TransportConfig::File { dir } => format!("file:{}", dir.display()),
+        }
+    }
+
+    pub fn connections(&self) -> usize {
+        match &self.transport {
+            TransportConfig::Smtp(smtp) => smtp.connections,
+            TransportConfig::File { .. } => 1,
+        }
+    }
+
+    /// Loads and validates a campaign file. Every problem is an input error
+    /// naming the file (and the line, where toml knows it).
+    pub fn load(path: &Path) -> Result<Campaign> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            input_error(format!("cannot read campaign file {}: {e}", path.display()))
+        })?;
+        let raw: RawCampaign = toml::from_str(&text).map_err(|e| {
+            input_error(format!("{}: {}", path.display(), e.to_string().trim_end()))
+        })?;
+        let dir = path
+            .parent()
+            .map(|p| {
+                if p.as_os_str().is_empty() {
+                    Path::new(".")
+                } else {
+                    p
+                }
+            })
+            .unwrap_or(Path::new("."))
+            .to_path_buf();
+        Campaign::from_raw(raw, path, dir)
+            .map_err(|e| input_error(format!("{}: {e:#}", path.display())))
+    }
+
+    fn from_raw(raw: RawCampaign, path: &Path, dir: PathBuf) -> Result<Campaign> {
+        if raw.name.trim().is_empty() {
+            anyhow::bail!("`name` must not be empty");
+        }
+        let recipients = RecipientsConfig {
+            file: dir.join(&raw.recipients.file),
+            email_column: raw
+                .recipients
+                .email_column
+                .unwrap_or_else(|| "email".to_string()),
+            encoding: match raw.recipients.encoding.as_deref() {
+                None => encoding_rs::UTF_8,
+                Some(label) => encoding_rs::Encoding::for_label(label.trim().as_bytes())
+                    .ok_or_else(|| {
+                        anyhow::anyhow!(
+                            "[recipients] encoding {label:?} is not a known encoding label"
+                        )
+                    })?,
+            },
+            delimiter: match raw.recipients.delimiter.as_deref() {
+                None => b',',
+                Some("\\t") | Some("\t") => b'\t',
+                Some(d) if d.len() == 1 => d.as_bytes()[0],
+                Some(d) => {
+                    anyhow::bail!("[recipients] delimiter must be one ASCII character, not {d:?}")
+                }
+            },
+        };
+        let message = raw.message;
+        if message.text.is_none() && message.html.is_none() && message.markdown.is_none() {
+            anyhow::bail!("[message] needs at least one of `text`, `html` or `markdown`");
+        }
+        if message.markdown.is_some() && (message.text.is_some() || message.html.is_some()) {
+            anyhow::bail!(
+                "[message] `markdown` gives both parts: do not combine it with `text` or `html`"
+            );
+        }
+        let preset = match raw.transport.preset.as_deref() {
+            None => None,
+            Some(name) => Some(Preset::named(name).ok_or_else(|| {
+                anyhow::anyhow!("[transport] unknown preset {name:?} (known: gmail, workspace, workspace-relay)")
+            })?),
+        };
+        let transport = transport_config(raw.transport, preset.as_ref(), &dir)?;
+        let windows = windows(&raw.limits, preset.as_ref())?;
+        let retry = RetryConfig {
+            max_attempts: raw.retry.max_attempts.unwrap_or(5).max(1),
+            backoff: match raw.retry.backoff {
+                None => Duration::from_secs(60),
+                Some(s) => parse_duration("[retry] backoff", &s)?,
+            },
+        };
+        let dkim = raw.dkim.map(|d| DkimConfig {
+            domain: d.domain,
+            selector: d.selector,
+            private_key_file: dir.join(d.private_key_file),
+        });
+        Ok(Campaign {
+            name: raw.name,
+            path: path.to_path_buf(),
+            dir,
+            recipients,
+            message,
+            transport,
+            dkim,
+            windows,
+            retry,
+        })
+    }
+}
+
+/// A named account profile of SPEC §5.
+struct Preset {
+    host: &'static str,
+    port: u16,
+    tls: TlsMode,
+    per_day: u32,
+    per_minute: u32,
+}
+
+impl Preset {
+    fn named(name: &str) -> Option<Preset> {
+        let (host, per_day, per_minute) = match name {
+            "gmail" => ("smtp.gmail.com", 500, 10),
+            "workspace" => ("smtp.gmail.com", 2000, 30),
+            "workspace-relay" => ("smtp-relay.gmail.com", 10000, 120),
+            _ => return None,
+        };
+        Some(Preset {
+            host,
+            port: 587,
+            tls: TlsMode::StartTls,
+            per_day,
+            per_minute,
+        })
+    }
+}
+
+pub fn parse_duration(what: &str, text: &str) -> Result<Duration> {
+    let d = humantime::parse_duration(text.trim()).map_err(|e| {
+        anyhow::anyhow!(
+            "{what}: {text:?} is not a duration like \"500ms\", \"6s\", \"1m\", \"24h\" ({e})"
+        )
+    })?;
+    if d.is_zero() {
+        anyhow::bail!("{what}: the duration must be greater than zero");
+    }
+    Ok(d)
+}
+
+fn transport_config(
+    raw: RawTransport,
+    preset: Option<&Preset>,
+    dir: &Path,
+) -> Result<TransportConfig> {
+    let kind = raw
+        .kind
+        .as_deref()
+        .unwrap_or(if preset.is_some() { "smtp" } else { "" });
+    match kind {
+        "file" => {
+            let dir = dir.join(raw.dir.unwrap_or_else(|| PathBuf::from("outbox")));
+            Ok(TransportConfig::File { dir })
+        }
+        "smtp" => {
+            if raw.dir.is_some() {
+                anyhow::bail!("[transport] `dir` belongs to kind = \"file\", not \"smtp\"");
+            }
+            let host = raw
+                .host
+                .or_else(|| preset.map(|p| p.host.to_string()))
+                .ok_or_else(|| {
+                    anyhow::anyhow!("[transport] kind = \"smtp\" needs `host` (or a `preset`)")
+                })?;
+            let tls = match raw.tls.as_deref() {
+                None => preset.map(|p| p.tls).unwrap_or(TlsMode::StartTls),
+                Some("starttls") => TlsMode::StartTls,
+                Some("tls") => TlsMode::Implicit,
+                Some("none") => TlsMode::None,
+                Some(other) => anyhow::bail!(
+                    "[transport] tls = {other:?}: use \"starttls\", \"tls\" or \"none\""
+                ),
+            };
+            let port = raw.port.or(preset.map(|p| p.port)).unwrap_or(match tls {
+                TlsMode::Implicit => 465,
+                TlsMode::StartTls => 587,
+                TlsMode::None => 25,
+            });
+            let sources = [
+                raw.password_env.is_some(),
+                raw.password_file.is_some(),
+                raw.password_command.is_some(),
+            ];
+            if sources.iter().filter(|s| **s).count() > 1 {
+                anyhow::bail!(
+                    "[transport] give only one of password_env, password_file, password_command"
+                );
+            }
+            let password = if let Some(file) = raw.password_file {
+                PasswordSource::File(dir.join(file))
+            } else if let Some(cmd) = raw.password_command {
+                PasswordSource::Command(cmd)
+            } else {
+                PasswordSource::Env(
+                    raw.password_env
+                        .unwrap_or_else(|| DEFAULT_PASSWORD_ENV.to_string()),
+                )
+            };
+            if tls == TlsMode::None && raw.username.is_some() && !is_loopback(&host) {
+                anyhow::bail!(
+                    "[transport] tls = \"none\" with a username would send the password in clear text to {host}; \
+                     that is allowed only for a loopback host"
+                );
+            }
+            let connections = raw.connections.unwrap_or(1);
+            if connections == 0 || connections > MAX_CONNECTIONS {
+                anyhow::bail!("[transport] connections must be between 1 and {MAX_CONNECTIONS}");
+            }
+            let timeout = match raw.timeout {
+                None => Duration::from_secs(30),
+                Some(t) => parse_duration("[transport] timeout", &t)?,
+            };
+            Ok(TransportConfig::Smtp(SmtpConfig {
+                host,
+                port,
+                tls,
+                username: raw.username,
+                password,
+                ca_file: raw.ca_file.map(|f| dir.join(f)),
+                connections,
+                timeout,
+            }))
+        }
+        "" => anyhow::bail!("[transport] needs `kind` (\"smtp\" or \"file\") or a `preset`"),
+        other => anyhow::bail!("[transport] kind = {other:?}: use \"smtp\" or \"file\""),
+    }
+}
+
+fn is_loopback(host: &str) -> bool {
+    host == "localhost"
+        || host
+            .trim_matches(['[', ']'])
+            .parse::<std::net::IpAddr>()
+            .map(|ip| ip.is_loopback())
+            .unwrap_or(false)
+}
+
+fn windows(raw: &RawLimits, preset: Option<&Preset>) -> Result<Vec<Window>> {
+    let mut out = Vec::new();
+    let shorthand = [
+        (raw.per_second, 1),
+        (raw.per_minute.or(preset.map(|p| p.per_minute)), 60),
+        (raw.per_hour, 3600),
+        (raw.per_day.or(preset.map(|p| p.per_day)), 86_400),
+    ];
+    for (max, secs) in shorthand {
+        if let Some(max) = max {
+            out.push(Window::new(max, Duration::from_secs(secs))?);
+        }
+    }
+    for w in raw.windows.iter().flatten() {
+        out.push(Window::new(
+            w.max,
+            parse_duration("[limits] windows period", &w.period)?,
+        )?);
+    }
+    out.sort_by_key(|w| w.period);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_str(text: &str) -> Result<Campaign> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("campaign.toml");
+        std::fs::write(&path, text).unwrap();
+        Campaign::load(&path)
+    }
+
+    const BASE: &str = r#"
+name = "t"
+[recipients]
+file = "r.csv"
+[message]
+from = "a@example.com"
+subject = "hi"
+text = "t.hbs"
+"#;
+
+    #[test]
+    fn unknown_key_is_named_with_its_line() {
+        let err = load_str(&format!(
+            "{BASE}[transport]\nkind = \"file\"\nfolder = \"x\"\n"
+        ))
+        .unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(msg.contains("folder"), "{msg}");
+        assert!(msg.contains("line 11"), "{msg}");
+    }
+
+    #[test]
+    fn gmail_preset_fills_host_and_limits_and_keys_override() {
+        let c = load_str(&format!(
+            "{BASE}[transport]\npreset = \"gmail\"\nusername = \"me@gmail.com\"\n[limits]\nper_minute = 5\n"
+        ))
+        .unwrap();
+        let TransportConfig::Smtp(smtp) = &c.transport else {
+            panic!("smtp expected")
+        };
+        assert_eq!(
+            (smtp.host.as_str(), smtp.port, smtp.tls),
+            ("smtp.gmail.com", 587, TlsMode::StartTls)
+        );
+        assert_eq!(c.account(), "me@gmail.com@smtp.gmail.com");
+        let w: Vec<(u32, u64)> = c
+            .windows
+            .iter()
+            .map(|w| (w.max, w.period.as_secs()))
+            .collect();
+        assert_eq!(w, vec![(5, 60), (500, 86_400)]);
+    }
+
+    #[test]
+    fn plaintext_auth_to_remote_host_is_refused() {
+        let err = load_str(&format!(
+            "{BASE}[transport]\nkind = \"smtp\"\nhost = \"mail.example.com\"\ntls = \"none\"\nusername = \"u\"\n"
+        ))
+        .unwrap_err();
+        assert!(format!("{err:#}").contains("loopback"));
+        load_str(&format!(
+            "{BASE}[transport]\nkind = \"smtp\"\nhost = \"127.0.0.1\"\ntls = \"none\"\nusername = \"u\"\n"
+        ))
+        .unwrap();
+    }
+
+    #[test]
+    fn windows_general_form_and_periods() {
+        let c = load_str(&format!(
+            "{BASE}[transport]\nkind = \"file\"\n[limits]\nwindows = [{{ max = 5, period = \"6s\" }}, {{ max = 2, period = \"500ms\" }}]\n"
+        ))
+        .unwrap();
+        let w: Vec<(u32, u128)> = c
+            .windows
+            .iter()
+            .map(|w| (w.max, w.period.as_millis()))
+            .collect();
+        assert_eq!(w, vec![(2, 500), (5, 6000)]);
+    }
+
+    #[test]
+    fn backoff_doubles_and_caps_at_one_hour() {
+        let r = RetryConfig {
+            max_attempts: 5,
+            backoff: Duration::from_secs(60),
+        };
+        assert_eq!(r.delay_after(1), Duration::from_secs(60));
+        assert_eq!(r.delay_after(2), Duration::from_secs(120));
+        assert_eq!(r.delay_after(3), Duration::from_secs(240));
+        assert_eq!(r.delay_after(30), Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn secret_debug_hides_value() {
+        assert_eq!(format!("{:?}", Secret("hunter2".into())), "***");
+    }
+}

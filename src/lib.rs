@@ -1,0 +1,15 @@
+//! hikyaku: a bulk campaign mailer. CSV rows rendered through Handlebars,
+//! sent through SMTP under the account's limits, every recipient's state
+//! kept in SQLite so that an interrupted campaign resumes without sending
+//! anyone a message twice.
+#![forbid(unsafe_code)]
+
+pub mod campaign;
+pub mod error;
+pub mod limits;
+pub mod message;
+pub mod recipients;
+pub mod reply;
+pub mod store;
+pub mod template;
+pub mod transport;

@@ -1,0 +1,381 @@
+//! Sending limits (SPEC §6): rolling windows over the per-account send log.
+//!
+//! Everything here is a pure function of "now" and the log, so that window
+//! and pacing logic is tested without sleeping and behaves the same whether
+//! the log entries came from this process, an earlier run or another process.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use anyhow::Result;
+
+/// At most `max` recipients may enter SMTP transactions in any interval of
+/// length `period`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    pub max: u32,
+    pub period: Duration,
+}
+
+impl Window {
+    pub fn new(max: u32, period: Duration) -> Result<Window> {
+        if max == 0 {
+            anyhow::bail!("[limits] a window's max must be at least 1");
+        }
+        if period.is_zero() {
+            anyhow::bail!("[limits] a window's period must be greater than zero");
+        }
+        Ok(Window { max, period })
+    }
+
+    fn period_ms(&self) -> i64 {
+        i64::try_from(self.period.as_millis()).unwrap_or(i64::MAX / 4)
+    }
+
+    /// The even spacing of one recipient under this window, in milliseconds.
+    fn spacing_ms(&self) -> f64 {
+        self.period.as_millis() as f64 / f64::from(self.max)
+    }
+
+    /// "daily limit", "per-minute limit", or "limit 5 per 6s".
+    pub fn describe(&self) -> String {
+        match self.period.as_secs() {
+            86_400 if self.period.subsec_nanos() == 0 => "daily limit".to_string(),
+            3600 if self.period.subsec_nanos() == 0 => "hourly limit".to_string(),
+            60 if self.period.subsec_nanos() == 0 => "per-minute limit".to_string(),
+            _ => format!("limit per {}", humantime::format_duration(self.period)),
+        }
+    }
+}
+
+/// One entry of the send log: `count` recipients entered a transaction at
+/// `at_ms` (Unix milliseconds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Send {
+    pub at_ms: i64,
+    pub count: u32,
+}
+
+/// Why the next send cannot start yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hold {
+    /// Even pacing of the shortest window: a short, always-accepted wait.
+    Pacing,
+    /// A window is full until its oldest send leaves it.
+    Full(Window),
+}
+
+/// The earliest moment a transaction may start, and what holds it back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Slot {
+    pub at_ms: i64,
+    pub hold: Option<Hold>,
+}
+
+/// The windows of one account, with the sends that still count in them.
+#[derive(Debug, Clone)]
+pub struct Schedule {
+    windows: Vec<Window>,
+    /// Sends inside the longest window, oldest first.
+    log: VecDeque<Send>,
+}
+
+impl Schedule {
+    /// `windows` sorted by period (the first one paces); `log` in any order.
+    pub fn new(windows: &[Window], log: impl IntoIterator<Item = Send>) -> Schedule {
+        let mut windows = windows.to_vec();
+        windows.sort_by_key(|w| w.period);
+        let mut log: Vec<Send> = log.into_iter().collect();
+        log.sort_by_key(|s| s.at_ms);
+        Schedule {
+            windows,
+            log: log.into(),
+        }
+    }
+
+    /// How far back the log must reach for this schedule's decisions.
+    pub fn horizon(windows: &[Window]) -> Duration {
+        windows.iter().map(|w| w.period).max().unwrap_or_default()
+    }
+
+    /// The earliest time at or after `now_ms` at which `count` recipients may
+    /// enter a transaction without any window holding more than its max.
+    ///
+    /// Log entries stamped after `now_ms` (the clock went back) count as if
+    /// made now, so a clock jump never lets a window overflow and never
+    /// makes a wait longer than one period.
+    pub fn next_slot(&self, now_ms: i64, count: u32) -> Slot {
+        let mut slot = Slot {
+            at_ms: now_ms,
+            hold: None,
+        };
+        let Some(pacer) = self.windows.first() else {
+            return slot;
+        };
+        if let Some(last) = self.log.back() {
+            let last_at = last.at_ms.min(now_ms);
+            let paced = last_at + (pacer.spacing_ms() * f64::from(last.count)).round() as i64;
+            if paced > slot.at_ms {
+                slot = Slot {
+                    at_ms: paced,
+                    hold: Some(Hold::Pacing),
+                };
+            }
+        }
+        for w in &self.windows {
+            let count = count.min(w.max);
+            let start = now_ms - w.period_ms();
+            let inside: Vec<Send> = self
+                .log
+                .iter()
+                .filter(|s| s.at_ms > start)
+                .copied()
+                .collect();
+            let mut used: u64 = inside.iter().map(|s| u64::from(s.count)).sum();
+            if used + u64::from(count) <= u64::from(w.max) {
+                continue;
+            }
+            // Drop the oldest sends until the new one fits; it may start once
+            // the last dropped one has left the window.
+            for s in &inside {
+                used -= u64::from(s.count);
+                if used + u64::from(count) <= u64::from(w.max) {
+                    let free_at = s.at_ms.min(now_ms) + w.period_ms();
+                    if free_at > slot.at_ms
+                        || slot.hold == Some(Hold::Pacing) && free_at == slot.at_ms
+                    {
+                        slot = Slot {
+                            at_ms: free_at,
+                            hold: Some(Hold::Full(*w)),
+                        };
+                    }
+                    break;
+                }
+            }
+        }
+        slot
+    }
+
+    /// Adds a send to the log (used to simulate the rest of a campaign).
+    pub fn record(&mut self, send: Send) {
+        self.log.push_back(send);
+        let horizon =
+            i64::try_from(Self::horizon(&self.windows).as_millis()).unwrap_or(i64::MAX / 4);
+        while self
+            .log
+            .front()
+            .is_some_and(|s| s.at_ms <= send.at_ms - horizon)
+        {
+            self.log.pop_front();
+        }
+    }
+
+    /// The time the last of `remaining` messages (each to `per_message`
+    /// recipients) could start, sending as fast as the windows allow.
+    /// `None` when there are no windows to estimate from.
+    pub fn eta(&self, now_ms: i64, remaining: u64, per_message: u32) -> Option<i64> {
+        if self.windows.is_empty() {
+            return None;
+        }
+        let mut sim = self.clone();
+        let mut at = now_ms;
+        for _ in 0..remaining {
+            at = sim.next_slot(at, per_message).at_ms;
+            sim.record(Send {
+                at_ms: at,
+                count: per_message,
+            });
+        }
+        Some(at)
+    }
+
+    /// Recipients counted in each window at `now_ms`, in window order.
+    pub fn usage(&self, now_ms: i64) -> Vec<(Window, u64)> {
+        self.windows
+            .iter()
+            .map(|w| {
+                let start = now_ms - w.period_ms();
+                let used = self
+                    .log
+                    .iter()
+                    .filter(|s| s.at_ms > start)
+                    .map(|s| u64::from(s.count))
+                    .sum();
+                (*w, used)
+            })
+            .collect()
+    }
+
+    pub fn windows(&self) -> &[Window] {
+        &self.windows
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn w(max: u32, secs: u64) -> Window {
+        Window::new(max, Duration::from_secs(secs)).unwrap()
+    }
+
+    fn sends(times: &[i64]) -> Vec<Send> {
+        times
+            .iter()
+            .map(|&at_ms| Send { at_ms, count: 1 })
+            .collect()
+    }
+
+    /// Brute-force check: no interval of length `period` holds more than max.
+    fn never_exceeded(log: &[Send], win: Window) -> bool {
+        let p = win.period_ms();
+        log.iter().all(|a| {
+            log.iter()
+                .filter(|b| b.at_ms >= a.at_ms && b.at_ms < a.at_ms + p)
+                .map(|b| u64::from(b.count))
+                .sum::<u64>()
+                <= u64::from(win.max)
+        })
+    }
+
+    #[test]
+    fn empty_log_sends_now() {
+        let s = Schedule::new(&[w(10, 60)], []);
+        assert_eq!(
+            s.next_slot(1_000, 1),
+            Slot {
+                at_ms: 1_000,
+                hold: None
+            }
+        );
+    }
+
+    #[test]
+    fn shortest_window_paces_evenly() {
+        let s = Schedule::new(&[w(10, 60)], sends(&[1_000]));
+        assert_eq!(
+            s.next_slot(1_000, 1),
+            Slot {
+                at_ms: 7_000,
+                hold: Some(Hold::Pacing)
+            }
+        );
+        assert_eq!(s.next_slot(9_000, 1).at_ms, 9_000);
+    }
+
+    #[test]
+    fn full_window_waits_for_oldest_send_to_leave() {
+        let win = w(5, 6);
+        // Five sends already in the window, paced 1.2 s apart.
+        let s = Schedule::new(&[win], sends(&[0, 1_200, 2_400, 3_600, 4_800]));
+        assert_eq!(
+            s.next_slot(5_000, 1),
+            Slot {
+                at_ms: 6_000,
+                hold: Some(Hold::Full(win))
+            }
+        );
+        // Exactly at the boundary the oldest send has left: interval [0, 6000).
+        assert_eq!(
+            s.next_slot(6_000, 1),
+            Slot {
+                at_ms: 6_000,
+                hold: None
+            }
+        );
+    }
+
+    #[test]
+    fn longest_cap_counts_log_from_before_the_process_started() {
+        let day = w(3, 86_400);
+        let minute = w(10, 60);
+        let s = Schedule::new(&[minute, day], sends(&[0, 100_000, 200_000]));
+        let slot = s.next_slot(300_000, 1);
+        assert_eq!(
+            slot,
+            Slot {
+                at_ms: 86_400_000,
+                hold: Some(Hold::Full(day))
+            }
+        );
+    }
+
+    #[test]
+    fn several_windows_the_latest_constraint_wins() {
+        let a = w(2, 10);
+        let b = w(3, 100);
+        let s = Schedule::new(&[a, b], sends(&[0, 5_000, 10_000]));
+        // a: [5000, 10000] inside (0,20000]... at 12_000 a holds 2 → wait 15_000; b holds 3 → 100_000.
+        assert_eq!(
+            s.next_slot(12_000, 1),
+            Slot {
+                at_ms: 100_000,
+                hold: Some(Hold::Full(b))
+            }
+        );
+    }
+
+    #[test]
+    fn clock_jump_back_never_waits_more_than_a_period() {
+        let win = w(1, 60);
+        // The log says a send happened an hour "in the future".
+        let s = Schedule::new(&[win], sends(&[3_600_000]));
+        let slot = s.next_slot(0, 1);
+        assert!(slot.at_ms <= 60_000, "{slot:?}");
+        assert!(slot.at_ms > 0);
+    }
+
+    #[test]
+    fn multi_recipient_messages_count_each_recipient() {
+        let win = w(4, 60);
+        let s = Schedule::new(&[win], vec![Send { at_ms: 0, count: 3 }]);
+        assert_eq!(s.next_slot(60_000 - 1, 2).at_ms, 60_000);
+        assert!(s.next_slot(60_000 - 1, 1).at_ms < 60_000);
+    }
+
+    #[test]
+    fn simulated_schedule_never_exceeds_any_window_and_paces_exactly() {
+        let wins = [w(4, 1), w(30, 10), w(100, 60)];
+        let mut s = Schedule::new(&wins, []);
+        let mut all = Vec::new();
+        let mut now = 0;
+        for _ in 0..400 {
+            let slot = s.next_slot(now, 1);
+            assert!(slot.at_ms >= now);
+            now = slot.at_ms;
+            s.record(Send {
+                at_ms: now,
+                count: 1,
+            });
+            all.push(Send {
+                at_ms: now,
+                count: 1,
+            });
+        }
+        for win in wins {
+            assert!(never_exceeded(&all, win), "{win:?} exceeded");
+        }
+        // The first 30 sends are paced 250 ms apart by the 4-per-second window.
+        for pair in all[..30].windows(2) {
+            assert_eq!(pair[1].at_ms - pair[0].at_ms, 250);
+        }
+    }
+
+    #[test]
+    fn eta_under_a_daily_cap_spills_into_the_next_day() {
+        let day = w(500, 86_400);
+        let s = Schedule::new(&[w(100, 1), day], sends(&(0..400).collect::<Vec<i64>>()));
+        let eta = s.eta(1_000, 150, 1).unwrap();
+        // 100 fit today, 10 ms apart; the other 50 wait for the first sends
+        // to leave the day, then go on 10 ms apart.
+        assert_eq!(eta, 86_400_000 + 49 * 10);
+        assert_eq!(Schedule::new(&[], []).eta(0, 10, 1), None);
+    }
+
+    #[test]
+    fn usage_counts_only_sends_inside_each_window() {
+        let s = Schedule::new(&[w(10, 60), w(500, 86_400)], sends(&[0, 30_000, 90_000]));
+        let used: Vec<u64> = s.usage(100_000).into_iter().map(|(_, u)| u).collect();
+        assert_eq!(used, vec![1, 3]);
+    }
+}

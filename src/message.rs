@@ -1,0 +1,410 @@
+//! Message building: a recipient's rendered parts become one RFC 5322
+//! message with its envelope. Header values are checked for control
+//! characters here, per row, because lettre would silently encode a line
+//! break instead of refusing it (SPEC §4, §11).
+
+use std::path::{Component, Path};
+use std::str::FromStr;
+
+use lettre::address::Envelope;
+use lettre::message::header::{ContentType, HeaderName, HeaderValue};
+use lettre::message::{Attachment, Mailbox, Mailboxes, MultiPart, SinglePart};
+use lettre::Message;
+
+use crate::recipients::Recipient;
+use crate::template::Rendered;
+
+/// A message ready for a transport.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    pub envelope: Envelope,
+    pub bytes: Vec<u8>,
+    pub message_id: String,
+    /// To, Cc and Bcc together: what the account's windows count.
+    pub recipient_count: u32,
+}
+
+/// How this message differs from a normal campaign send.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Variant<'a> {
+    /// `send --test-to`: deliver to this address only, subject prefixed "[TEST] ".
+    pub test_to: Option<&'a Recipient>,
+}
+
+enum Body {
+    Single(SinglePart),
+    Multi(MultiPart),
+}
+
+/// Headers a campaign may not set through `headers`: they are ours.
+const RESERVED: &[&str] = &[
+    "from",
+    "to",
+    "cc",
+    "bcc",
+    "reply-to",
+    "subject",
+    "date",
+    "message-id",
+    "mime-version",
+    "content-type",
+    "content-transfer-encoding",
+    "precedence",
+    "list-unsubscribe",
+    "list-unsubscribe-post",
+    "sender",
+    "return-path",
+];
+
+/// Refuses a header value with CR, LF or another control character: a CSV
+/// cell must never be able to add a header or a recipient.
+pub fn check_header_value(what: &str, value: &str) -> Result<(), String> {
+    match value.chars().find(|c| c.is_control() && *c != '\t') {
+        None => Ok(()),
+        Some('\r') | Some('\n') => Err(format!(
+            "{what} renders with a line break, which could forge headers"
+        )),
+        Some(c) => Err(format!(
+            "{what} renders with the control character U+{:04X}",
+            c as u32
+        )),
+    }
+}
+
+fn mailboxes(what: &str, value: &str) -> Result<Mailboxes, String> {
+    check_header_value(what, value)?;
+    Mailboxes::from_str(value)
+        .map_err(|e| format!("{what} {value:?} is not a valid address list: {e}"))
+}
+
+/// Builds the message for one recipient. Errors are per-row and say which
+/// part is wrong.
+pub fn build(
+    rendered: &Rendered,
+    to: &Recipient,
+    campaign_dir: &Path,
+    variant: Variant<'_>,
+) -> Result<Outgoing, String> {
+    check_header_value("from", &rendered.from)?;
+    let from = Mailbox::from_str(&rendered.from)
+        .map_err(|e| format!("from {:?} is not a valid mailbox: {e}", rendered.from))?;
+    let subject = match variant.test_to {
+        Some(_) => format!("[TEST] {}", rendered.subject),
+        None => rendered.subject.clone(),
+    };
+    check_header_value("subject", &subject)?;
+    let to_name = rendered
+        .to_name
+        .as_deref()
+        .map(str::trim)
+        .filter(|n| !n.is_empty());
+    if let Some(name) = to_name {
+        check_header_value("to_name", name)?;
+    }
+    let target = variant.test_to.unwrap_or(to);
+    let to_address = lettre::Address::from_str(&target.ascii)
+        .map_err(|e| format!("address {}: {e}", target.ascii))?;
+    let mut builder = Message::builder()
+        .from(from.clone())
+        .to(Mailbox::new(to_name.map(str::to_string), to_address))
+        .subject(subject)
+        .date_now()
+        .raw_header(HeaderValue::new(
+            HeaderName::new_from_ascii_str("Precedence"),
+            "bulk".into(),
+        ));
+    let mut recipient_count = 1u32;
+    if let Some(reply_to) = &rendered.reply_to {
+        for mbox in mailboxes("reply_to", reply_to)? {
+            builder = builder.reply_to(mbox);
+        }
+    }
+    if variant.test_to.is_none() {
+        for (what, value) in [("cc", &rendered.cc), ("bcc", &rendered.bcc)] {
+            let Some(value) = value else { continue };
+            for mbox in mailboxes(what, value)? {
+                recipient_count += 1;
+                builder = if what == "cc" {
+                    builder.cc(mbox)
+                } else {
+                    builder.bcc(mbox)
+                };
+            }
+        }
+    }
+    let domain = from.email.domain().to_string();
+    let message_id = format!("<{}@{}>", uuid::Uuid::new_v4().simple(), domain);
+    builder = builder.message_id(Some(message_id.clone()));
+
+    if let Some(value) = &rendered.list_unsubscribe {
+        check_header_value("list_unsubscribe", value)?;
+        let uris: Vec<&str> = value
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .collect();
+        for uri in &uris {
+            let lower = uri.to_ascii_lowercase();
+            if !(lower.starts_with("https://") || lower.starts_with("mailto:")) {
+                return Err(format!(
+                    "list_unsubscribe {uri:?} must be an https: or mailto: URI"
+                ));
+            }
+            if uri.contains(['<', '>', ' ']) {
+                return Err(format!(
+                    "list_unsubscribe {uri:?} contains '<', '>' or a space"
+                ));
+            }
+        }
+        let header = uris
+            .iter()
+            .map(|u| format!("<{u}>"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        builder = builder.raw_header(HeaderValue::new(
+            HeaderName::new_from_ascii_str("List-Unsubscribe"),
+            header,
+        ));
+        if uris
+            .iter()
+            .any(|u| u.to_ascii_lowercase().starts_with("https://"))
+        {
+            builder = builder.raw_header(HeaderValue::new(
+                HeaderName::new_from_ascii_str("List-Unsubscribe-Post"),
+                "List-Unsubscribe=One-Click".into(),
+            ));
+        }
+    }
+    for (name, value) in &rendered.headers {
+        let valid_name =
+            !name.is_empty() && name.bytes().all(|b| b.is_ascii_graphic() && b != b':');
+        if !valid_name {
+            return Err(format!("header name {name:?} is not a valid header name"));
+        }
+        if RESERVED.contains(&name.to_ascii_lowercase().as_str()) {
+            return Err(format!(
+                "header {name} is set by hikyaku and cannot be given in [message] headers"
+            ));
+        }
+        check_header_value(&format!("header {name}"), value)?;
+        let header_name = HeaderName::new_from_ascii(name.clone())
+            .map_err(|e| format!("header name {name:?}: {e}"))?;
+        builder = builder.raw_header(HeaderValue::new(header_name, value.clone()));
+    }
+
+    let body = match (&rendered.text, &rendered.html) {
+        (Some(text), Some(html)) => Body::Multi(MultiPart::alternative_plain_html(
+            text.clone(),
+            html.clone(),
+        )),
+        (Some(text), None) => Body::Single(SinglePart::plain(text.clone())),
+        (None, Some(html)) => Body::Single(SinglePart::html(html.clone())),
+        (None, None) => return Err("the message has no body".to_string()),
+    };
+    let message = if rendered.attachments.is_empty() {
+        match body {
+            Body::Single(part) => builder.singlepart(part),
+            Body::Multi(parts) => builder.multipart(parts),
+        }
+    } else {
+        let mut mixed = match body {
+            Body::Single(part) => MultiPart::mixed().singlepart(part),
+            Body::Multi(parts) => MultiPart::mixed().multipart(parts),
+        };
+        for rel in &rendered.attachments {
+            let (name, bytes) = read_attachment(campaign_dir, rel)?;
+            let mime = mime_guess::from_path(&name).first_or_octet_stream();
+            let content_type =
+                ContentType::parse(mime.as_ref()).map_err(|e| format!("attachment {rel}: {e}"))?;
+            mixed = mixed.singlepart(Attachment::new(name).body(bytes, content_type));
+        }
+        builder.multipart(mixed)
+    }
+    .map_err(|e| format!("building the message: {e}"))?;
+
+    Ok(Outgoing {
+        envelope: message.envelope().clone(),
+        bytes: message.formatted(),
+        message_id,
+        recipient_count,
+    })
+}
+
+/// Reads an attachment whose rendered path must stay inside the campaign
+/// folder: no absolute path, no `..`, no link leading outside.
+fn read_attachment(campaign_dir: &Path, rel: &str) -> Result<(String, Vec<u8>), String> {
+    check_header_value("attachment path", rel)?;
+    let path = Path::new(rel.trim());
+    if rel.trim().is_empty() {
+        return Err("attachment path renders empty".to_string());
+    }
+    if path
+        .components()
+        .any(|c| !matches!(c, Component::Normal(_) | Component::CurDir))
+    {
+        return Err(format!(
+            "attachment {rel:?} leaves the campaign folder (absolute path or '..')"
+        ));
+    }
+    let root = campaign_dir
+        .canonicalize()
+        .map_err(|e| format!("campaign folder {}: {e}", campaign_dir.display()))?;
+    let full = root
+        .join(path)
+        .canonicalize()
+        .map_err(|e| format!("attachment {rel:?}: {e}"))?;
+    if !full.starts_with(&root) {
+        return Err(format!(
+            "attachment {rel:?} is a link leading outside the campaign folder"
+        ));
+    }
+    let bytes = std::fs::read(&full).map_err(|e| format!("attachment {rel:?}: {e}"))?;
+    let name = full
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("attachment")
+        .to_string();
+    Ok((name, bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::recipients::parse_address;
+
+    fn rendered() -> Rendered {
+        Rendered {
+            from: "Acme <news@acme.example>".into(),
+            subject: "Hello".into(),
+            text: Some("text".into()),
+            html: Some("<p>html</p>".into()),
+            ..Rendered::default()
+        }
+    }
+
+    fn build_ok(r: &Rendered) -> String {
+        let to = parse_address("bob@example.com").unwrap();
+        let out = build(r, &to, Path::new("."), Variant::default()).unwrap();
+        String::from_utf8(out.bytes).unwrap()
+    }
+
+    #[test]
+    fn has_required_headers_and_alternative_parts() {
+        let mut r = rendered();
+        r.to_name = Some("Bob B".into());
+        let text = build_ok(&r);
+        for needle in [
+            "From: Acme <news@acme.example>",
+            "To: \"Bob B\" <bob@example.com>",
+            "Subject: Hello",
+            "Date: ",
+            "Message-ID: <",
+            "Precedence: bulk",
+            "multipart/alternative",
+        ] {
+            assert!(text.contains(needle), "missing {needle:?} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn line_break_in_subject_or_name_is_refused() {
+        let mut r = rendered();
+        r.subject = "Hi Alice\r\nBcc: victim@example.com".into();
+        let to = parse_address("bob@example.com").unwrap();
+        let err = build(&r, &to, Path::new("."), Variant::default()).unwrap_err();
+        assert!(err.contains("subject"), "{err}");
+        let mut r = rendered();
+        r.to_name = Some("Alice\nBcc: victim@example.com".into());
+        assert!(build(&r, &to, Path::new("."), Variant::default())
+            .unwrap_err()
+            .contains("to_name"));
+    }
+
+    #[test]
+    fn one_click_unsubscribe_only_with_https() {
+        let mut r = rendered();
+        r.list_unsubscribe = Some("https://acme.example/u?e=bob".into());
+        let text = build_ok(&r);
+        assert!(
+            text.contains("List-Unsubscribe: <https://acme.example/u?e=bob>"),
+            "{text}"
+        );
+        assert!(text.contains("List-Unsubscribe-Post: List-Unsubscribe=One-Click"));
+        r.list_unsubscribe = Some("mailto:unsub@acme.example".into());
+        let text = build_ok(&r);
+        assert!(text.contains("List-Unsubscribe: <mailto:unsub@acme.example>"));
+        assert!(!text.contains("List-Unsubscribe-Post"));
+    }
+
+    #[test]
+    fn cc_and_bcc_count_as_recipients_and_bcc_is_hidden() {
+        let mut r = rendered();
+        r.cc = Some("am@acme.example".into());
+        r.bcc = Some("archive@acme.example".into());
+        let to = parse_address("bob@example.com").unwrap();
+        let out = build(&r, &to, Path::new("."), Variant::default()).unwrap();
+        assert_eq!(out.recipient_count, 3);
+        assert_eq!(out.envelope.to().len(), 3);
+        let text = String::from_utf8(out.bytes).unwrap();
+        assert!(text.contains("Cc: am@acme.example"));
+        assert!(!text.contains("archive@"));
+    }
+
+    #[test]
+    fn test_send_goes_only_to_the_test_address() {
+        let mut r = rendered();
+        r.cc = Some("am@acme.example".into());
+        let to = parse_address("bob@example.com").unwrap();
+        let tester = parse_address("me@acme.example").unwrap();
+        let out = build(
+            &r,
+            &to,
+            Path::new("."),
+            Variant {
+                test_to: Some(&tester),
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            out.envelope
+                .to()
+                .iter()
+                .map(|a| a.to_string())
+                .collect::<Vec<_>>(),
+            ["me@acme.example"]
+        );
+        assert!(String::from_utf8(out.bytes)
+            .unwrap()
+            .contains("Subject: [TEST] Hello"));
+    }
+
+    #[test]
+    fn attachments_stay_inside_the_campaign_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("inv.pdf"), b"%PDF-1.4").unwrap();
+        let to = parse_address("bob@example.com").unwrap();
+        let mut r = rendered();
+        r.attachments = vec!["inv.pdf".into()];
+        let out = build(&r, &to, dir.path(), Variant::default()).unwrap();
+        let text = String::from_utf8(out.bytes).unwrap();
+        assert!(
+            text.contains("application/pdf") && text.contains("multipart/mixed"),
+            "{text}"
+        );
+        for bad in ["../../etc/passwd", "/etc/passwd", "missing.pdf"] {
+            r.attachments = vec![bad.into()];
+            assert!(
+                build(&r, &to, dir.path(), Variant::default()).is_err(),
+                "{bad} accepted"
+            );
+        }
+    }
+
+    #[test]
+    fn reserved_headers_cannot_be_overridden() {
+        let mut r = rendered();
+        r.headers = vec![("Bcc".into(), "x@example.com".into())];
+        let to = parse_address("bob@example.com").unwrap();
+        assert!(build(&r, &to, Path::new("."), Variant::default()).is_err());
+    }
+}

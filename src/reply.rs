@@ -1,0 +1,200 @@
+//! SMTP reply classification (SPEC §8).
+//!
+//! Classifying by the first digit alone is wrong for Gmail: it sends some
+//! account-wide pauses as 5xx (5.4.5 daily limit) and uses 4.2.1 for both a
+//! busy recipient and an account-wide relay limit. So the enhanced status
+//! code and the text decide.
+
+use std::fmt;
+
+/// What a reply means for the recipient and the run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplyClass {
+    /// 2xx after DATA: the message is the server's now.
+    Accepted,
+    /// Retry this recipient later, with backoff.
+    Transient,
+    /// The account is over a limit: the recipient goes back to `pending`.
+    AccountPaused(Pause),
+    /// Authentication or TLS policy: stop the run, change nothing.
+    Fatal,
+    /// This recipient will never be accepted.
+    Permanent,
+}
+
+/// How long an account pause lasts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pause {
+    /// Daily quota (5.4.5): until the daily window frees.
+    Daily,
+    /// Short-term throttling (4xx): back off.
+    Backoff,
+}
+
+/// A server reply, or the lack of one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    /// The three-digit code; `None` when the connection failed or timed out.
+    pub code: Option<u16>,
+    /// The enhanced status code (RFC 3463), e.g. `5.1.1`, when the text starts with one.
+    pub enhanced: Option<String>,
+    /// The reply text without the codes (or the local error).
+    pub text: String,
+}
+
+impl Reply {
+    /// Splits a reply text that may start with an enhanced status code.
+    pub fn new(code: Option<u16>, text: &str) -> Reply {
+        let text = text.trim();
+        let (enhanced, rest) = match text.split_once(char::is_whitespace) {
+            Some((first, rest)) if is_enhanced(first) => (Some(first.to_string()), rest.trim()),
+            _ if is_enhanced(text) => (Some(text.to_string()), ""),
+            _ => (None, text),
+        };
+        Reply {
+            code,
+            enhanced,
+            text: rest.to_string(),
+        }
+    }
+
+    /// A failure with no reply at all (connection lost, timeout).
+    pub fn local(text: impl Into<String>) -> Reply {
+        Reply {
+            code: None,
+            enhanced: None,
+            text: text.into(),
+        }
+    }
+
+    pub fn class(&self) -> ReplyClass {
+        classify(self.code, self.enhanced.as_deref(), &self.text)
+    }
+
+    /// 5.1.1 (no such user) and 5.2.1 (disabled) go to the suppression list.
+    pub fn suppresses(&self) -> bool {
+        matches!(self.enhanced.as_deref(), Some("5.1.1") | Some("5.2.1"))
+    }
+
+    /// A short key grouping identical failures, for the circuit breaker.
+    pub fn failure_key(&self) -> String {
+        format!(
+            "{} {}",
+            self.code.map(|c| c.to_string()).unwrap_or_default(),
+            self.enhanced.as_deref().unwrap_or("")
+        )
+    }
+}
+
+impl fmt::Display for Reply {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut parts = Vec::new();
+        let code = self.code.map(|c| c.to_string());
+        parts.extend(code.as_deref());
+        parts.extend(self.enhanced.as_deref());
+        if !self.text.is_empty() {
+            parts.push(&self.text);
+        }
+        f.write_str(&parts.join(" "))
+    }
+}
+
+fn is_enhanced(word: &str) -> bool {
+    let parts: Vec<&str> = word.split('.').collect();
+    parts.len() == 3
+        && matches!(parts[0], "2" | "4" | "5")
+        && parts[1..]
+            .iter()
+            .all(|p| !p.is_empty() && p.len() <= 3 && p.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Classifies one reply. `code` is `None` for a lost connection or timeout.
+pub fn classify(code: Option<u16>, enhanced: Option<&str>, text: &str) -> ReplyClass {
+    let Some(code) = code else {
+        return ReplyClass::Transient;
+    };
+    let lower = text.to_ascii_lowercase();
+    let enhanced = enhanced.unwrap_or("");
+    match code {
+        200..=399 => ReplyClass::Accepted,
+        530 | 534 | 535 => ReplyClass::Fatal,
+        _ if enhanced == "5.4.5" => ReplyClass::AccountPaused(Pause::Daily),
+        _ if enhanced == "5.7.1"
+            && (lower.contains("rate limited") || lower.contains("limit exceeded")) =>
+        {
+            ReplyClass::AccountPaused(Pause::Daily)
+        }
+        _ if enhanced == "4.2.1" && lower.contains("relay limit") => {
+            ReplyClass::AccountPaused(Pause::Backoff)
+        }
+        421 | 454 if enhanced.starts_with("4.7.") => ReplyClass::AccountPaused(Pause::Backoff),
+        421 if lower.contains("try again later") => ReplyClass::AccountPaused(Pause::Backoff),
+        400..=499 => ReplyClass::Transient,
+        _ => ReplyClass::Permanent,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every real Gmail reply in tests/data/gmail-replies.tsv gets the class
+    /// SPEC §8 gives it.
+    #[test]
+    fn gmail_reply_vectors() {
+        let data = include_str!("../tests/data/gmail-replies.tsv");
+        let mut checked = 0;
+        for line in data
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.starts_with("code\t"))
+        {
+            let cols: Vec<&str> = line.split('\t').collect();
+            assert_eq!(cols.len(), 4, "{line}");
+            let code: u16 = cols[0].parse().unwrap();
+            let reply = Reply::new(Some(code), &format!("{} {}", cols[1], cols[2]));
+            assert_eq!(reply.enhanced.as_deref(), Some(cols[1]));
+            let got = match reply.class() {
+                ReplyClass::Accepted => "accepted",
+                ReplyClass::Transient => "transient",
+                ReplyClass::AccountPaused(_) => "account-paused",
+                ReplyClass::Fatal => "fatal",
+                ReplyClass::Permanent => "permanent",
+            };
+            assert_eq!(got, cols[3], "{line}");
+            checked += 1;
+        }
+        assert!(checked >= 20, "only {checked} vectors");
+    }
+
+    #[test]
+    fn daily_limit_pauses_until_the_day_frees() {
+        let r = Reply::new(Some(550), "5.4.5 Daily user sending limit exceeded.");
+        assert_eq!(r.class(), ReplyClass::AccountPaused(Pause::Daily));
+        let r = Reply::new(Some(421), "4.7.0 Try again later, closing connection.");
+        assert_eq!(r.class(), ReplyClass::AccountPaused(Pause::Backoff));
+    }
+
+    #[test]
+    fn lost_connection_is_transient() {
+        assert_eq!(
+            Reply::local("connection reset").class(),
+            ReplyClass::Transient
+        );
+    }
+
+    #[test]
+    fn suppression_only_for_unknown_or_disabled_users() {
+        assert!(Reply::new(Some(550), "5.1.1 no such user").suppresses());
+        assert!(Reply::new(Some(550), "5.2.1 inactive").suppresses());
+        assert!(!Reply::new(Some(552), "5.3.4 too big").suppresses());
+    }
+
+    #[test]
+    fn reply_without_enhanced_code_keeps_its_text() {
+        let r = Reply::new(Some(554), "Transaction failed");
+        assert_eq!(r.enhanced, None);
+        assert_eq!(r.text, "Transaction failed");
+        assert_eq!(r.class(), ReplyClass::Permanent);
+        assert_eq!(r.to_string(), "554 Transaction failed");
+    }
+}

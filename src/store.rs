@@ -1,0 +1,1116 @@
+//! The state store on SQLite (SPEC §7, §10): one file, WAL, every
+//! recipient's outcome committed as it happens.
+//!
+//! The order of writes is the at-most-once guarantee: a recipient is
+//! durably `sending` (and its send logged for the account's limits) before
+//! its SMTP transaction starts, and `sent` after the server accepted it. A
+//! row left `sending` by a dead process becomes `unknown`, never `pending`.
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use sqlx::{Row as _, Sqlite, Transaction};
+
+use crate::error::input_error;
+use crate::limits::{Schedule, Send, Slot, Window};
+use crate::message::Outgoing;
+
+/// A recipient's delivery state (SPEC §7).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    Pending,
+    Sending,
+    Sent,
+    Deferred,
+    Failed,
+    Unknown,
+    Skipped,
+}
+
+impl State {
+    pub const ALL: [State; 7] = [
+        State::Pending,
+        State::Sending,
+        State::Sent,
+        State::Deferred,
+        State::Failed,
+        State::Unknown,
+        State::Skipped,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Pending => "pending",
+            State::Sending => "sending",
+            State::Sent => "sent",
+            State::Deferred => "deferred",
+            State::Failed => "failed",
+            State::Unknown => "unknown",
+            State::Skipped => "skipped",
+        }
+    }
+}
+
+impl FromStr for State {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<State, String> {
+        State::ALL
+            .into_iter()
+            .find(|st| st.as_str() == s)
+            .ok_or_else(|| format!("unknown state {s:?} (pending, sending, sent, deferred, failed, unknown, skipped)"))
+    }
+}
+
+pub fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// `2026-11-27T09:14:03Z` for a Unix-millisecond time.
+pub fn rfc3339(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+        .unwrap_or_default()
+}
+
+/// Where the state lives: `--db`, `HIKYAKU_DB`, or the platform default.
+pub fn resolve_db(arg: Option<&str>) -> Result<PathBuf> {
+    match arg {
+        Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => Err(input_error(
+            "PostgreSQL state databases are not supported by this build yet; use a SQLite file path",
+        )),
+        Some(url) => Ok(PathBuf::from(url.strip_prefix("sqlite://").unwrap_or(url))),
+        None => {
+            let base = dirs::data_dir().ok_or_else(|| {
+                input_error("no platform data directory is known here: give --db PATH or set HIKYAKU_DB")
+            })?;
+            Ok(base.join("hikyaku").join("hikyaku.db"))
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Store {
+    pool: SqlitePool,
+}
+
+/// A campaign's row in the store.
+#[derive(Debug, Clone)]
+pub struct CampaignRecord {
+    pub id: i64,
+    pub columns: Vec<String>,
+    pub fingerprint: Option<String>,
+}
+
+/// A recipient picked for sending.
+#[derive(Debug, Clone)]
+pub struct Candidate {
+    pub id: i64,
+    pub row_number: i64,
+    pub email: String,
+    pub address: String,
+    pub fields: Vec<String>,
+    pub attempts: i64,
+}
+
+/// The result of asking for the next recipient to send to.
+#[derive(Debug)]
+pub enum Claim {
+    /// Durably `sending`, its send logged; go ahead.
+    Ready {
+        candidate: Candidate,
+        message: Box<Outgoing>,
+        log_id: i64,
+    },
+    /// Its message could not be built; it was marked `failed`.
+    Unbuildable { candidate: Candidate, why: String },
+    /// Something must pass first: pacing, a full window, an account pause.
+    Wait { until_ms: i64, why: WaitReason },
+    /// Nothing is due; deferred retries may be due at `next_due_ms`.
+    Idle { next_due_ms: Option<i64> },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WaitReason {
+    Pacing,
+    Window { window: Window, used: u64 },
+    Paused(String),
+}
+
+/// One outcome of a send, as written to the store.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    Sent {
+        reply: String,
+    },
+    Deferred {
+        reply: String,
+        retry_at_ms: i64,
+    },
+    Failed {
+        reply: String,
+        suppress: bool,
+    },
+    /// Back to `pending` as if never tried (account pause, fatal error).
+    Returned {
+        reply: String,
+        unlog: bool,
+    },
+}
+
+/// Counts per state.
+pub type Counts = std::collections::BTreeMap<&'static str, i64>;
+
+impl Store {
+    /// Opens (creating if needed) the SQLite file and runs the embedded migrations.
+    pub async fn open(path: &Path) -> Result<Store> {
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).with_context(|| {
+                format!(
+                    "creating the folder of the state database {}",
+                    parent.display()
+                )
+            })?;
+        }
+        // FULL: the `sending` mark must survive a power cut, not only a crash,
+        // or a rebooted machine could send a message twice.
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(Duration::from_secs(30))
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options)
+            .await
+            .with_context(|| format!("opening the state database {}", path.display()))?;
+        sqlx::migrate!("./migrations/sqlite")
+            .run(&pool)
+            .await
+            .with_context(|| format!("migrating the state database {}", path.display()))?;
+        Ok(Store { pool })
+    }
+
+    /// Creates the campaign's row on first use.
+    pub async fn campaign(&self, name: &str) -> Result<CampaignRecord> {
+        sqlx::query(
+            "INSERT INTO campaigns (name, created_at) VALUES (?, ?) ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(name)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?;
+        self.find_campaign(name)
+            .await?
+            .context("the campaign row vanished right after it was created")
+    }
+
+    /// The campaign's row, if it was ever used.
+    pub async fn find_campaign(&self, name: &str) -> Result<Option<CampaignRecord>> {
+        let row = sqlx::query("SELECT id, columns, fingerprint FROM campaigns WHERE name = ?")
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|row| {
+            Ok(CampaignRecord {
+                id: row.get("id"),
+                columns: serde_json::from_str(row.get::<&str, _>("columns"))?,
+                fingerprint: row.get("fingerprint"),
+            })
+        })
+        .transpose()
+    }
+
+    pub async fn set_fingerprint(&self, campaign_id: i64, fingerprint: &str) -> Result<()> {
+        sqlx::query("UPDATE campaigns SET fingerprint = ? WHERE id = ?")
+            .bind(fingerprint)
+            .bind(campaign_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Takes the campaign's runner lock, or says which live process has it.
+    /// A lock whose process is gone (kill -9) is taken over.
+    pub async fn lock(&self, campaign_id: i64, token: &str) -> Result<()> {
+        let host = hostname();
+        let pid = i64::from(std::process::id());
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let row = sqlx::query("SELECT lock_pid, lock_host FROM campaigns WHERE id = ?")
+            .bind(campaign_id)
+            .fetch_one(&mut *tx)
+            .await?;
+        let held_pid: Option<i64> = row.get("lock_pid");
+        let held_host: Option<String> = row.get("lock_host");
+        if let Some(held_pid) = held_pid {
+            let held_host = held_host.unwrap_or_default();
+            if held_host != host || process_alive(held_pid) {
+                anyhow::bail!(
+                    "this campaign is being sent by process {held_pid} on {held_host}; \
+                     wait for it to finish or stop it (a lock left by a dead process is taken over)"
+                );
+            }
+        }
+        sqlx::query("UPDATE campaigns SET lock_pid = ?, lock_host = ?, lock_token = ?, lock_at = ? WHERE id = ?")
+            .bind(pid)
+            .bind(&host)
+            .bind(token)
+            .bind(now_ms())
+            .bind(campaign_id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub async fn unlock(&self, campaign_id: i64, token: &str) -> Result<()> {
+        sqlx::query("UPDATE campaigns SET lock_pid = NULL, lock_host = NULL, lock_token = NULL WHERE id = ? AND lock_token = ?")
+            .bind(campaign_id)
+            .bind(token)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Rows a dead runner left `sending` may or may not have been delivered:
+    /// they become `unknown` (SPEC §7.3). Call only while holding the lock.
+    pub async fn settle_interrupted(&self, campaign_id: i64) -> Result<u64> {
+        let done = sqlx::query(
+            "UPDATE recipients SET state = 'unknown', reason = 'interrupted while sending: may or may not have been delivered', updated_at = ? \
+             WHERE campaign_id = ? AND state = 'sending'",
+        )
+        .bind(now_ms())
+        .bind(campaign_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    /// `unknown` rows go back to `pending` (`--resend-unknown`).
+    pub async fn requeue_unknown(&self, campaign_id: i64) -> Result<u64> {
+        let done = sqlx::query(
+            "UPDATE recipients SET state = 'pending', reason = NULL, updated_at = ? WHERE campaign_id = ? AND state = 'unknown'",
+        )
+        .bind(now_ms())
+        .bind(campaign_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    /// Starts reading the recipients file into the store; nothing is visible
+    /// to others until [`Import::commit`].
+    pub async fn import(&self, campaign: &CampaignRecord, columns: &[String]) -> Result<Import> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let generation: i64 = sqlx::query_scalar("UPDATE campaigns SET import_gen = import_gen + 1, columns = ? WHERE id = ? RETURNING import_gen")
+            .bind(serde_json::to_string(columns)?)
+            .bind(campaign.id)
+            .fetch_one(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM recipients WHERE campaign_id = ? AND row_key LIKE 'row:%'")
+            .bind(campaign.id)
+            .execute(&mut *tx)
+            .await?;
+        Ok(Import {
+            tx,
+            campaign_id: campaign.id,
+            generation,
+            now: now_ms(),
+        })
+    }
+
+    /// Picks the next recipient and, if the account's windows allow it now,
+    /// marks it `sending` and logs the send, in one transaction. `build`
+    /// renders the message (its recipient count decides what the windows see).
+    pub async fn claim(
+        &self,
+        campaign_id: i64,
+        account: &str,
+        windows: &[Window],
+        now: i64,
+        build: impl FnOnce(&Candidate) -> std::result::Result<Outgoing, String>,
+    ) -> Result<Claim> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let paused =
+            sqlx::query("SELECT until, reason FROM account_pauses WHERE account = ? AND until > ?")
+                .bind(account)
+                .bind(now)
+                .fetch_optional(&mut *tx)
+                .await?;
+        if let Some(p) = paused {
+            return Ok(Claim::Wait {
+                until_ms: p.get("until"),
+                why: WaitReason::Paused(p.get("reason")),
+            });
+        }
+        let columns = "id, row_number, email, address, fields, attempts";
+        let mut row = sqlx::query(&format!(
+            "SELECT {columns} FROM recipients WHERE campaign_id = ? AND state = 'deferred' AND next_attempt_at <= ? ORDER BY next_attempt_at, id LIMIT 1"
+        ))
+        .bind(campaign_id)
+        .bind(now)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if row.is_none() {
+            row = sqlx::query(&format!(
+                "SELECT {columns} FROM recipients WHERE campaign_id = ? AND state = 'pending' ORDER BY id LIMIT 1"
+            ))
+            .bind(campaign_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+        }
+        let Some(row) = row else {
+            let next_due_ms: Option<i64> = sqlx::query_scalar(
+                "SELECT MIN(next_attempt_at) FROM recipients WHERE campaign_id = ? AND state = 'deferred'",
+            )
+            .bind(campaign_id)
+            .fetch_one(&mut *tx)
+            .await?;
+            return Ok(Claim::Idle { next_due_ms });
+        };
+        let candidate = Candidate {
+            id: row.get("id"),
+            row_number: row.get("row_number"),
+            email: row.get("email"),
+            address: row.get::<Option<String>, _>("address").unwrap_or_default(),
+            fields: serde_json::from_str(row.get::<&str, _>("fields"))?,
+            attempts: row.get("attempts"),
+        };
+        let message = match build(&candidate) {
+            Ok(m) => m,
+            Err(why) => {
+                sqlx::query("UPDATE recipients SET state = 'failed', reason = ?, updated_at = ? WHERE id = ?")
+                    .bind(format!("invalid message: {why}"))
+                    .bind(now)
+                    .bind(candidate.id)
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                return Ok(Claim::Unbuildable { candidate, why });
+            }
+        };
+        if !windows.is_empty() {
+            let schedule = load_schedule(&mut tx, account, windows, now).await?;
+            let slot: Slot = schedule.next_slot(now, message.recipient_count);
+            if slot.at_ms > now {
+                let why = match slot.hold {
+                    Some(crate::limits::Hold::Full(window)) => {
+                        let used = schedule
+                            .usage(now)
+                            .into_iter()
+                            .find(|(w, _)| *w == window)
+                            .map(|(_, u)| u)
+                            .unwrap_or(0);
+                        WaitReason::Window { window, used }
+                    }
+                    _ => WaitReason::Pacing,
+                };
+                return Ok(Claim::Wait {
+                    until_ms: slot.at_ms,
+                    why,
+                });
+            }
+        }
+        sqlx::query(
+            "UPDATE recipients SET state = 'sending', attempts = attempts + 1, message_id = ?, updated_at = ? WHERE id = ?",
+        )
+        .bind(&message.message_id)
+        .bind(now)
+        .bind(candidate.id)
+        .execute(&mut *tx)
+        .await?;
+        let log_id: i64 = sqlx::query_scalar(
+            "INSERT INTO send_log (account, at, recipients) VALUES (?, ?, ?) RETURNING id",
+        )
+        .bind(account)
+        .bind(now)
+        .bind(i64::from(message.recipient_count))
+        .fetch_one(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Claim::Ready {
+            candidate,
+            message: Box::new(message),
+            log_id,
+        })
+    }
+
+    /// Records what happened to a claimed recipient.
+    pub async fn record(
+        &self,
+        candidate: &Candidate,
+        log_id: i64,
+        outcome: &Outcome,
+    ) -> Result<()> {
+        let now = now_ms();
+        let mut tx = self.pool.begin().await?;
+        match outcome {
+            Outcome::Sent { reply } => {
+                sqlx::query("UPDATE recipients SET state = 'sent', reason = NULL, last_reply = ?, next_attempt_at = NULL, updated_at = ? WHERE id = ?")
+                    .bind(reply)
+                    .bind(now)
+                    .bind(candidate.id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            Outcome::Deferred { reply, retry_at_ms } => {
+                sqlx::query("UPDATE recipients SET state = 'deferred', reason = 'transient failure, will retry', last_reply = ?, next_attempt_at = ?, updated_at = ? WHERE id = ?")
+                    .bind(reply)
+                    .bind(retry_at_ms)
+                    .bind(now)
+                    .bind(candidate.id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            Outcome::Failed { reply, suppress } => {
+                sqlx::query("UPDATE recipients SET state = 'failed', reason = ?, last_reply = ?, next_attempt_at = NULL, updated_at = ? WHERE id = ?")
+                    .bind(format!("rejected: {reply}"))
+                    .bind(reply)
+                    .bind(now)
+                    .bind(candidate.id)
+                    .execute(&mut *tx)
+                    .await?;
+                if *suppress {
+                    insert_suppression(
+                        &mut tx,
+                        &candidate.address,
+                        &format!("bounced: {reply}"),
+                        now,
+                    )
+                    .await?;
+                }
+            }
+            Outcome::Returned { reply, unlog } => {
+                sqlx::query("UPDATE recipients SET state = 'pending', attempts = MAX(attempts - 1, 0), last_reply = ?, updated_at = ? WHERE id = ?")
+                    .bind(reply)
+                    .bind(now)
+                    .bind(candidate.id)
+                    .execute(&mut *tx)
+                    .await?;
+                if *unlog {
+                    sqlx::query("DELETE FROM send_log WHERE id = ?")
+                        .bind(log_id)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+            }
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Pauses an account for every process using this store.
+    pub async fn pause_account(&self, account: &str, until_ms: i64, reason: &str) -> Result<()> {
+        sqlx::query("INSERT INTO account_pauses (account, until, reason) VALUES (?, ?, ?) ON CONFLICT (account) DO UPDATE SET until = MAX(until, excluded.until), reason = excluded.reason")
+            .bind(account)
+            .bind(until_ms)
+            .bind(reason)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn account_pause(&self, account: &str, now: i64) -> Result<Option<(i64, String)>> {
+        let row =
+            sqlx::query("SELECT until, reason FROM account_pauses WHERE account = ? AND until > ?")
+                .bind(account)
+                .bind(now)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(row.map(|r| (r.get("until"), r.get("reason"))))
+    }
+
+    /// The account's windows with the sends that count in them now.
+    pub async fn schedule(&self, account: &str, windows: &[Window], now: i64) -> Result<Schedule> {
+        let mut conn = self.pool.acquire().await?;
+        load_schedule(&mut conn, account, windows, now).await
+    }
+
+    pub async fn counts(&self, campaign_id: i64) -> Result<Counts> {
+        let mut counts: Counts = State::ALL.iter().map(|s| (s.as_str(), 0)).collect();
+        let rows = sqlx::query(
+            "SELECT state, COUNT(*) AS n FROM recipients WHERE campaign_id = ? GROUP BY state",
+        )
+        .bind(campaign_id)
+        .fetch_all(&self.pool)
+        .await?;
+        for row in rows {
+            let state: String = row.get("state");
+            if let Ok(state) = State::from_str(&state) {
+                counts.insert(state.as_str(), row.get("n"));
+            }
+        }
+        Ok(counts)
+    }
+
+    /// The earliest retry time among deferred recipients.
+    pub async fn next_retry(&self, campaign_id: i64) -> Result<Option<i64>> {
+        Ok(sqlx::query_scalar("SELECT MIN(next_attempt_at) FROM recipients WHERE campaign_id = ? AND state = 'deferred'")
+            .bind(campaign_id)
+            .fetch_one(&self.pool)
+            .await?)
+    }
+
+    /// Every row for export, in file order; `visit` is called once per row.
+    pub async fn export(
+        &self,
+        campaign_id: i64,
+        state: Option<State>,
+        mut visit: impl FnMut(ExportRow) -> Result<()>,
+    ) -> Result<()> {
+        use futures_util::TryStreamExt;
+        let mut rows = sqlx::query(
+            "SELECT email, state, reason, attempts, last_reply, updated_at, message_id, fields FROM recipients \
+             WHERE campaign_id = ? AND (? IS NULL OR state = ?) ORDER BY row_number, id",
+        )
+        .bind(campaign_id)
+        .bind(state.map(State::as_str))
+        .bind(state.map(State::as_str))
+        .fetch(&self.pool);
+        while let Some(row) = rows.try_next().await? {
+            visit(ExportRow {
+                email: row.get("email"),
+                state: row.get("state"),
+                reason: row.get("reason"),
+                attempts: row.get("attempts"),
+                last_reply: row.get("last_reply"),
+                updated_at: row.get("updated_at"),
+                message_id: row.get("message_id"),
+                fields: serde_json::from_str(row.get::<&str, _>("fields"))?,
+            })?;
+        }
+        Ok(())
+    }
+
+    pub async fn suppress(&self, address: &str, reason: &str) -> Result<bool> {
+        let mut tx = self.pool.begin().await?;
+        let added = insert_suppression(&mut tx, address, reason, now_ms()).await?;
+        tx.commit().await?;
+        Ok(added)
+    }
+
+    pub async fn unsuppress(&self, key: &str) -> Result<bool> {
+        let done = sqlx::query("DELETE FROM suppressions WHERE email_key = ?")
+            .bind(key)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    pub async fn suppressions(&self) -> Result<Vec<(String, String, i64)>> {
+        let rows =
+            sqlx::query("SELECT email, reason, created_at FROM suppressions ORDER BY email_key")
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| (r.get("email"), r.get("reason"), r.get("created_at")))
+            .collect())
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+async fn insert_suppression(
+    tx: &mut Transaction<'static, Sqlite>,
+    address: &str,
+    reason: &str,
+    now: i64,
+) -> Result<bool> {
+    let done = sqlx::query("INSERT INTO suppressions (email_key, email, reason, created_at) VALUES (?, ?, ?, ?) ON CONFLICT (email_key) DO NOTHING")
+        .bind(address.to_lowercase())
+        .bind(address)
+        .bind(reason)
+        .bind(now)
+        .execute(&mut **tx)
+        .await?;
+    Ok(done.rows_affected() > 0)
+}
+
+async fn load_schedule(
+    conn: &mut sqlx::SqliteConnection,
+    account: &str,
+    windows: &[Window],
+    now: i64,
+) -> Result<Schedule> {
+    let horizon = i64::try_from(Schedule::horizon(windows).as_millis()).unwrap_or(i64::MAX / 4);
+    let rows =
+        sqlx::query("SELECT at, recipients FROM send_log WHERE account = ? AND at > ? ORDER BY at")
+            .bind(account)
+            .bind(now.saturating_sub(horizon))
+            .fetch_all(conn)
+            .await?;
+    let log = rows.into_iter().map(|r| Send {
+        at_ms: r.get("at"),
+        count: u32::try_from(r.get::<i64, _>("recipients")).unwrap_or(1),
+    });
+    Ok(Schedule::new(windows, log))
+}
+
+/// One row of `export`.
+pub struct ExportRow {
+    pub email: String,
+    pub state: String,
+    pub reason: Option<String>,
+    pub attempts: i64,
+    pub last_reply: Option<String>,
+    pub updated_at: i64,
+    pub message_id: Option<String>,
+    pub fields: Vec<String>,
+}
+
+/// A read of the recipients file in progress, inside one transaction.
+pub struct Import {
+    tx: Transaction<'static, Sqlite>,
+    campaign_id: i64,
+    generation: i64,
+    now: i64,
+}
+
+/// What the store knows about a row just read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RowStatus {
+    /// Still to be sent: its message must be checked.
+    ToSend { id: i64 },
+    /// Already past sending (sent, failed, unknown, skipped on purpose).
+    Settled,
+    /// The same address appeared on an earlier row.
+    Duplicate { first_row: i64 },
+    /// On the suppression list.
+    Suppressed,
+}
+
+impl Import {
+    /// A row whose address is not valid: `skipped`, with why.
+    pub async fn invalid_row(
+        &mut self,
+        row_number: u64,
+        email: &str,
+        fields: &[String],
+        why: &str,
+    ) -> Result<()> {
+        self.insert_noise(
+            row_number,
+            email,
+            fields,
+            &format!("invalid address: {why}"),
+        )
+        .await
+    }
+
+    async fn insert_noise(
+        &mut self,
+        row_number: u64,
+        email: &str,
+        fields: &[String],
+        reason: &str,
+    ) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO recipients (campaign_id, row_key, email, row_number, fields, state, reason, seen_gen, updated_at) \
+             VALUES (?, ?, ?, ?, ?, 'skipped', ?, ?, ?)",
+        )
+        .bind(self.campaign_id)
+        .bind(format!("row:{row_number}"))
+        .bind(email)
+        .bind(row_number as i64)
+        .bind(serde_json::to_string(fields)?)
+        .bind(reason)
+        .bind(self.generation)
+        .bind(self.now)
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(())
+    }
+
+    /// A row with a valid address: added as `pending` if new, refreshed if known.
+    pub async fn row(
+        &mut self,
+        row_number: u64,
+        email: &str,
+        address: &str,
+        key: &str,
+        fields: &[String],
+    ) -> Result<RowStatus> {
+        let existing = sqlx::query("SELECT id, seen_gen, state, reason, row_number FROM recipients WHERE campaign_id = ? AND row_key = ?")
+            .bind(self.campaign_id)
+            .bind(key)
+            .fetch_optional(&mut *self.tx)
+            .await?;
+        let suppressed: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM suppressions WHERE email_key = ?)")
+                .bind(key)
+                .fetch_one(&mut *self.tx)
+                .await?;
+        let fields_json = serde_json::to_string(fields)?;
+        let Some(existing) = existing else {
+            let (state, reason) = if suppressed {
+                ("skipped", Some("suppressed"))
+            } else {
+                ("pending", None)
+            };
+            let id: i64 = sqlx::query_scalar(
+                "INSERT INTO recipients (campaign_id, row_key, email, address, row_number, fields, state, reason, seen_gen, updated_at) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+            )
+            .bind(self.campaign_id)
+            .bind(key)
+            .bind(email)
+            .bind(address)
+            .bind(row_number as i64)
+            .bind(&fields_json)
+            .bind(state)
+            .bind(reason)
+            .bind(self.generation)
+            .bind(self.now)
+            .fetch_one(&mut *self.tx)
+            .await?;
+            return Ok(if suppressed {
+                RowStatus::Suppressed
+            } else {
+                RowStatus::ToSend { id }
+            });
+        };
+        let id: i64 = existing.get("id");
+        if existing.get::<i64, _>("seen_gen") == self.generation {
+            let first_row: i64 = existing.get("row_number");
+            self.insert_noise(
+                row_number,
+                email,
+                fields,
+                &format!("duplicate of row {first_row}"),
+            )
+            .await?;
+            return Ok(RowStatus::Duplicate { first_row });
+        }
+        let state: String = existing.get("state");
+        let reason: Option<String> = existing.get("reason");
+        // Rows skipped for a reason that may no longer hold are reconsidered.
+        let reconsider = state == "skipped"
+            && matches!(reason.as_deref(), Some(r) if r == "removed" || r == "suppressed" || r.starts_with("invalid message"));
+        let (new_state, new_reason, status) = match state.as_str() {
+            "pending" | "deferred" if suppressed => (
+                "skipped".to_string(),
+                Some("suppressed".to_string()),
+                RowStatus::Suppressed,
+            ),
+            "pending" | "deferred" => (state.clone(), reason.clone(), RowStatus::ToSend { id }),
+            _ if reconsider && suppressed => (
+                "skipped".to_string(),
+                Some("suppressed".to_string()),
+                RowStatus::Suppressed,
+            ),
+            _ if reconsider => ("pending".to_string(), None, RowStatus::ToSend { id }),
+            _ => (state.clone(), reason.clone(), RowStatus::Settled),
+        };
+        sqlx::query(
+            "UPDATE recipients SET email = ?, address = ?, row_number = ?, fields = ?, seen_gen = ?, state = ?, reason = ?, \
+             updated_at = CASE WHEN state = ? THEN updated_at ELSE ? END WHERE id = ?",
+        )
+        .bind(email)
+        .bind(address)
+        .bind(row_number as i64)
+        .bind(&fields_json)
+        .bind(self.generation)
+        .bind(&new_state)
+        .bind(&new_reason)
+        .bind(&new_state)
+        .bind(self.now)
+        .bind(id)
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(status)
+    }
+
+    /// A row whose message cannot be built, with `--skip-invalid`.
+    pub async fn skip_invalid_message(&mut self, id: i64, why: &str) -> Result<()> {
+        sqlx::query(
+            "UPDATE recipients SET state = 'skipped', reason = ?, updated_at = ? WHERE id = ?",
+        )
+        .bind(format!("invalid message: {why}"))
+        .bind(self.now)
+        .bind(id)
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(())
+    }
+
+    /// Rows that left the file and were never sent become `skipped (removed)`;
+    /// then everything read becomes visible at once. Returns how many left.
+    pub async fn commit(mut self) -> Result<u64> {
+        let removed = sqlx::query(
+            "UPDATE recipients SET state = 'skipped', reason = 'removed', updated_at = ? \
+             WHERE campaign_id = ? AND seen_gen < ? AND state IN ('pending', 'deferred')",
+        )
+        .bind(self.now)
+        .bind(self.campaign_id)
+        .bind(self.generation)
+        .execute(&mut *self.tx)
+        .await?
+        .rows_affected();
+        self.tx.commit().await?;
+        Ok(removed)
+    }
+
+    /// Leaves the store as it was (check, dry run, refused send).
+    pub async fn rollback(self) -> Result<()> {
+        self.tx.rollback().await?;
+        Ok(())
+    }
+
+    /// Counts per state as they would be after commit (for dry runs).
+    pub async fn counts(&mut self) -> Result<Counts> {
+        let mut counts: Counts = State::ALL.iter().map(|s| (s.as_str(), 0)).collect();
+        let rows = sqlx::query(
+            "SELECT CASE WHEN seen_gen < ? AND state IN ('pending', 'deferred') THEN 'skipped' ELSE state END AS st, COUNT(*) AS n \
+             FROM recipients WHERE campaign_id = ? GROUP BY st",
+        )
+        .bind(self.generation)
+        .bind(self.campaign_id)
+        .fetch_all(&mut *self.tx)
+        .await?;
+        for row in rows {
+            let state: String = row.get("st");
+            if let Ok(state) = State::from_str(&state) {
+                counts.insert(state.as_str(), row.get("n"));
+            }
+        }
+        Ok(counts)
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "localhost".to_string())
+}
+
+/// Whether a process of ours still runs under that id. A recycled id held by
+/// another program does not count.
+fn process_alive(pid: i64) -> bool {
+    if pid == i64::from(std::process::id()) {
+        return true;
+    }
+    let proc_dir = Path::new("/proc");
+    if !proc_dir.is_dir() {
+        // No procfs: assume the holder lives rather than risk two runners.
+        return true;
+    }
+    match std::fs::read(proc_dir.join(pid.to_string()).join("cmdline")) {
+        Ok(cmdline) => {
+            let stat = std::fs::read_to_string(proc_dir.join(pid.to_string()).join("stat"))
+                .unwrap_or_default();
+            // A zombie (state Z) has exited; its lock is free.
+            let zombie = stat
+                .rsplit(')')
+                .next()
+                .map(|s| s.trim_start().starts_with('Z'))
+                .unwrap_or(false);
+            !zombie && String::from_utf8_lossy(&cmdline).contains("hikyaku")
+        }
+        Err(_) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("state.db")).await.unwrap();
+        (dir, store)
+    }
+
+    fn out(n: u32) -> Outgoing {
+        let msg = lettre::Message::builder()
+            .from("a@example.com".parse().unwrap())
+            .to("b@example.com".parse().unwrap())
+            .body(String::from("x"))
+            .unwrap();
+        Outgoing {
+            envelope: msg.envelope().clone(),
+            bytes: msg.formatted(),
+            message_id: "<id@example.com>".into(),
+            recipient_count: n,
+        }
+    }
+
+    async fn import(store: &Store, c: &CampaignRecord, rows: &[&str]) -> Vec<RowStatus> {
+        let mut imp = store.import(c, &["email".into()]).await.unwrap();
+        let mut statuses = Vec::new();
+        for (i, email) in rows.iter().enumerate() {
+            let key = email.to_lowercase();
+            statuses.push(
+                imp.row(i as u64 + 1, email, email, &key, &[email.to_string()])
+                    .await
+                    .unwrap(),
+            );
+        }
+        imp.commit().await.unwrap();
+        statuses
+    }
+
+    #[tokio::test]
+    async fn duplicates_removed_rows_and_reimport() {
+        let (_d, store) = store().await;
+        let c = store.campaign("c").await.unwrap();
+        let st = import(&store, &c, &["a@x.example", "B@x.example", "b@x.example"]).await;
+        assert!(matches!(st[2], RowStatus::Duplicate { first_row: 2 }));
+        let counts = store.counts(c.id).await.unwrap();
+        assert_eq!((counts["pending"], counts["skipped"]), (2, 1));
+        // b leaves the file, c joins.
+        import(&store, &c, &["a@x.example", "c@x.example"]).await;
+        let counts = store.counts(c.id).await.unwrap();
+        assert_eq!((counts["pending"], counts["skipped"]), (2, 1), "{counts:?}");
+        let mut reasons = Vec::new();
+        store
+            .export(c.id, Some(State::Skipped), |r| {
+                reasons.push((r.email, r.reason.unwrap_or_default()));
+                Ok(())
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            reasons,
+            [("B@x.example".to_string(), "removed".to_string())]
+        );
+    }
+
+    #[tokio::test]
+    async fn claim_marks_sending_and_logs_then_windows_hold() {
+        let (_d, store) = store().await;
+        let c = store.campaign("c").await.unwrap();
+        import(&store, &c, &["a@x.example", "b@x.example"]).await;
+        let win = Window::new(1, Duration::from_secs(60)).unwrap();
+        let now = 1_000_000;
+        let Claim::Ready {
+            candidate, log_id, ..
+        } = store
+            .claim(c.id, "acct", &[win], now, |_| Ok(out(1)))
+            .await
+            .unwrap()
+        else {
+            panic!("expected a claim")
+        };
+        assert_eq!(store.counts(c.id).await.unwrap()["sending"], 1);
+        match store
+            .claim(c.id, "acct", &[win], now + 10, |_| Ok(out(1)))
+            .await
+            .unwrap()
+        {
+            Claim::Wait { until_ms, .. } => assert_eq!(until_ms, now + 60_000),
+            other => panic!("expected a wait, got {other:?}"),
+        }
+        store
+            .record(
+                &candidate,
+                log_id,
+                &Outcome::Sent {
+                    reply: "250 ok".into(),
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(store.counts(c.id).await.unwrap()["sent"], 1);
+        // Another campaign on the same account shares the window.
+        let c2 = store.campaign("c2").await.unwrap();
+        import(&store, &c2, &["z@x.example"]).await;
+        assert!(matches!(
+            store
+                .claim(c2.id, "acct", &[win], now + 20, |_| Ok(out(1)))
+                .await
+                .unwrap(),
+            Claim::Wait { .. }
+        ));
+    }
+
+    #[tokio::test]
+    async fn interrupted_sending_becomes_unknown_not_pending() {
+        let (_d, store) = store().await;
+        let c = store.campaign("c").await.unwrap();
+        import(&store, &c, &["a@x.example"]).await;
+        let claim = store
+            .claim(c.id, "acct", &[], 1, |_| Ok(out(1)))
+            .await
+            .unwrap();
+        assert!(matches!(claim, Claim::Ready { .. }));
+        assert_eq!(store.settle_interrupted(c.id).await.unwrap(), 1);
+        let counts = store.counts(c.id).await.unwrap();
+        assert_eq!((counts["unknown"], counts["pending"]), (1, 0));
+        assert!(matches!(
+            store
+                .claim(c.id, "acct", &[], 2, |_| Ok(out(1)))
+                .await
+                .unwrap(),
+            Claim::Idle { next_due_ms: None }
+        ));
+    }
+
+    #[tokio::test]
+    async fn suppressed_addresses_are_skipped_and_come_back_when_removed() {
+        let (_d, store) = store().await;
+        let c = store.campaign("c").await.unwrap();
+        store.suppress("a@x.example", "manual").await.unwrap();
+        let st = import(&store, &c, &["A@x.example"]).await;
+        assert_eq!(st[0], RowStatus::Suppressed);
+        store.unsuppress("a@x.example").await.unwrap();
+        let st = import(&store, &c, &["A@x.example"]).await;
+        assert!(matches!(st[0], RowStatus::ToSend { .. }));
+    }
+
+    #[tokio::test]
+    async fn returned_recipient_is_pending_again_and_unlogged() {
+        let (_d, store) = store().await;
+        let c = store.campaign("c").await.unwrap();
+        import(&store, &c, &["a@x.example"]).await;
+        let win = Window::new(1, Duration::from_secs(60)).unwrap();
+        let Claim::Ready {
+            candidate, log_id, ..
+        } = store
+            .claim(c.id, "acct", &[win], 5, |_| Ok(out(1)))
+            .await
+            .unwrap()
+        else {
+            panic!()
+        };
+        store
+            .record(
+                &candidate,
+                log_id,
+                &Outcome::Returned {
+                    reply: "535".into(),
+                    unlog: true,
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(store.counts(c.id).await.unwrap()["pending"], 1);
+        assert!(matches!(
+            store
+                .claim(c.id, "acct", &[win], 6, |_| Ok(out(1)))
+                .await
+                .unwrap(),
+            Claim::Ready { .. }
+        ));
+    }
+
+    #[test]
+    fn db_location() {
+        assert_eq!(
+            resolve_db(Some("sqlite:///tmp/x.db")).unwrap(),
+            PathBuf::from("/tmp/x.db")
+        );
+        assert!(resolve_db(Some("postgres://h/db")).is_err());
+    }
+}

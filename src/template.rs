@@ -1,0 +1,428 @@
+//! Templates (SPEC §4): the message's templates compiled once per run, in
+//! strict mode, with HTML escaping only for HTML, partials from
+//! `templates/partials/`, and the `default`/`upper`/`lower`/`date` helpers.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Result;
+use handlebars::{
+    handlebars_helper, no_escape, Context, Handlebars, Helper, HelperResult, Output, RenderContext,
+    RenderError, RenderErrorReason, TemplateError,
+};
+use serde_json::{Map, Value};
+
+use crate::campaign::Campaign;
+use crate::error::input_error;
+
+const SUBJECT: &str = "[message] subject";
+const FROM: &str = "[message] from";
+const REPLY_TO: &str = "[message] reply_to";
+const TO_NAME: &str = "[message] to_name";
+const CC: &str = "[message] cc";
+const BCC: &str = "[message] bcc";
+const UNSUBSCRIBE: &str = "[message] list_unsubscribe";
+
+/// Everything a recipient's message is rendered from, compiled once.
+pub struct Templates {
+    /// Subject, text and header templates: no escaping.
+    plain: Handlebars<'static>,
+    /// HTML and markdown bodies: values HTML-escaped.
+    html: Handlebars<'static>,
+    text_name: Option<String>,
+    html_name: Option<String>,
+    markdown_name: Option<String>,
+    optional: Vec<&'static str>,
+    header_names: Vec<(String, String)>,
+    attachment_names: Vec<String>,
+    /// Every template and partial file, for the content fingerprint.
+    files: Vec<PathBuf>,
+}
+
+/// The rendered parts of one message, before it becomes RFC 5322.
+#[derive(Debug, Clone, Default)]
+pub struct Rendered {
+    pub from: String,
+    pub reply_to: Option<String>,
+    pub to_name: Option<String>,
+    pub cc: Option<String>,
+    pub bcc: Option<String>,
+    pub subject: String,
+    pub text: Option<String>,
+    pub html: Option<String>,
+    pub list_unsubscribe: Option<String>,
+    pub headers: Vec<(String, String)>,
+    pub attachments: Vec<String>,
+}
+
+handlebars_helper!(upper: |s: str| s.to_uppercase());
+handlebars_helper!(lower: |s: str| s.to_lowercase());
+handlebars_helper!(default_helper: |value: Json, fallback: Json| {
+    let empty = match value {
+        Value::Null => true,
+        Value::String(s) => s.trim().is_empty(),
+        _ => false,
+    };
+    if empty { fallback.clone() } else { value.clone() }
+});
+
+/// `{{date}}` or `{{date "%d %B %Y"}}`: the send time, local, strftime format.
+fn date_helper(
+    h: &Helper,
+    _: &Handlebars,
+    _: &Context,
+    _: &mut RenderContext,
+    out: &mut dyn Output,
+) -> HelperResult {
+    use std::fmt::Write;
+    let format = match h.param(0) {
+        None => "%Y-%m-%d",
+        Some(p) => p
+            .value()
+            .as_str()
+            .ok_or_else(|| RenderErrorReason::InvalidParamType("date format must be a string"))?,
+    };
+    let mut text = String::new();
+    write!(text, "{}", chrono::Local::now().format(format))
+        .map_err(|_| RenderErrorReason::Other(format!("invalid date format {format:?}")))?;
+    out.write(&text)?;
+    Ok(())
+}
+
+fn registry(escape: bool) -> Handlebars<'static> {
+    let mut hb = Handlebars::new();
+    hb.set_strict_mode(true);
+    if !escape {
+        hb.register_escape_fn(no_escape);
+    }
+    hb.register_helper("upper", Box::new(upper));
+    hb.register_helper("lower", Box::new(lower));
+    hb.register_helper("default", Box::new(default_helper));
+    hb.register_helper("date", Box::new(date_helper));
+    hb
+}
+
+fn template_error(err: TemplateError, shown: &str) -> anyhow::Error {
+    let pos = err
+        .pos()
+        .map(|(line, col)| format!(":{line}:{col}"))
+        .unwrap_or_default();
+    input_error(format!("{shown}{pos}: {}", err.reason()))
+}
+
+/// A render error as `file:line:col: reason`.
+pub fn describe_render_error(err: &RenderError) -> String {
+    let name = err.template_name.as_deref().unwrap_or("template");
+    match (err.line_no, err.column_no) {
+        (Some(line), Some(col)) => format!("{name}:{line}:{col}: {}", err.reason()),
+        _ => format!("{name}: {}", err.reason()),
+    }
+}
+
+impl Templates {
+    /// Compiles every template of the campaign. Syntax errors are input
+    /// errors with file, line and column.
+    pub fn compile(campaign: &Campaign) -> Result<Templates> {
+        let mut plain = registry(false);
+        let mut html = registry(true);
+        let mut files = Vec::new();
+        let display = |p: &Path| p.display().to_string();
+
+        let partials_dir = campaign.dir.join("templates").join("partials");
+        if partials_dir.is_dir() {
+            let mut entries: Vec<PathBuf> = std::fs::read_dir(&partials_dir)
+                .map_err(|e| input_error(format!("cannot read {}: {e}", partials_dir.display())))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "hbs"))
+                .collect();
+            entries.sort();
+            for path in entries {
+                let stem = path
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .map(|n| n.trim_end_matches(".hbs"))
+                    .map(|n| n.split('.').next().unwrap_or(n).to_string())
+                    .unwrap_or_default();
+                let source = read_template(&path)?;
+                for hb in [&mut plain, &mut html] {
+                    hb.register_partial(&stem, &source)
+                        .map_err(|e| template_error(e, &display(&path)))?;
+                }
+                files.push(path);
+            }
+        }
+
+        let mut file_template =
+            |hb: &mut Handlebars<'static>, rel: &Option<PathBuf>| -> Result<Option<String>> {
+                let Some(rel) = rel else { return Ok(None) };
+                let path = campaign.dir.join(rel);
+                let source = read_template(&path)?;
+                let name = display(&path);
+                hb.register_template_string(&name, source)
+                    .map_err(|e| template_error(e, &name))?;
+                files.push(path);
+                Ok(Some(name))
+            };
+        let m = &campaign.message;
+        let text_name = file_template(&mut plain, &m.text)?;
+        let html_name = file_template(&mut html, &m.html)?;
+        let markdown_name = file_template(&mut html, &m.markdown)?;
+
+        let shown = |key: &str| format!("{} {key}", campaign.path.display());
+        let mut inline = |name: &str, source: &str| -> Result<()> {
+            plain
+                .register_template_string(name, source)
+                .map_err(|e| template_error(e, &shown(name)))
+        };
+        inline(SUBJECT, &m.subject)?;
+        inline(FROM, &m.from)?;
+        let mut optional = Vec::new();
+        for (name, value) in [
+            (REPLY_TO, &m.reply_to),
+            (TO_NAME, &m.to_name),
+            (CC, &m.cc),
+            (BCC, &m.bcc),
+            (UNSUBSCRIBE, &m.list_unsubscribe),
+        ] {
+            if let Some(source) = value {
+                inline(name, source)?;
+                optional.push(name);
+            }
+        }
+        let mut header_names = Vec::new();
+        for (header, source) in &m.headers {
+            let name = format!("[message] headers.{header}");
+            inline(&name, source)?;
+            header_names.push((header.clone(), name));
+        }
+        let mut attachment_names = Vec::new();
+        for (i, source) in m.attachments.iter().enumerate() {
+            let name = format!("[message] attachments[{i}]");
+            inline(&name, source)?;
+            attachment_names.push(name);
+        }
+        Ok(Templates {
+            plain,
+            html,
+            text_name,
+            html_name,
+            markdown_name,
+            optional,
+            header_names,
+            attachment_names,
+            files,
+        })
+    }
+
+    pub fn files(&self) -> &[PathBuf] {
+        &self.files
+    }
+
+    /// Renders every part for one recipient. `data` holds the row's columns
+    /// plus `email` and `campaign`. Errors read `file:line:col: reason`.
+    pub fn render(&self, data: &Map<String, Value>) -> std::result::Result<Rendered, String> {
+        let ctx = Context::wraps(data).map_err(|e| e.to_string())?;
+        let plain = |name: &str| {
+            self.plain
+                .render_with_context(name, &ctx)
+                .map_err(|e| describe_render_error(&e))
+        };
+        let mut r = Rendered {
+            from: plain(FROM)?,
+            subject: plain(SUBJECT)?,
+            ..Rendered::default()
+        };
+        for name in &self.optional {
+            let value = Some(plain(name)?).filter(|v| !v.trim().is_empty());
+            match *name {
+                REPLY_TO => r.reply_to = value,
+                TO_NAME => r.to_name = value,
+                CC => r.cc = value,
+                BCC => r.bcc = value,
+                _ => r.list_unsubscribe = value,
+            }
+        }
+        for (header, name) in &self.header_names {
+            r.headers.push((header.clone(), plain(name)?));
+        }
+        for name in &self.attachment_names {
+            r.attachments.push(plain(name)?);
+        }
+        if let Some(name) = &self.text_name {
+            r.text = Some(plain(name)?);
+        }
+        let html = |name: &str| {
+            self.html
+                .render_with_context(name, &ctx)
+                .map_err(|e| describe_render_error(&e))
+        };
+        if let Some(name) = &self.html_name {
+            r.html = Some(html(name)?);
+        }
+        if let Some(name) = &self.markdown_name {
+            let source = html(name)?;
+            let mut out = String::with_capacity(source.len() * 3 / 2);
+            pulldown_cmark::html::push_html(&mut out, pulldown_cmark::Parser::new(&source));
+            r.html = Some(out);
+        }
+        if r.text.is_none() {
+            if let Some(html) = &r.html {
+                r.text = Some(
+                    html2text::from_read(html.as_bytes(), 78)
+                        .map_err(|e| format!("deriving the text part from HTML: {e}"))?,
+                );
+            }
+        }
+        Ok(r)
+    }
+}
+
+fn read_template(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path)
+        .map_err(|e| input_error(format!("cannot read template {}: {e}", path.display())))
+}
+
+/// The data a row's templates see: its columns, `email` and `campaign`.
+pub fn row_data(
+    headers: &[String],
+    fields: &[String],
+    email: &str,
+    campaign: &str,
+) -> Map<String, Value> {
+    let mut map = Map::with_capacity(headers.len() + 2);
+    for (h, v) in headers.iter().zip(fields) {
+        map.insert(h.clone(), Value::String(v.clone()));
+    }
+    map.insert("email".into(), Value::String(email.to_string()));
+    map.insert("campaign".into(), Value::String(campaign.to_string()));
+    map
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn campaign(dir: &Path, message: &str, files: &[(&str, &str)]) -> Result<Campaign> {
+        for (name, body) in files {
+            let p = dir.join(name);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, body).unwrap();
+        }
+        let path = dir.join("campaign.toml");
+        std::fs::write(
+            &path,
+            format!("name = \"t\"\n[recipients]\nfile = \"r.csv\"\n[message]\nfrom = \"a@example.com\"\n{message}\n[transport]\nkind = \"file\"\n"),
+        )
+        .unwrap();
+        Campaign::load(&path)
+    }
+
+    fn data(pairs: &[(&str, &str)]) -> Map<String, Value> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), Value::String(v.to_string())))
+            .collect()
+    }
+
+    #[test]
+    fn html_escapes_values_text_and_subject_do_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = campaign(
+            dir.path(),
+            "subject = \"Hi {{name}}\"\ntext = \"t.hbs\"\nhtml = \"h.hbs\"",
+            &[
+                ("t.hbs", "Dear {{name}}"),
+                ("h.hbs", "<p>Dear {{name}}</p>"),
+            ],
+        )
+        .unwrap();
+        let t = Templates::compile(&c).unwrap();
+        let r = t.render(&data(&[("name", "Tom & <Jerry>")])).unwrap();
+        assert_eq!(r.subject, "Hi Tom & <Jerry>");
+        assert_eq!(r.text.as_deref(), Some("Dear Tom & <Jerry>"));
+        assert_eq!(
+            r.html.as_deref(),
+            Some("<p>Dear Tom &amp; &lt;Jerry&gt;</p>")
+        );
+    }
+
+    #[test]
+    fn unknown_variable_is_reported_with_file_line_and_column() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = campaign(
+            dir.path(),
+            "subject = \"Hi\"\ntext = \"t.hbs\"",
+            &[("t.hbs", "Hello {{name}},\n\nyour code: {{coupon}}\n")],
+        )
+        .unwrap();
+        let t = Templates::compile(&c).unwrap();
+        let err = t.render(&data(&[("name", "")])).unwrap_err();
+        assert!(err.contains("t.hbs:3:12"), "{err}");
+        assert!(err.contains("coupon"), "{err}");
+    }
+
+    #[test]
+    fn syntax_error_names_file_and_position() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = campaign(
+            dir.path(),
+            "subject = \"Hi\"\ntext = \"t.hbs\"",
+            &[("t.hbs", "ok\n{{#if x}}\nno close\n")],
+        )
+        .unwrap();
+        let err = Templates::compile(&c).err().unwrap().to_string();
+        assert!(err.contains("t.hbs:"), "{err}");
+    }
+
+    #[test]
+    fn helpers_and_partial_layouts() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = campaign(
+            dir.path(),
+            "subject = \"{{upper name}} {{lower name}} {{default nick 'friend'}}\"\nhtml = \"h.hbs\"",
+            &[
+                ("h.hbs", "{{#> layout}}<b>{{name}}</b>{{/layout}}"),
+                ("templates/partials/layout.hbs", "<html>{{> @partial-block}}</html>"),
+            ],
+        )
+        .unwrap();
+        let t = Templates::compile(&c).unwrap();
+        let r = t.render(&data(&[("name", "Ann"), ("nick", "")])).unwrap();
+        assert_eq!(r.subject, "ANN ann friend");
+        assert_eq!(r.html.as_deref(), Some("<html><b>Ann</b></html>"));
+        let text = r.text.unwrap();
+        assert!(text.contains("Ann"), "derived text part: {text:?}");
+        assert_eq!(t.files().len(), 2);
+    }
+
+    #[test]
+    fn date_helper_formats_the_send_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = campaign(
+            dir.path(),
+            "subject = \"{{date '%Y'}}\"\ntext = \"t.hbs\"",
+            &[("t.hbs", "x")],
+        )
+        .unwrap();
+        let r = Templates::compile(&c).unwrap().render(&data(&[])).unwrap();
+        assert_eq!(r.subject, chrono::Local::now().format("%Y").to_string());
+    }
+
+    #[test]
+    fn markdown_gives_both_parts() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = campaign(
+            dir.path(),
+            "subject = \"s\"\nmarkdown = \"m.hbs\"",
+            &[("m.hbs", "# Hello {{name}}\n\n*news*\n")],
+        )
+        .unwrap();
+        let r = Templates::compile(&c)
+            .unwrap()
+            .render(&data(&[("name", "A<b>")]))
+            .unwrap();
+        let html = r.html.unwrap();
+        assert!(html.contains("<h1>Hello A&lt;b&gt;</h1>"), "{html}");
+        assert!(html.contains("<em>news</em>"), "{html}");
+        assert!(r.text.unwrap().contains("Hello A<b>"));
+    }
+}

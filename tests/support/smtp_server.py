@@ -1,0 +1,405 @@
+#!/usr/bin/env python3
+"""Fault-injecting SMTP submission server for hikyaku's end-to-end tests.
+
+hikyaku talks to a real submission service (typically Gmail) and has to cope
+with what such a service does: STARTTLS or implicit TLS, AUTH before MAIL,
+rejected credentials, per-recipient rejections, transient 4xx failures,
+connections that die mid-transaction, slow replies and a daily sending limit
+that suddenly turns every new transaction away.  This server reproduces those
+behaviours on demand, with Gmail's reply texts, so that the end-to-end tests
+can drive the compiled binary against it and check exactly what was delivered.
+
+The server listens on 127.0.0.1 on a port chosen by the OS and runs until it
+receives SIGTERM or SIGINT, then exits with status 0.
+
+Command line
+------------
+--ready-file PATH     (required) once listening, JSON ``{"port": N, "ca": P}``
+                      is written to PATH atomically (temp file + rename).  P is
+                      the absolute path of the CA certificate (PEM) that signed
+                      the server certificate, or null with ``--tls none``.
+--record PATH         (required) JSON-lines log of accepted messages, created
+                      (empty) at start-up and appended to, one line per message
+                      accepted after DATA, flushed and fsync'ed before the 250
+                      reply is sent::
+
+                          {"mail_from": str, "rcpt_tos": [str],
+                           "data_b64": base64 of the raw message bytes,
+                           "received_at": unix time at the end of DATA,
+                           "n": running count of accepted messages, from 1}
+
+--tls starttls|tls|none
+                      starttls (default): STARTTLS is required before anything
+                      but EHLO/NOOP/QUIT.  tls: implicit TLS from the first
+                      byte (like port 465).  none: plain text.  For starttls
+                      and tls a CA and a certificate for ``localhost`` and
+                      ``127.0.0.1`` are generated with trustme, and the CA is
+                      written to ``ca.pem`` next to the ready file.
+--user U --password P  require AUTH (PLAIN or LOGIN) with these credentials
+                      before MAIL.  With starttls, AUTH is only offered and
+                      accepted after STARTTLS.  Wrong credentials get Gmail's
+                      ``535 5.7.8 Username and Password not accepted. ...``.
+--reject RCPT=REPLY   (repeatable) answer ``RCPT TO:<RCPT>`` (case-insensitive)
+                      with REPLY verbatim, e.g. ``bad@example.com=550 5.1.1 ...``.
+--transient-rate F    probability of answering the end of DATA with
+                      ``451 4.3.0 Mail server temporarily rejected message.``
+--drop-rate F         probability of closing the connection after the end of
+                      DATA without sending any reply.
+--seed S              seed of the random generator shared by the two rates
+                      (default 0).  One number is drawn per completed DATA:
+                      below drop-rate means drop, below drop-rate +
+                      transient-rate means 451, otherwise the message is
+                      accepted.  The rates must add up to at most 1.
+--pause-after N       once N messages have been accepted in total, every
+                      further MAIL FROM gets the pause reply.  The check is
+                      made at MAIL FROM; it is repeated at the end of DATA so
+                      that transactions already past MAIL FROM on concurrent
+                      connections cannot push the total above N.
+--pause-reply REPLY   reply used by --pause-after (default: Gmail's
+                      ``550 5.4.5 Daily user sending limit exceeded. ...``).
+--delay-ms D          wait D milliseconds after the end of DATA before
+                      answering it (or dropping the connection).
+--verbose             log the SMTP conversation to stderr.
+
+Accepted messages get ``250 2.0.0 OK <n> - gsmtp``.  Messages up to 64 MiB
+are accepted (SIZE is advertised).
+
+A dropped connection is aborted at the TCP level (no TLS close_notify, no
+reply bytes): the DATA hook calls ``abort()`` on the session's transport and
+returns a reply that aiosmtpd then tries to write to the already aborted
+transport, where asyncio discards it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import logging
+import os
+import random
+import signal
+import ssl
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import trustme
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import (MISSING, SMTP, AuthResult, Envelope, LoginPassword,
+                           Session)
+
+BAD_CREDENTIALS = (
+    "535 5.7.8 Username and Password not accepted. For more information, "
+    "go to https://support.google.com/mail/?p=BadCredentials"
+)
+DAILY_LIMIT = (
+    "550 5.4.5 Daily user sending limit exceeded. For more information on "
+    "Gmail sending limits go to https://support.google.com/a/answer/166852"
+)
+TRANSIENT = "451 4.3.0 Mail server temporarily rejected message."
+DROPPED = "421 4.4.2 Connection dropped"  # never reaches the client
+DATA_SIZE_LIMIT = 64 * 1024 * 1024
+
+
+class FaultPlan:
+    """The faults to inject, as given on the command line."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.rejects: dict[str, str] = {}
+        for spec in args.reject:
+            rcpt, sep, reply = spec.partition("=")
+            if not sep or not rcpt or not reply:
+                raise ValueError(f"--reject expects RCPT=REPLY, got {spec!r}")
+            self.rejects[rcpt.strip().lower()] = reply
+        self.transient_rate: float = args.transient_rate
+        self.drop_rate: float = args.drop_rate
+        for name, rate in (("--transient-rate", self.transient_rate),
+                           ("--drop-rate", self.drop_rate)):
+            if not 0.0 <= rate <= 1.0:
+                raise ValueError(f"{name} must be within [0, 1], got {rate}")
+        if self.transient_rate + self.drop_rate > 1.0:
+            raise ValueError("--transient-rate + --drop-rate must not exceed 1")
+        self.pause_after: Optional[int] = args.pause_after
+        if self.pause_after is not None and self.pause_after < 0:
+            raise ValueError("--pause-after must not be negative")
+        self.pause_reply: str = args.pause_reply
+        self.delay: float = max(args.delay_ms, 0) / 1000.0
+
+
+class Recorder:
+    """Appends one durable JSON line per accepted message."""
+
+    def __init__(self, path: Path) -> None:
+        self._file = open(path, "a", encoding="utf-8")
+
+    def append(self, entry: dict) -> None:
+        self._file.write(json.dumps(entry) + "\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _text(value: str) -> str:
+    """Make a surrogate-escaped SMTP argument safe for strict JSON readers."""
+    return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+class FaultyHandler:
+    """aiosmtpd handler implementing the fault plan.
+
+    All hooks run on the controller's single event loop thread, so the
+    counters need no locking as long as no await separates a check from the
+    update it guards.
+    """
+
+    def __init__(self, plan: FaultPlan, recorder: Recorder, seed: int,
+                 auth_enabled: bool) -> None:
+        self.plan = plan
+        self.auth_enabled = auth_enabled
+        self.recorder = recorder
+        self.rng = random.Random(seed)
+        self.accepted = 0
+
+    def _paused(self) -> bool:
+        return (self.plan.pause_after is not None
+                and self.accepted >= self.plan.pause_after)
+
+    async def handle_EHLO(self, server: SMTP, session: Session,
+                          envelope: Envelope, hostname: str,
+                          responses: list[str]) -> list[str]:
+        # With this hook aiosmtpd leaves setting host_name to the handler.
+        session.host_name = hostname
+        if self.auth_enabled:
+            return responses
+        return [r for r in responses if not r[4:].upper().startswith("AUTH")]
+
+    async def handle_AUTH(self, server: SMTP, session: Session,
+                          envelope: Envelope, args: list[str]) -> object:
+        return MISSING if self.auth_enabled else "502 5.5.1 AUTH not supported"
+
+    async def handle_MAIL(self, server: SMTP, session: Session,
+                          envelope: Envelope, address: str,
+                          mail_options: list[str]) -> str:
+        if self._paused():
+            return self.plan.pause_reply
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 2.1.0 OK - gsmtp"
+
+    async def handle_RCPT(self, server: SMTP, session: Session,
+                          envelope: Envelope, address: str,
+                          rcpt_options: list[str]) -> str:
+        reply = self.plan.rejects.get(address.lower())
+        if reply is not None:
+            return reply
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return "250 2.1.5 OK - gsmtp"
+
+    async def handle_DATA(self, server: SMTP, session: Session,
+                          envelope: Envelope) -> str:
+        received_at = time.time()
+        if self.plan.delay:
+            await asyncio.sleep(self.plan.delay)
+        if self._paused():
+            return self.plan.pause_reply
+        draw = self.rng.random()
+        if draw < self.plan.drop_rate:
+            # Abort the connection (through the TLS layer when there is one,
+            # which then aborts the TCP transport without a close_notify).
+            # smtp_DATA writes the returned reply afterwards; asyncio drops
+            # writes to an aborted transport, so the client gets no byte.
+            if server.transport is not None:
+                server.transport.abort()
+            return DROPPED
+        if draw < self.plan.drop_rate + self.plan.transient_rate:
+            return TRANSIENT
+        self.accepted += 1
+        n = self.accepted
+        self.recorder.append({
+            "mail_from": _text(envelope.mail_from or ""),
+            "rcpt_tos": [_text(r) for r in envelope.rcpt_tos],
+            "data_b64": base64.b64encode(
+                envelope.original_content or b"").decode("ascii"),
+            "received_at": received_at,
+            "n": n,
+        })
+        return f"250 2.0.0 OK {n} - gsmtp"
+
+
+class GmailLikeSMTP(SMTP):
+    """SMTP session using Gmail's AUTH LOGIN challenges."""
+
+    AuthLoginUsernameChallenge = "Username:"
+    AuthLoginPasswordChallenge = "Password:"
+
+
+class LoopbackController(Controller):
+    """Controller that listens on an OS-chosen port.
+
+    aiosmtpd's Controller opens a connection to (hostname, port) right after
+    binding to make the listener create its first session; with port 0 that
+    would target port 0, so the real port is read from the listening socket
+    first.
+    """
+
+    def factory(self) -> SMTP:
+        return GmailLikeSMTP(self.handler, **self.SMTP_kwargs)
+
+    def _trigger_server(self) -> None:
+        assert self.server is not None
+        self.port = self.server.sockets[0].getsockname()[1]
+        super()._trigger_server()
+
+
+def make_authenticator(user: str, password: str):
+    expected = LoginPassword(user.encode("utf-8"), password.encode("utf-8"))
+
+    def authenticate(server: SMTP, session: Session, envelope: Envelope,
+                     mechanism: str, auth_data: object) -> AuthResult:
+        if (isinstance(auth_data, LoginPassword)
+                and auth_data.login == expected.login
+                and auth_data.password == expected.password):
+            return AuthResult(success=True, auth_data=auth_data)
+        return AuthResult(success=False, handled=False,
+                          message=BAD_CREDENTIALS)
+
+    return authenticate
+
+
+def make_tls_context(directory: Path) -> tuple[ssl.SSLContext, Path]:
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost", "127.0.0.1")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    cert.configure_cert(context)
+    ca_path = directory / "ca.pem"
+    write_atomically(ca_path, ca.cert_pem.bytes())
+    return context, ca_path.resolve()
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="Fault-injecting SMTP submission server for hikyaku's "
+                    "end-to-end tests.")
+    p.add_argument("--ready-file", required=True, type=Path,
+                   help='write {"port": N, "ca": PATH|null} here once listening')
+    p.add_argument("--record", required=True, type=Path,
+                   help="append one JSON line per accepted message")
+    p.add_argument("--tls", choices=("starttls", "tls", "none"),
+                   default="starttls",
+                   help="STARTTLS required (default), implicit TLS, or plain")
+    p.add_argument("--user", help="require AUTH with this user name")
+    p.add_argument("--password", help="password for --user")
+    p.add_argument("--reject", action="append", default=[],
+                   metavar="RCPT=REPLY",
+                   help="answer RCPT TO:<RCPT> with REPLY (repeatable)")
+    p.add_argument("--transient-rate", type=float, default=0.0, metavar="F",
+                   help="probability of a 451 after DATA")
+    p.add_argument("--drop-rate", type=float, default=0.0, metavar="F",
+                   help="probability of closing the connection after DATA "
+                        "without a reply")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed for --transient-rate/--drop-rate (default 0)")
+    p.add_argument("--pause-after", type=int, metavar="N",
+                   help="answer MAIL FROM with --pause-reply once N messages "
+                        "have been accepted")
+    p.add_argument("--pause-reply", default=DAILY_LIMIT, metavar="REPLY",
+                   help="reply for --pause-after (default: Gmail's 550 5.4.5 "
+                        "daily limit)")
+    p.add_argument("--delay-ms", type=float, default=0.0, metavar="D",
+                   help="wait D ms before answering DATA")
+    p.add_argument("--verbose", action="store_true",
+                   help="log the SMTP conversation to stderr")
+    args = p.parse_args(argv)
+    if (args.user is None) != (args.password is None):
+        p.error("--user and --password go together")
+    try:
+        args.plan = FaultPlan(args)
+    except ValueError as e:
+        p.error(str(e))
+    return args
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="smtp_server %(levelname)s %(name)s: %(message)s")
+    # aiosmtpd itself sets the deprecated Session.login_data on every
+    # successful AUTH, which logs a warning each time.
+    logging.getLogger("mail.log").addFilter(
+        lambda record: "login_data is deprecated" not in record.getMessage())
+
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+
+    ready_file: Path = args.ready_file.resolve()
+    smtp_kwargs: dict = {
+        "hostname": "127.0.0.1",
+        "port": 0,
+        "server_hostname": "localhost",
+        "ident": "ESMTP hikyaku-test - gsmtp",
+        "data_size_limit": DATA_SIZE_LIMIT,
+        "enable_SMTPUTF8": True,
+    }
+    ca_path: Optional[Path] = None
+    if args.tls != "none":
+        context, ca_path = make_tls_context(ready_file.parent)
+        if args.tls == "starttls":
+            smtp_kwargs.update(tls_context=context, require_starttls=True)
+        else:
+            smtp_kwargs.update(ssl_context=context)
+    # Implicit TLS is invisible to aiosmtpd's AUTH-needs-TLS check (it only
+    # knows about STARTTLS), and --tls none deliberately allows AUTH in clear
+    # text on loopback; only starttls keeps the check.
+    smtp_kwargs["auth_require_tls"] = args.tls == "starttls"
+    if args.user is not None:
+        smtp_kwargs.update(
+            auth_required=True,
+            authenticator=make_authenticator(args.user, args.password))
+        warnings.filterwarnings(
+            "ignore", message="Requiring AUTH while not requiring TLS")
+
+    recorder = Recorder(args.record)
+    handler = FaultyHandler(args.plan, recorder, args.seed,
+                           auth_enabled=args.user is not None)
+    controller = LoopbackController(handler, **smtp_kwargs)
+    controller.start()
+    try:
+        ready = {"port": controller.port,
+                 "ca": str(ca_path) if ca_path else None}
+        write_atomically(ready_file, json.dumps(ready).encode("utf-8"))
+        stop.wait()
+    finally:
+        controller.stop()
+        recorder.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
