@@ -5,6 +5,8 @@
 #![forbid(unsafe_code)]
 
 pub mod campaign;
+pub mod commands;
+pub mod engine;
 pub mod error;
 pub mod limits;
 pub mod message;

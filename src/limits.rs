@@ -206,6 +206,15 @@ impl Schedule {
             .collect()
     }
 
+    /// When the oldest send still inside `window` leaves it, if any is inside.
+    pub fn oldest_leaves(&self, window: &Window, now_ms: i64) -> Option<i64> {
+        let start = now_ms - window.period_ms();
+        self.log
+            .iter()
+            .find(|s| s.at_ms > start)
+            .map(|s| s.at_ms.min(now_ms) + window.period_ms())
+    }
+
     pub fn windows(&self) -> &[Window] {
         &self.windows
     }

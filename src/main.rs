@@ -1,1 +1,286 @@
-fn main() {}
+//! The `hikyaku` command line: parses flags, sets up logging and signals,
+//! runs one command and maps its result to the exit code of SPEC §9.
+#![forbid(unsafe_code)]
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use hikyaku::commands::{self, Global, PreviewTarget, SendOptions, SuppressAction};
+use hikyaku::error::{exit_for, Exit};
+use hikyaku::store::State;
+use tokio::sync::watch;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+
+/// Bulk campaign mailer: CSV + Handlebars + SMTP, paced under the account's
+/// limits, resumable without sending anyone a message twice.
+#[derive(Parser)]
+#[command(name = "hikyaku", version, about)]
+struct Cli {
+    /// State database: a file path, sqlite://PATH (default: hikyaku.db in the platform data directory).
+    #[arg(long, global = true, env = "HIKYAKU_DB", value_name = "PATH|URL")]
+    db: Option<String>,
+    /// More log output (repeat for more).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    /// Only warnings and errors.
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    quiet: bool,
+    /// Colour in terminal output.
+    #[arg(long, global = true, value_enum, default_value_t = Color::Auto)]
+    color: Color,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Color {
+    Auto,
+    Always,
+    Never,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Write a working example campaign (file transport) into DIR.
+    Init {
+        /// Folder to write into (default: the current folder).
+        #[arg(default_value = ".")]
+        dir: PathBuf,
+    },
+    /// Validate the campaign file, every row and every rendered message; send nothing.
+    Check {
+        /// The campaign file (TOML).
+        campaign: PathBuf,
+    },
+    /// Print one rendered message, headers included.
+    Preview {
+        /// The campaign file (TOML).
+        campaign: PathBuf,
+        /// Row number, counting from 1 without the header line (default 1).
+        #[arg(long, conflicts_with = "to")]
+        row: Option<u64>,
+        /// The row of this address.
+        #[arg(long, value_name = "EMAIL")]
+        to: Option<String>,
+    },
+    /// Send the campaign, or resume it where it stopped.
+    Send {
+        /// The campaign file (TOML).
+        campaign: PathBuf,
+        /// Change nothing; print what would be sent and the ETA under the limits.
+        #[arg(long)]
+        dry_run: bool,
+        /// Send at most N messages in this run (with --test-to: N test messages, default 1).
+        #[arg(long, value_name = "N")]
+        limit: Option<u64>,
+        /// Stop with exit 75 instead of waiting for a limit, a pause or a retry.
+        #[arg(long)]
+        no_wait: bool,
+        /// Send the first messages to ADDR only, subject prefixed "[TEST] "; record nothing.
+        #[arg(long, value_name = "ADDR")]
+        test_to: Option<String>,
+        /// Send again to recipients whose earlier delivery is unknown.
+        #[arg(long)]
+        resend_unknown: bool,
+        /// Skip rows whose message cannot be built instead of refusing to start.
+        #[arg(long)]
+        skip_invalid: bool,
+        /// Send even though templates or [message] changed since sending started.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Counts per state, account usage per window, next possible send, ETA.
+    Status {
+        /// The campaign file (TOML).
+        campaign: PathBuf,
+        /// One JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Every row's state as CSV, then the file's other columns.
+    Export {
+        /// The campaign file (TOML).
+        campaign: PathBuf,
+        /// Only rows in this state.
+        #[arg(long, value_name = "STATE", value_parser = parse_state)]
+        state: Option<State>,
+        /// Write to FILE instead of standard output.
+        #[arg(short, long, value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
+    /// The suppression list, shared by all campaigns.
+    Suppress {
+        #[command(subcommand)]
+        action: Suppress,
+    },
+}
+
+#[derive(Subcommand)]
+enum Suppress {
+    /// Add addresses.
+    Add {
+        #[arg(required = true)]
+        emails: Vec<String>,
+    },
+    /// Remove addresses.
+    Remove {
+        #[arg(required = true)]
+        emails: Vec<String>,
+    },
+    /// Print the list as CSV.
+    List,
+    /// Add every address of a file (a CSV with an email column, or one per line).
+    Import { file: PathBuf },
+}
+
+fn parse_state(s: &str) -> Result<State, String> {
+    s.parse()
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let stderr_tty = std::io::stderr().is_terminal();
+    let color = match cli.color {
+        Color::Always => true,
+        Color::Never => false,
+        Color::Auto => stderr_tty && std::env::var_os("NO_COLOR").is_none(),
+    };
+    // indicatif hides bars on dumb terminals and with NO_COLOR; plain lines then.
+    let term_ok = std::env::var("TERM").is_ok_and(|t| !t.is_empty() && t != "dumb");
+    let progress_bar =
+        stderr_tty && term_ok && std::env::var_os("NO_COLOR").is_none() && !cli.quiet;
+    init_logging(cli.verbose, cli.quiet, color);
+    let global = Global {
+        db: cli.db.clone(),
+        color,
+        progress_bar,
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(Exit::Fatal.code());
+        }
+    };
+    let result = runtime.block_on(run(cli.command, global));
+    let exit = match result {
+        Ok(exit) => exit,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            exit_for(&err)
+        }
+    };
+    ExitCode::from(exit.code())
+}
+
+async fn run(command: Command, global: Global) -> anyhow::Result<Exit> {
+    match command {
+        Command::Init { dir } => commands::init(&dir),
+        Command::Check { campaign } => commands::check(&global, &campaign).await,
+        Command::Preview { campaign, row, to } => {
+            let target = match to {
+                Some(email) => PreviewTarget::Email(email),
+                None => PreviewTarget::Row(row.unwrap_or(1)),
+            };
+            commands::preview(&campaign, &target)
+        }
+        Command::Send {
+            campaign,
+            dry_run,
+            limit,
+            no_wait,
+            test_to,
+            resend_unknown,
+            skip_invalid,
+            force,
+        } => {
+            let opts = SendOptions {
+                dry_run,
+                limit,
+                no_wait,
+                test_to,
+                resend_unknown,
+                skip_invalid,
+                force,
+            };
+            commands::send(&global, &campaign, &opts, stop_on_signals()).await
+        }
+        Command::Status { campaign, json } => commands::status(&global, &campaign, json).await,
+        Command::Export {
+            campaign,
+            state,
+            output,
+        } => commands::export(&global, &campaign, state, output.as_deref()).await,
+        Command::Suppress { action } => {
+            let action = match action {
+                Suppress::Add { emails } => SuppressAction::Add(emails),
+                Suppress::Remove { emails } => SuppressAction::Remove(emails),
+                Suppress::List => SuppressAction::List,
+                Suppress::Import { file } => SuppressAction::Import(file),
+            };
+            commands::suppress(&global, &action).await
+        }
+    }
+}
+
+/// The first SIGINT or SIGTERM asks the run to stop after its in-flight
+/// messages; a second one ends the process at once.
+fn stop_on_signals() -> watch::Receiver<bool> {
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        let Ok(mut term) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        else {
+            return;
+        };
+        for round in 0..2 {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            if round == 0 {
+                eprintln!(
+                    "stopping after the messages in flight (press Ctrl-C again to stop at once)"
+                );
+                let _ = tx.send(true);
+            } else {
+                eprintln!("stopped at once; messages in flight will show as unknown");
+                std::process::exit(i32::from(Exit::Interrupted.code()));
+            }
+        }
+    });
+    rx
+}
+
+fn init_logging(verbose: u8, quiet: bool, color: bool) {
+    let level = match (quiet, verbose) {
+        (true, _) => "warn",
+        (false, 0) => "info",
+        (false, 1) => "debug",
+        (false, _) => "trace",
+    };
+    // Our own crate at the chosen level; dependencies only when very verbose,
+    // and never lettre's wire traces, which could carry AUTH data.
+    let filter = if verbose >= 2 {
+        format!("{level},lettre=info")
+    } else {
+        format!("warn,hikyaku={level}")
+    };
+    let indicatif = tracing_indicatif::IndicatifLayer::new();
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(indicatif.get_stderr_writer())
+        .with_target(false)
+        .without_time()
+        .with_ansi(color);
+    tracing_subscriber::registry()
+        .with(tracing_subscriber::EnvFilter::new(filter))
+        .with(fmt)
+        .with(indicatif)
+        .init();
+}

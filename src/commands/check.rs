@@ -1,0 +1,41 @@
+//! `hikyaku check`: everything `send` would refuse, found without sending.
+
+use std::path::Path;
+
+use anyhow::Result;
+
+use super::{load, print_capped, scan, Global};
+use crate::error::Exit;
+
+pub async fn check(global: &Global, path: &Path) -> Result<Exit> {
+    let loaded = load(path)?;
+    let store = global.store().await?;
+    let record = store.campaign(&loaded.campaign.name).await?;
+    let (mut import, found) = scan(&loaded, &store, &record, false).await?;
+    let counts = import.counts().await?;
+    import.rollback().await?;
+    print_capped(&found.warnings, 50, "warning: ");
+    if loaded.campaign.message.list_unsubscribe.is_none() {
+        eprintln!(
+            "warning: {}: [message] has no list_unsubscribe; Gmail expects bulk mail to offer one-click unsubscribe",
+            path.display()
+        );
+    }
+    if !found.problems.is_empty() {
+        print_capped(&found.problems, 200, "error: ");
+        eprintln!(
+            "{} row(s) cannot be sent; fix them, or send with --skip-invalid to skip them",
+            found.problems.len()
+        );
+        return Ok(Exit::Usage);
+    }
+    println!(
+        "{}: {} rows, {} to send, {} already sent, {} skipped",
+        path.display(),
+        found.rows,
+        counts["pending"] + counts["deferred"],
+        counts["sent"],
+        counts["skipped"],
+    );
+    Ok(Exit::Done)
+}

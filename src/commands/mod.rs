@@ -1,0 +1,237 @@
+//! The commands of SPEC §9. Each takes ready-made options from `main`,
+//! talks to the user, and returns the exit status; the work itself lives in
+//! the library modules.
+
+mod check;
+mod export;
+mod init;
+mod preview;
+mod progress;
+mod send;
+mod status;
+mod suppress;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::Result;
+use sha2::{Digest, Sha256};
+
+pub use check::check;
+pub use export::export;
+pub use init::init;
+pub use preview::{preview, PreviewTarget};
+pub use send::{send, SendOptions};
+pub use status::status;
+pub use suppress::{suppress, SuppressAction};
+
+use crate::campaign::Campaign;
+use crate::message::{self, Variant};
+use crate::recipients::{parse_address, RecipientReader};
+use crate::store::{self, CampaignRecord, Import, RowStatus, Store};
+use crate::template::{row_data, Templates};
+
+/// Options every command shares.
+#[derive(Debug, Clone, Default)]
+pub struct Global {
+    /// `--db` or `HIKYAKU_DB`.
+    pub db: Option<String>,
+    /// Colour on stderr output, decided once from the terminal and `--color`.
+    pub color: bool,
+    /// Draw a progress bar (stderr is a terminal that can show one).
+    pub progress_bar: bool,
+}
+
+impl Global {
+    pub async fn store(&self) -> Result<Store> {
+        Store::open(&store::resolve_db(self.db.as_deref())?).await
+    }
+}
+
+/// A campaign file with its templates compiled.
+pub struct Loaded {
+    pub campaign: Campaign,
+    pub templates: Templates,
+}
+
+pub fn load(path: &Path) -> Result<Loaded> {
+    let campaign = Campaign::load(path)?;
+    let templates = Templates::compile(&campaign)?;
+    Ok(Loaded {
+        campaign,
+        templates,
+    })
+}
+
+/// What reading the recipients file found.
+#[derive(Debug, Default)]
+pub struct Scan {
+    /// Rows whose message cannot be built: they block a send.
+    pub problems: Vec<String>,
+    /// Data noise (invalid, duplicate, suppressed addresses): skipped.
+    pub warnings: Vec<String>,
+    pub rows: u64,
+    /// Rows that left the file unsent and become `skipped (removed)`.
+    pub removed: u64,
+}
+
+/// Reads the recipients file into the store (not yet committed) and builds
+/// the message of every row still to be sent, so that every problem is known
+/// before the first message goes out (SPEC §3).
+pub async fn scan(
+    loaded: &Loaded,
+    store: &Store,
+    record: &CampaignRecord,
+    skip_invalid: bool,
+) -> Result<(Import, Scan)> {
+    let campaign = &loaded.campaign;
+    let mut reader = RecipientReader::open(&campaign.recipients)?;
+    let columns = reader.headers().to_vec();
+    let email_index = reader.email_index();
+    let file = reader.path().display().to_string();
+    let mut import = store.import(record, &columns).await?;
+    let mut scan = Scan::default();
+    loop {
+        let row = match reader.next_row() {
+            Ok(Some(row)) => row,
+            Ok(None) => break,
+            Err(e) => {
+                import.rollback().await?;
+                return Err(e);
+            }
+        };
+        scan.rows += 1;
+        let cell = row
+            .fields
+            .get(email_index)
+            .map(String::as_str)
+            .unwrap_or("");
+        let at = format!("{file}: row {} (line {})", row.number, row.line);
+        let recipient = match parse_address(cell) {
+            Ok(r) => r,
+            Err(why) => {
+                scan.warnings.push(format!(
+                    "{at}: invalid address {:?}: {why}; skipped",
+                    cell.trim()
+                ));
+                import
+                    .invalid_row(row.number, cell.trim(), &row.fields, &why)
+                    .await?;
+                continue;
+            }
+        };
+        match import
+            .row(
+                row.number,
+                &recipient.written,
+                &recipient.ascii,
+                &recipient.key,
+                &row.fields,
+            )
+            .await?
+        {
+            RowStatus::Settled => {}
+            RowStatus::Duplicate { first_row } => scan.warnings.push(format!(
+                "{at}: {} duplicates row {first_row}; skipped",
+                recipient.written
+            )),
+            RowStatus::Suppressed => scan.warnings.push(format!(
+                "{at}: {} is on the suppression list; skipped",
+                recipient.written
+            )),
+            RowStatus::ToSend { id } => {
+                let data = row_data(&columns, &row.fields, &recipient.written, &campaign.name);
+                let built = loaded.templates.render(&data).and_then(|r| {
+                    message::build(&r, &recipient, &campaign.dir, Variant::default())
+                });
+                if let Err(why) = built {
+                    if skip_invalid {
+                        scan.warnings
+                            .push(format!("{at} ({}): {why}; skipped", recipient.written));
+                        import.skip_invalid_message(id, &why).await?;
+                    } else {
+                        scan.problems
+                            .push(format!("{at} ({}): {why}", recipient.written));
+                    }
+                }
+            }
+        }
+    }
+    Ok((import, scan))
+}
+
+/// What recipients receive, part by part: the `[message]` section, the
+/// email column and every template and partial file (SPEC §7.5).
+pub fn fingerprint(loaded: &Loaded) -> Result<BTreeMap<String, String>> {
+    let hash = |bytes: &[u8]| format!("{:x}", Sha256::digest(bytes));
+    let campaign = &loaded.campaign;
+    let mut parts = BTreeMap::new();
+    parts.insert(
+        "[message]".to_string(),
+        hash(serde_json::to_string(&campaign.message)?.as_bytes()),
+    );
+    parts.insert(
+        "[recipients] email_column".to_string(),
+        hash(campaign.recipients.email_column.as_bytes()),
+    );
+    for file in loaded.templates.files() {
+        let bytes = std::fs::read(file)?;
+        let shown = file
+            .strip_prefix(&campaign.dir)
+            .unwrap_or(file)
+            .display()
+            .to_string();
+        parts.insert(shown, hash(&bytes));
+    }
+    Ok(parts)
+}
+
+/// The parts that differ between two fingerprints, in words.
+pub fn fingerprint_changes(
+    before: &BTreeMap<String, String>,
+    now: &BTreeMap<String, String>,
+) -> Vec<String> {
+    let mut changes = Vec::new();
+    for (part, hash) in now {
+        match before.get(part) {
+            None => changes.push(format!("{part} was added")),
+            Some(old) if old != hash => changes.push(format!("{part} changed")),
+            _ => {}
+        }
+    }
+    for part in before.keys().filter(|p| !now.contains_key(*p)) {
+        changes.push(format!("{part} was removed"));
+    }
+    changes
+}
+
+/// Prints at most `max` lines of a list, then how many more there were.
+pub fn print_capped(lines: &[String], max: usize, prefix: &str) {
+    for line in lines.iter().take(max) {
+        eprintln!("{prefix}{line}");
+    }
+    if lines.len() > max {
+        eprintln!("{prefix}... and {} more", lines.len() - max);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fingerprint_changes_name_the_part() {
+        let a: BTreeMap<String, String> = [("[message]", "1"), ("t.hbs", "2")]
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let mut b = a.clone();
+        b.insert("t.hbs".into(), "3".into());
+        b.insert("p.hbs".into(), "4".into());
+        assert_eq!(
+            fingerprint_changes(&a, &b),
+            ["p.hbs was added", "t.hbs changed"]
+        );
+        assert!(fingerprint_changes(&a, &a).is_empty());
+    }
+}

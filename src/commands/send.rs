@@ -1,0 +1,290 @@
+//! `hikyaku send`: checks every row, then sends or resumes the campaign.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Result;
+use tokio::sync::{mpsc, watch};
+
+use super::progress::Progress;
+use super::status::{local_time, outlook};
+use super::{fingerprint, fingerprint_changes, load, print_capped, scan, Global, Loaded};
+use crate::engine::{self, Renderer, RunConfig, RunEnd};
+use crate::error::{input_error, Exit};
+use crate::message::{self, Variant};
+use crate::recipients::{parse_address, RecipientReader};
+use crate::store::now_ms;
+use crate::template::row_data;
+use crate::transport::{AnyTransport, Transport};
+
+#[derive(Debug, Clone, Default)]
+pub struct SendOptions {
+    pub dry_run: bool,
+    pub limit: Option<u64>,
+    pub no_wait: bool,
+    pub test_to: Option<String>,
+    pub resend_unknown: bool,
+    pub skip_invalid: bool,
+    pub force: bool,
+}
+
+/// Explains the replies that mean the account's credentials are refused.
+const AUTH_HELP: &str =
+    "the server refused the login. For Gmail and Google Workspace: turn on 2-step \
+verification for the account, create an app password (Google Account > Security > App passwords), \
+and put those 16 letters in the variable named by password_env (HIKYAKU_SMTP_PASSWORD by default). \
+No recipient's state was changed; run send again once the password is fixed.";
+
+pub async fn send(
+    global: &Global,
+    path: &Path,
+    opts: &SendOptions,
+    stop: watch::Receiver<bool>,
+) -> Result<Exit> {
+    let loaded = load(path)?;
+    if let Some(test_to) = &opts.test_to {
+        return send_test(&loaded, test_to, opts.limit.unwrap_or(1)).await;
+    }
+    let store = global.store().await?;
+    let record = store.campaign(&loaded.campaign.name).await?;
+    let token = uuid::Uuid::new_v4().to_string();
+    if !opts.dry_run {
+        store.lock(record.id, &token).await?;
+    }
+    let result = send_locked(global, loaded, &store, &record, opts, stop).await;
+    if !opts.dry_run {
+        store.unlock(record.id, &token).await?;
+    }
+    store.close().await;
+    result
+}
+
+async fn send_locked(
+    global: &Global,
+    loaded: Loaded,
+    store: &crate::store::Store,
+    record: &crate::store::CampaignRecord,
+    opts: &SendOptions,
+    stop: watch::Receiver<bool>,
+) -> Result<Exit> {
+    let campaign = &loaded.campaign;
+    let parts = fingerprint(&loaded)?;
+    if let Some(before) = &record.fingerprint {
+        let before = serde_json::from_str(before)?;
+        let changes = fingerprint_changes(&before, &parts);
+        if !changes.is_empty() && !opts.force {
+            return Err(input_error(format!(
+                "what recipients receive changed since this campaign started sending: {}. \
+                 Recipients already sent got the old version; send again with --force to send the new one to the rest",
+                changes.join("; ")
+            )));
+        }
+    }
+    if !opts.dry_run {
+        let unknown = store.settle_interrupted(record.id).await?;
+        if unknown > 0 {
+            tracing::warn!(
+                "{unknown} recipient(s) were in flight when an earlier run stopped; they are now `unknown` \
+                 (see hikyaku export --state unknown; --resend-unknown sends them again)"
+            );
+        }
+        if opts.resend_unknown {
+            let n = store.requeue_unknown(record.id).await?;
+            tracing::info!("{n} unknown recipient(s) will be sent again (--resend-unknown)");
+        }
+    }
+    let (mut import, found) = scan(&loaded, store, record, opts.skip_invalid).await?;
+    print_capped(&found.warnings, 20, "warning: ");
+    if !found.problems.is_empty() {
+        import.rollback().await?;
+        print_capped(&found.problems, 200, "error: ");
+        return Err(input_error(format!(
+            "{} row(s) cannot be sent and nothing was sent; fix them or use --skip-invalid",
+            found.problems.len()
+        )));
+    }
+    if opts.dry_run {
+        let counts = import.counts().await?;
+        import.rollback().await?;
+        let remaining = counts["pending"]
+            + counts["deferred"]
+            + if opts.resend_unknown {
+                counts["unknown"]
+            } else {
+                0
+            };
+        let look = outlook(store, campaign, Some(record.id), remaining).await?;
+        println!(
+            "dry run: {} rows, {remaining} would be sent, {} already sent, {} skipped, {} failed, {} unknown",
+            found.rows, counts["sent"], counts["skipped"], counts["failed"], counts["unknown"]
+        );
+        println!("account {}", campaign.account());
+        for (w, used) in &look.usage {
+            println!("  {}: {used}/{} used", w.describe(), w.max);
+        }
+        if let Some(eta) = look.eta_ms {
+            println!("eta under the limits: {}", local_time(eta));
+        }
+        return Ok(Exit::Done);
+    }
+    let removed = import.commit().await?;
+    if removed > 0 {
+        tracing::warn!("{removed} unsent recipient(s) left the file: skipped (removed)");
+    }
+    if record.fingerprint.is_none() || opts.force {
+        store
+            .set_fingerprint(record.id, &serde_json::to_string(&parts)?)
+            .await?;
+    }
+    let counts = store.counts(record.id).await?;
+    let to_send = u64::try_from(counts["pending"] + counts["deferred"]).unwrap_or(0);
+    let total_sent_before = u64::try_from(counts["sent"]).unwrap_or(0);
+
+    let transport = Arc::new(AnyTransport::new(campaign).await?);
+    let renderer = Arc::new(Renderer {
+        templates: loaded.templates,
+        columns: store
+            .find_campaign(&campaign.name)
+            .await?
+            .map(|r| r.columns)
+            .unwrap_or_default(),
+        campaign_name: campaign.name.clone(),
+        campaign_dir: campaign.dir.clone(),
+    });
+    let config = RunConfig {
+        campaign_id: record.id,
+        account: campaign.account(),
+        windows: campaign.windows.clone(),
+        retry: campaign.retry.clone(),
+        connections: campaign.connections(),
+        limit: opts.limit,
+        no_wait: opts.no_wait,
+    };
+    let (events_tx, events_rx) = mpsc::unbounded_channel();
+    let progress = Progress::start(
+        global.progress_bar,
+        to_send.min(opts.limit.unwrap_or(u64::MAX)),
+        events_rx,
+    );
+    let started = now_ms();
+    let end = engine::run(
+        store.clone(),
+        transport.clone(),
+        renderer,
+        config,
+        events_tx,
+        stop,
+    )
+    .await;
+    transport.shutdown().await;
+    let stats = progress.finish().await;
+    let end = end?;
+
+    let counts = store.counts(record.id).await?;
+    let left = counts["pending"] + counts["deferred"];
+    let secs = (now_ms() - started).max(1) as f64 / 1000.0;
+    eprintln!(
+        "{}: sent {} in this run ({:.1}/s); total: {} sent, {} failed, {} unknown, {} skipped, {} left",
+        campaign.name,
+        stats.sent,
+        stats.sent as f64 / secs,
+        counts["sent"].max(total_sent_before as i64),
+        counts["failed"],
+        counts["unknown"],
+        counts["skipped"],
+        left
+    );
+    Ok(match end {
+        RunEnd::Done => Exit::Done,
+        RunEnd::LimitReached if left == 0 => Exit::Done,
+        RunEnd::LimitReached => {
+            eprintln!(
+                "stopped after --limit {}; run send again to go on",
+                opts.limit.unwrap_or(0)
+            );
+            Exit::WorkLeft
+        }
+        RunEnd::WouldWait { until_ms, why } => {
+            eprintln!(
+                "stopped (--no-wait): {why}; next send possible at {}",
+                local_time(until_ms)
+            );
+            Exit::WorkLeft
+        }
+        RunEnd::Interrupted => {
+            eprintln!("interrupted; in-flight messages were recorded. Run send again to resume");
+            Exit::Interrupted
+        }
+        RunEnd::Fatal(reply) => {
+            return Err(anyhow::anyhow!("{reply}: {AUTH_HELP}"));
+        }
+        RunEnd::CircuitBreaker(why) => {
+            return Err(anyhow::anyhow!("stopped: {why}"));
+        }
+    })
+}
+
+/// `--test-to`: the first `limit` rendered messages to one address, subject
+/// prefixed "[TEST] ", nothing recorded.
+async fn send_test(loaded: &Loaded, test_to: &str, limit: u64) -> Result<Exit> {
+    let campaign = &loaded.campaign;
+    let tester = parse_address(test_to).map_err(|why| {
+        input_error(format!(
+            "--test-to {test_to:?} is not a valid address: {why}"
+        ))
+    })?;
+    let transport = AnyTransport::new(campaign).await?;
+    let mut reader = RecipientReader::open(&campaign.recipients)?;
+    let columns = reader.headers().to_vec();
+    let email_index = reader.email_index();
+    let mut sent = 0;
+    while sent < limit {
+        let Some(row) = reader.next_row()? else { break };
+        let cell = row
+            .fields
+            .get(email_index)
+            .map(String::as_str)
+            .unwrap_or("");
+        let Ok(recipient) = parse_address(cell) else {
+            continue;
+        };
+        let data = row_data(&columns, &row.fields, &recipient.written, &campaign.name);
+        let at = format!(
+            "{}: row {} (line {})",
+            reader.path().display(),
+            row.number,
+            row.line
+        );
+        let out = loaded
+            .templates
+            .render(&data)
+            .and_then(|r| {
+                message::build(
+                    &r,
+                    &recipient,
+                    &campaign.dir,
+                    Variant {
+                        test_to: Some(&tester),
+                    },
+                )
+            })
+            .map_err(|why| input_error(format!("{at}: {why}")))?;
+        match transport.send(&out).await {
+            Ok(reply) => eprintln!(
+                "test message for row {} ({}) sent to {}: {reply}",
+                row.number, recipient.written, tester.ascii
+            ),
+            Err(reply) => {
+                transport.shutdown().await;
+                anyhow::bail!("test message for row {} was refused: {reply}", row.number);
+            }
+        }
+        sent += 1;
+    }
+    transport.shutdown().await;
+    eprintln!(
+        "{sent} test message(s) sent to {}; nothing was recorded",
+        tester.ascii
+    );
+    Ok(Exit::Done)
+}

@@ -1,0 +1,173 @@
+//! `hikyaku status`: where a campaign stands, and when it can go on.
+
+use std::path::Path;
+
+use anyhow::Result;
+use serde::Serialize;
+
+use super::Global;
+use crate::campaign::Campaign;
+use crate::error::Exit;
+use crate::store::{now_ms, rfc3339, Counts, Store};
+
+#[derive(Serialize)]
+struct StatusJson {
+    campaign: String,
+    total: i64,
+    states: States,
+    account: String,
+    windows: Vec<WindowJson>,
+    next_send_at: Option<String>,
+    eta: Option<String>,
+}
+
+#[derive(Serialize)]
+struct States {
+    pending: i64,
+    sending: i64,
+    deferred: i64,
+    sent: i64,
+    failed: i64,
+    unknown: i64,
+    skipped: i64,
+}
+
+#[derive(Serialize)]
+struct WindowJson {
+    max: u32,
+    period_secs: serde_json::Value,
+    used: u64,
+}
+
+/// When the campaign can send next and when it would finish, as Unix ms.
+pub struct Outlook {
+    pub next_send_ms: Option<i64>,
+    pub eta_ms: Option<i64>,
+    pub usage: Vec<(crate::limits::Window, u64)>,
+}
+
+/// Computes the next send and the ETA for `remaining` messages under the
+/// account's windows, pauses and the deferred retries.
+pub async fn outlook(
+    store: &Store,
+    campaign: &Campaign,
+    campaign_id: Option<i64>,
+    remaining: i64,
+) -> Result<Outlook> {
+    let now = now_ms();
+    let account = campaign.account();
+    let schedule = store.schedule(&account, &campaign.windows, now).await?;
+    let usage = schedule.usage(now);
+    if remaining <= 0 {
+        return Ok(Outlook {
+            next_send_ms: None,
+            eta_ms: None,
+            usage,
+        });
+    }
+    let mut start = now;
+    if let Some((until, _)) = store.account_pause(&account, now).await? {
+        start = start.max(until);
+    }
+    let pending = match campaign_id {
+        Some(id) => store.counts(id).await?["pending"],
+        None => remaining,
+    };
+    if pending == 0 {
+        if let Some(id) = campaign_id {
+            if let Some(due) = store.next_retry(id).await? {
+                start = start.max(due);
+            }
+        }
+    }
+    let next = schedule.next_slot(start, 1).at_ms;
+    let eta = schedule.eta(start, u64::try_from(remaining).unwrap_or(0), 1);
+    Ok(Outlook {
+        next_send_ms: Some(next),
+        eta_ms: eta,
+        usage,
+    })
+}
+
+pub async fn status(global: &Global, path: &Path, json: bool) -> Result<Exit> {
+    let campaign = Campaign::load(path)?;
+    let store = global.store().await?;
+    let record = store.find_campaign(&campaign.name).await?;
+    let counts: Counts = match &record {
+        Some(r) => store.counts(r.id).await?,
+        None => crate::store::State::ALL
+            .iter()
+            .map(|s| (s.as_str(), 0))
+            .collect(),
+    };
+    let remaining = counts["pending"] + counts["deferred"];
+    let look = outlook(&store, &campaign, record.as_ref().map(|r| r.id), remaining).await?;
+    let total: i64 = counts.values().sum();
+    if json {
+        let out = StatusJson {
+            campaign: campaign.name.clone(),
+            total,
+            states: States {
+                pending: counts["pending"],
+                sending: counts["sending"],
+                deferred: counts["deferred"],
+                sent: counts["sent"],
+                failed: counts["failed"],
+                unknown: counts["unknown"],
+                skipped: counts["skipped"],
+            },
+            account: campaign.account(),
+            windows: look
+                .usage
+                .iter()
+                .map(|(w, used)| WindowJson {
+                    max: w.max,
+                    period_secs: if w.period.subsec_nanos() == 0 {
+                        w.period.as_secs().into()
+                    } else {
+                        w.period.as_secs_f64().into()
+                    },
+                    used: *used,
+                })
+                .collect(),
+            next_send_at: look.next_send_ms.map(rfc3339),
+            eta: look.eta_ms.map(rfc3339),
+        };
+        println!("{}", serde_json::to_string(&out)?);
+        return Ok(Exit::Done);
+    }
+    println!("campaign {}: {total} rows", campaign.name);
+    if record.is_none() {
+        println!(
+            "  not started yet (hikyaku send {} starts it)",
+            path.display()
+        );
+    }
+    let states: Vec<String> = crate::store::State::ALL
+        .iter()
+        .map(|s| format!("{} {}", s.as_str(), counts[s.as_str()]))
+        .collect();
+    println!("  {}", states.join(", "));
+    println!("account {}", campaign.account());
+    for (w, used) in &look.usage {
+        println!("  {}: {used}/{} used", w.describe(), w.max);
+    }
+    if let Some(next) = look.next_send_ms {
+        println!("next send: {}", local_time(next));
+    }
+    if let Some(eta) = look.eta_ms {
+        println!("eta: {}", local_time(eta));
+    }
+    Ok(Exit::Done)
+}
+
+/// A time for people: local, to the second.
+pub fn local_time(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .map(|t| {
+            t.with_timezone(&chrono::Local)
+                .format("%Y-%m-%d %H:%M:%S")
+                .to_string()
+        })
+        .unwrap_or_default()
+}

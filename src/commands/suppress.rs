@@ -1,0 +1,98 @@
+//! `hikyaku suppress`: the suppression list shared by every campaign of a
+//! state database. Addresses on it are skipped (`suppressed`).
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+
+use super::Global;
+use crate::error::{input_error, Exit};
+use crate::recipients::parse_address;
+use crate::store::rfc3339;
+
+#[derive(Debug, Clone)]
+pub enum SuppressAction {
+    Add(Vec<String>),
+    Remove(Vec<String>),
+    List,
+    /// A CSV file with an `email` column, or one address per line.
+    Import(PathBuf),
+}
+
+pub async fn suppress(global: &Global, action: &SuppressAction) -> Result<Exit> {
+    let store = global.store().await?;
+    match action {
+        SuppressAction::Add(addresses) => {
+            let mut added = 0;
+            for a in addresses {
+                let r = parse_address(a)
+                    .map_err(|why| input_error(format!("{a:?} is not a valid address: {why}")))?;
+                added += usize::from(store.suppress(&r.ascii, "added by hand").await?);
+            }
+            eprintln!("{added} address(es) added to the suppression list");
+        }
+        SuppressAction::Remove(addresses) => {
+            let mut removed = 0;
+            for a in addresses {
+                let key = parse_address(a)
+                    .map(|r| r.key)
+                    .unwrap_or_else(|_| a.trim().to_lowercase());
+                removed += usize::from(store.unsuppress(&key).await?);
+            }
+            eprintln!("{removed} address(es) removed from the suppression list");
+        }
+        SuppressAction::List => {
+            let mut out = csv::Writer::from_writer(std::io::stdout().lock());
+            out.write_record(["email", "reason", "added_at"])?;
+            for (email, reason, at) in store.suppressions().await? {
+                out.write_record([email, reason, rfc3339(at)])?;
+            }
+            out.flush()?;
+        }
+        SuppressAction::Import(file) => {
+            let mut reader = csv::ReaderBuilder::new()
+                .has_headers(false)
+                .flexible(true)
+                .from_path(file)
+                .map_err(|e| input_error(format!("cannot read {}: {e}", file.display())))?;
+            let mut column = 0;
+            let mut added = 0;
+            let mut record = csv::StringRecord::new();
+            let mut first = true;
+            while reader
+                .read_record(&mut record)
+                .map_err(|e| input_error(format!("{}: {e}", file.display())))?
+            {
+                let line = record.position().map(|p| p.line()).unwrap_or(0);
+                if std::mem::take(&mut first) {
+                    if let Some(i) = record
+                        .iter()
+                        .position(|f| f.trim().eq_ignore_ascii_case("email"))
+                    {
+                        column = i;
+                        continue;
+                    }
+                }
+                let cell = record.get(column).unwrap_or("").trim();
+                if cell.is_empty() {
+                    continue;
+                }
+                match parse_address(cell) {
+                    Ok(r) => {
+                        added += usize::from(
+                            store
+                                .suppress(&r.ascii, &format!("imported from {}", file.display()))
+                                .await?,
+                        )
+                    }
+                    Err(why) => eprintln!(
+                        "warning: {}: line {line}: {cell:?} is not a valid address: {why}",
+                        file.display()
+                    ),
+                }
+            }
+            eprintln!("{added} address(es) added to the suppression list");
+        }
+    }
+    Ok(Exit::Done)
+}
