@@ -1,0 +1,269 @@
+//! Shared helpers of the end-to-end tests: a real SMTP server (the
+//! fault-injecting Python server in tests/support), campaign folders in
+//! temporary directories, and the real `hikyaku` binary.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+
+pub const USER: &str = "sender@acme.example";
+pub const PASSWORD: &str = "s3cret-app-passw0rd";
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_hikyaku")
+}
+
+/// A running SMTP test server; killed when dropped.
+pub struct SmtpServer {
+    child: Child,
+    _dir: tempfile::TempDir,
+    pub port: u16,
+    pub ca: Option<PathBuf>,
+    record: PathBuf,
+}
+
+/// One message the server accepted.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub mail_from: String,
+    pub rcpt_tos: Vec<String>,
+    pub data: Vec<u8>,
+    pub received_at: f64,
+}
+
+impl Received {
+    pub fn parsed(&self) -> mail_parser::Message<'_> {
+        mail_parser::MessageParser::default()
+            .parse(&self.data)
+            .expect("the server received a message mail-parser cannot parse")
+    }
+}
+
+impl SmtpServer {
+    /// Starts the server with STARTTLS and AUTH, plus `extra` arguments.
+    pub fn start(extra: &[&str]) -> SmtpServer {
+        let mut args = vec!["--tls", "starttls", "--user", USER, "--password", PASSWORD];
+        args.extend_from_slice(extra);
+        SmtpServer::start_raw(&args)
+    }
+
+    pub fn start_raw(args: &[&str]) -> SmtpServer {
+        let dir = tempfile::tempdir().unwrap();
+        let ready = dir.path().join("ready.json");
+        let record = dir.path().join("record.jsonl");
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/smtp_server.py");
+        let mut child = Command::new("python3")
+            .arg(&script)
+            .arg("--ready-file")
+            .arg(&ready)
+            .arg("--record")
+            .arg(&record)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("python3 must be installed to run the SMTP test server");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let info: serde_json::Value = loop {
+            if let Ok(text) = std::fs::read_to_string(&ready) {
+                if let Ok(v) = serde_json::from_str(&text) {
+                    break v;
+                }
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!(
+                    "the SMTP test server exited with {status}; install its requirements: \
+                     pip install -r tests/support/requirements.txt"
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the SMTP test server did not start within 30 s"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        SmtpServer {
+            child,
+            port: info["port"].as_u64().unwrap() as u16,
+            ca: info["ca"].as_str().map(PathBuf::from),
+            record,
+            _dir: dir,
+        }
+    }
+
+    /// Every message accepted so far, in order.
+    pub fn received(&self) -> Vec<Received> {
+        let text = std::fs::read_to_string(&self.record).unwrap_or_default();
+        text.lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|line| {
+                let v: serde_json::Value = serde_json::from_str(line).unwrap();
+                Received {
+                    mail_from: v["mail_from"].as_str().unwrap().to_string(),
+                    rcpt_tos: v["rcpt_tos"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|r| r.as_str().unwrap().to_string())
+                        .collect(),
+                    data: base64::engine::general_purpose::STANDARD
+                        .decode(v["data_b64"].as_str().unwrap())
+                        .unwrap(),
+                    received_at: v["received_at"].as_f64().unwrap(),
+                }
+            })
+            .collect()
+    }
+
+    /// How many messages each recipient address received.
+    pub fn deliveries(&self) -> HashMap<String, usize> {
+        let mut counts = HashMap::new();
+        for r in self.received() {
+            for to in r.rcpt_tos {
+                *counts.entry(to.to_lowercase()).or_insert(0) += 1;
+            }
+        }
+        counts
+    }
+
+    /// The `[transport]` section that reaches this server.
+    pub fn transport_toml(&self, extra: &str) -> String {
+        let ca = self.ca.as_ref().expect("server without TLS");
+        format!(
+            "[transport]\nkind = \"smtp\"\nhost = \"127.0.0.1\"\nport = {}\ntls = \"starttls\"\n\
+             username = \"{USER}\"\nca_file = \"{}\"\ntimeout = \"10s\"\n{extra}\n",
+            self.port,
+            ca.display()
+        )
+    }
+}
+
+impl Drop for SmtpServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A campaign folder in a temporary directory with its own state database.
+pub struct CampaignDir {
+    pub dir: tempfile::TempDir,
+}
+
+impl CampaignDir {
+    pub fn new() -> CampaignDir {
+        CampaignDir {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn write(&self, name: &str, content: impl AsRef<[u8]>) -> &Self {
+        let path = self.dir.path().join(name);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, content).unwrap();
+        self
+    }
+
+    pub fn campaign(&self) -> PathBuf {
+        self.dir.path().join("campaign.toml")
+    }
+
+    pub fn db(&self) -> PathBuf {
+        self.dir.path().join("state.db")
+    }
+
+    /// Runs `hikyaku` with this folder's database and the test password.
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.command(args).output().unwrap()
+    }
+
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(bin());
+        cmd.arg("--db")
+            .arg(self.db())
+            .args(args)
+            .env("HIKYAKU_SMTP_PASSWORD", PASSWORD)
+            .env_remove("HIKYAKU_DB")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    /// `status --json` as a value.
+    pub fn status(&self) -> serde_json::Value {
+        let out = self.run(&["status", "--json", self.campaign().to_str().unwrap()]);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "status failed: {}",
+            text(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// `export` parsed: one map per row.
+    pub fn export(&self, state: Option<&str>) -> Vec<HashMap<String, String>> {
+        let campaign = self.campaign();
+        let mut args = vec!["export", campaign.to_str().unwrap()];
+        if let Some(s) = state {
+            args.extend(["--state", s]);
+        }
+        let out = self.run(&args);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "export failed: {}",
+            text(&out.stderr)
+        );
+        let mut reader = csv::Reader::from_reader(out.stdout.as_slice());
+        let headers = reader.headers().unwrap().clone();
+        reader
+            .records()
+            .map(|r| {
+                let r = r.unwrap();
+                headers
+                    .iter()
+                    .zip(r.iter())
+                    .map(|(h, v)| (h.to_string(), v.to_string()))
+                    .collect()
+            })
+            .collect()
+    }
+}
+
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Recipients `user1@example.com`..`userN@example.com` with a first name.
+pub fn recipients_csv(n: usize) -> String {
+    let mut csv = String::from("email,first_name,city\n");
+    for i in 1..=n {
+        csv.push_str(&format!("user{i}@example.com,Name{i},City{i}\n"));
+    }
+    csv
+}
+
+/// A campaign with text + HTML templates and the given transport section.
+pub fn standard_campaign(dir: &CampaignDir, recipients: &str, transport: &str, extra_toml: &str) {
+    dir.write("recipients.csv", recipients)
+        .write("templates/body.txt.hbs", "Hello {{first_name}} from {{city}}!\n{{> sig}}\n")
+        .write("templates/body.html.hbs", "<p>Hello <b>{{first_name}}</b> from {{city}}!</p>\n{{> sig}}\n")
+        .write("templates/partials/sig.hbs", "-- Acme\n")
+        .write(
+            "campaign.toml",
+            format!(
+                "name = \"test-campaign\"\n{extra_toml}\n[recipients]\nfile = \"recipients.csv\"\n\n[message]\n\
+                 from = \"Acme <news@acme.example>\"\nsubject = \"{{{{first_name}}}}, your update\"\n\
+                 text = \"templates/body.txt.hbs\"\nhtml = \"templates/body.html.hbs\"\n\n{transport}"
+            ),
+        );
+}
