@@ -3,6 +3,7 @@
 //! happens. It never prints or exits; it reports [`Event`]s and returns how
 //! the run ended, and the command layer decides what the user sees.
 
+use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,6 +23,31 @@ use crate::transport::Transport;
 /// Permanent failures in a row with the same code that stop the run: by
 /// then the cause is most likely the configuration, not the addresses.
 pub const CIRCUIT_BREAKER: u32 = 10;
+
+/// Time as the engine sees it, so that pacing, windows, backoff and pauses
+/// are tested in virtual time without sleeping.
+pub trait Clock: Send + Sync + 'static {
+    /// Unix milliseconds.
+    fn now_ms(&self) -> i64;
+    /// Returns once `now_ms() >= at_ms`.
+    fn sleep_until(&self, at_ms: i64) -> impl Future<Output = ()> + Send;
+}
+
+/// The wall clock and tokio's timer.
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now_ms(&self) -> i64 {
+        now_ms()
+    }
+
+    async fn sleep_until(&self, at_ms: i64) {
+        let wait = u64::try_from(at_ms - now_ms()).unwrap_or(0);
+        if wait > 0 {
+            tokio::time::sleep(Duration::from_millis(wait)).await;
+        }
+    }
+}
 
 /// Turns a stored recipient into its message.
 pub struct Renderer {
@@ -124,9 +150,10 @@ struct Shared {
 
 /// Sends until nothing is left, the limit is reached, a stop is requested
 /// (`stop` turns true) or something ends the run.
-pub async fn run<T: Transport>(
+pub async fn run<T: Transport, C: Clock>(
     store: Store,
     transport: Arc<T>,
+    clock: Arc<C>,
     renderer: Arc<Renderer>,
     config: RunConfig,
     events: mpsc::UnboundedSender<Event>,
@@ -146,6 +173,7 @@ pub async fn run<T: Transport>(
         let worker = Worker {
             store: store.clone(),
             transport: transport.clone(),
+            clock: clock.clone(),
             renderer: renderer.clone(),
             config: config.clone(),
             events: events.clone(),
@@ -178,9 +206,10 @@ pub async fn run<T: Transport>(
     })
 }
 
-struct Worker<T> {
+struct Worker<T, C> {
     store: Store,
     transport: Arc<T>,
+    clock: Arc<C>,
     renderer: Arc<Renderer>,
     config: Arc<RunConfig>,
     events: mpsc::UnboundedSender<Event>,
@@ -196,7 +225,7 @@ enum Next {
     Finish,
 }
 
-impl<T: Transport> Worker<T> {
+impl<T: Transport, C: Clock> Worker<T, C> {
     async fn run(mut self) -> Result<()> {
         let mut last_wait: Option<(i64, WaitReason)> = None;
         loop {
@@ -213,10 +242,8 @@ impl<T: Transport> Worker<T> {
                     self.settled.notify_waiters();
                 }
                 Next::Sleep(until_ms) => {
-                    let wait =
-                        Duration::from_millis(u64::try_from(until_ms - now_ms()).unwrap_or(0));
                     tokio::select! {
-                        _ = tokio::time::sleep(wait) => {}
+                        _ = self.clock.sleep_until(until_ms) => {}
                         _ = self.stop.changed() => {}
                     }
                 }
@@ -251,9 +278,13 @@ impl<T: Transport> Worker<T> {
         let renderer = self.renderer.clone();
         let claim = self
             .store
-            .claim(cfg.campaign_id, &cfg.account, &cfg.windows, now_ms(), |c| {
-                renderer.build(c)
-            })
+            .claim(
+                cfg.campaign_id,
+                &cfg.account,
+                &cfg.windows,
+                self.clock.now_ms(),
+                |c| renderer.build(c),
+            )
             .await?;
         match claim {
             Claim::Ready {
@@ -271,7 +302,7 @@ impl<T: Transport> Worker<T> {
                     email: candidate.email,
                     why,
                 });
-                Ok(Next::Sleep(now_ms()))
+                Ok(Next::Sleep(self.clock.now_ms()))
             }
             Claim::Wait { until_ms, why } => {
                 if cfg.no_wait && why != WaitReason::Pacing {
@@ -321,6 +352,12 @@ impl<T: Transport> Worker<T> {
         }
     }
 
+    async fn record(&self, c: &Candidate, log_id: i64, outcome: &Outcome) -> Result<()> {
+        self.store
+            .record(c, log_id, outcome, self.clock.now_ms())
+            .await
+    }
+
     /// Classifies the transport's answer and records it.
     async fn settle(
         &self,
@@ -330,15 +367,14 @@ impl<T: Transport> Worker<T> {
     ) -> Result<()> {
         let reply = match result {
             Ok(reply) => {
-                self.store
-                    .record(
-                        c,
-                        log_id,
-                        &Outcome::Sent {
-                            reply: reply.to_string(),
-                        },
-                    )
-                    .await?;
+                self.record(
+                    c,
+                    log_id,
+                    &Outcome::Sent {
+                        reply: reply.to_string(),
+                    },
+                )
+                .await?;
                 let mut shared = self.shared.lock().await;
                 shared.breaker = (String::new(), 0);
                 shared.pause_streak = 0;
@@ -355,8 +391,7 @@ impl<T: Transport> Worker<T> {
         let attempts = u32::try_from(c.attempts + 1).unwrap_or(u32::MAX);
         match reply.class() {
             ReplyClass::Accepted => {
-                self.store
-                    .record(c, log_id, &Outcome::Sent { reply: text })
+                self.record(c, log_id, &Outcome::Sent { reply: text })
                     .await?;
                 let _ = self.events.send(Event::Sent {
                     row: c.row_number,
@@ -364,18 +399,17 @@ impl<T: Transport> Worker<T> {
                 });
             }
             ReplyClass::Transient if attempts < self.config.retry.max_attempts => {
-                let retry_at_ms =
-                    now_ms() + self.config.retry.delay_after(attempts).as_millis() as i64;
-                self.store
-                    .record(
-                        c,
-                        log_id,
-                        &Outcome::Deferred {
-                            reply: text.clone(),
-                            retry_at_ms,
-                        },
-                    )
-                    .await?;
+                let retry_at_ms = self.clock.now_ms()
+                    + self.config.retry.delay_after(attempts).as_millis() as i64;
+                self.record(
+                    c,
+                    log_id,
+                    &Outcome::Deferred {
+                        reply: text.clone(),
+                        retry_at_ms,
+                    },
+                )
+                .await?;
                 let _ = self.events.send(Event::Deferred {
                     row: c.row_number,
                     email: c.email.clone(),
@@ -389,7 +423,7 @@ impl<T: Transport> Worker<T> {
                     reply: text.clone(),
                     suppress: permanent && reply.suppresses(),
                 };
-                self.store.record(c, log_id, &outcome).await?;
+                self.record(c, log_id, &outcome).await?;
                 let _ = self.events.send(Event::Failed {
                     row: c.row_number,
                     email: c.email.clone(),
@@ -410,19 +444,18 @@ impl<T: Transport> Worker<T> {
                 }
             }
             ReplyClass::AccountPaused(kind) => {
-                self.store
-                    .record(
-                        c,
-                        log_id,
-                        &Outcome::Returned {
-                            reply: text.clone(),
-                            unlog: false,
-                        },
-                    )
-                    .await?;
+                self.record(
+                    c,
+                    log_id,
+                    &Outcome::Returned {
+                        reply: text.clone(),
+                        unlog: false,
+                    },
+                )
+                .await?;
                 let mut shared = self.shared.lock().await;
                 shared.pause_streak += 1;
-                let now = now_ms();
+                let now = self.clock.now_ms();
                 let until_ms = match kind {
                     Pause::Daily => self.daily_window_frees(now).await?,
                     Pause::Backoff => {
@@ -448,16 +481,15 @@ impl<T: Transport> Worker<T> {
                 }
             }
             ReplyClass::Fatal => {
-                self.store
-                    .record(
-                        c,
-                        log_id,
-                        &Outcome::Returned {
-                            reply: text.clone(),
-                            unlog: true,
-                        },
-                    )
-                    .await?;
+                self.record(
+                    c,
+                    log_id,
+                    &Outcome::Returned {
+                        reply: text.clone(),
+                        unlog: true,
+                    },
+                )
+                .await?;
                 self.shared.lock().await.end = Some(RunEnd::Fatal(text));
             }
         }
@@ -496,5 +528,298 @@ pub fn describe_wait(why: &WaitReason) -> String {
             format!("{} {used}/{} reached", window.describe(), window.max)
         }
         WaitReason::Paused(reply) => format!("the server paused the account: {reply}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::campaign::Campaign;
+    use crate::store::CampaignRecord;
+    use std::sync::atomic::{AtomicI64, Ordering};
+    use std::sync::Mutex as StdMutex;
+
+    /// Virtual time: sleeping jumps the clock forward.
+    struct FakeClock(AtomicI64);
+
+    impl Clock for FakeClock {
+        fn now_ms(&self) -> i64 {
+            self.0.load(Ordering::SeqCst)
+        }
+        async fn sleep_until(&self, at_ms: i64) {
+            self.0.fetch_max(at_ms, Ordering::SeqCst);
+            tokio::task::yield_now().await;
+        }
+    }
+
+    type Script = Box<dyn FnMut(&str, usize) -> std::result::Result<Reply, Reply> + Send>;
+
+    /// A transport double that records who was sent to when, and answers
+    /// from a script given the recipient and the call number.
+    struct Recorder {
+        clock: Arc<FakeClock>,
+        script: StdMutex<Script>,
+        calls: StdMutex<Vec<(i64, String)>>,
+    }
+
+    impl Transport for Recorder {
+        async fn send(&self, message: &Outgoing) -> std::result::Result<Reply, Reply> {
+            let rcpt = message.envelope.to()[0].to_string();
+            let n = {
+                let mut calls = self.calls.lock().unwrap();
+                calls.push((self.clock.now_ms(), rcpt.clone()));
+                calls.len()
+            };
+            (self.script.lock().unwrap())(&rcpt, n)
+        }
+        async fn shutdown(&self) {}
+    }
+
+    fn ok() -> std::result::Result<Reply, Reply> {
+        Ok(Reply::new(Some(250), "2.0.0 OK"))
+    }
+
+    struct Setup {
+        _dir: tempfile::TempDir,
+        store: Store,
+        record: CampaignRecord,
+        renderer: Arc<Renderer>,
+        campaign: Campaign,
+    }
+
+    async fn setup(n: usize) -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("t.hbs"), "Hi {{name}}").unwrap();
+        std::fs::write(dir.path().join("r.csv"), "email,name\n").unwrap();
+        std::fs::write(
+            dir.path().join("c.toml"),
+            "name = \"c\"\n[recipients]\nfile = \"r.csv\"\n[message]\nfrom = \"a@acme.example\"\nsubject = \"s\"\ntext = \"t.hbs\"\n[transport]\nkind = \"file\"\n",
+        )
+        .unwrap();
+        let campaign = Campaign::load(&dir.path().join("c.toml")).unwrap();
+        let store = Store::open(&dir.path().join("s.db")).await.unwrap();
+        let record = store.campaign("c").await.unwrap();
+        let columns = vec!["email".to_string(), "name".to_string()];
+        let mut import = store.import(&record, &columns).await.unwrap();
+        for i in 1..=n {
+            let email = format!("u{i}@example.com");
+            import
+                .row(
+                    i as u64,
+                    &email,
+                    &email,
+                    &email,
+                    &[email.clone(), format!("N{i}")],
+                )
+                .await
+                .unwrap();
+        }
+        import.commit().await.unwrap();
+        let renderer = Arc::new(Renderer {
+            templates: Templates::compile(&campaign).unwrap(),
+            columns,
+            campaign_name: "c".into(),
+            campaign_dir: dir.path().to_path_buf(),
+        });
+        Setup {
+            _dir: dir,
+            store,
+            record,
+            renderer,
+            campaign,
+        }
+    }
+
+    fn config(s: &Setup, windows: Vec<Window>, connections: usize) -> RunConfig {
+        RunConfig {
+            campaign_id: s.record.id,
+            account: "acct".into(),
+            windows,
+            retry: RetryConfig {
+                max_attempts: 3,
+                backoff: Duration::from_secs(60),
+            },
+            connections,
+            limit: None,
+            no_wait: false,
+        }
+    }
+
+    async fn run_with(s: &Setup, cfg: RunConfig, script: Script) -> (RunEnd, Vec<(i64, String)>) {
+        let clock = Arc::new(FakeClock(AtomicI64::new(1_000_000)));
+        let transport = Arc::new(Recorder {
+            clock: clock.clone(),
+            script: StdMutex::new(script),
+            calls: StdMutex::new(Vec::new()),
+        });
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let (_stop_tx, stop) = watch::channel(false);
+        let end = run(
+            s.store.clone(),
+            transport.clone(),
+            clock,
+            s.renderer.clone(),
+            cfg,
+            tx,
+            stop,
+        )
+        .await
+        .unwrap();
+        let calls = transport.calls.lock().unwrap().clone();
+        (end, calls)
+    }
+
+    #[tokio::test]
+    async fn paces_evenly_and_never_overfills_a_window_across_connections() {
+        let s = setup(12).await;
+        let window = Window::new(5, Duration::from_secs(6)).unwrap();
+        let (end, calls) = run_with(&s, config(&s, vec![window], 2), Box::new(|_, _| ok())).await;
+        assert_eq!(end, RunEnd::Done);
+        assert_eq!(calls.len(), 12);
+        let times: Vec<i64> = calls.iter().map(|c| c.0).collect();
+        for pair in times.windows(2) {
+            assert_eq!(pair[1] - pair[0], 1_200, "{times:?}");
+        }
+        for (i, t) in times.iter().enumerate() {
+            let inside = times[i..].iter().filter(|u| **u < t + 6_000).count();
+            assert!(inside <= 5, "{times:?}");
+        }
+        assert_eq!(s.store.counts(s.record.id).await.unwrap()["sent"], 12);
+    }
+
+    #[tokio::test]
+    async fn transient_replies_are_retried_after_backoff_then_sent_once() {
+        let s = setup(3).await;
+        let script: Script = Box::new(|rcpt, _| {
+            static FAILS: AtomicI64 = AtomicI64::new(0);
+            if rcpt == "u2@example.com" && FAILS.fetch_add(1, Ordering::SeqCst) < 2 {
+                Err(Reply::new(Some(451), "4.3.0 try later"))
+            } else {
+                ok()
+            }
+        });
+        let (end, calls) = run_with(&s, config(&s, vec![], 1), script).await;
+        assert_eq!(end, RunEnd::Done);
+        let u2: Vec<i64> = calls
+            .iter()
+            .filter(|c| c.1 == "u2@example.com")
+            .map(|c| c.0)
+            .collect();
+        assert_eq!(u2.len(), 3);
+        assert!(
+            u2[1] - u2[0] >= 60_000 && u2[2] - u2[1] >= 120_000,
+            "{u2:?}"
+        );
+        let counts = s.store.counts(s.record.id).await.unwrap();
+        assert_eq!((counts["sent"], counts["deferred"]), (3, 0));
+    }
+
+    #[tokio::test]
+    async fn transient_failures_fail_after_max_attempts() {
+        let s = setup(1).await;
+        let (end, calls) = run_with(
+            &s,
+            config(&s, vec![], 1),
+            Box::new(|_, _| Err(Reply::new(Some(452), "4.2.2 full"))),
+        )
+        .await;
+        assert_eq!(end, RunEnd::Done);
+        assert_eq!(calls.len(), 3);
+        assert_eq!(s.store.counts(s.record.id).await.unwrap()["failed"], 1);
+    }
+
+    #[tokio::test]
+    async fn authentication_failure_stops_and_changes_nothing() {
+        let s = setup(4).await;
+        let window = Window::new(100, Duration::from_secs(60)).unwrap();
+        let (end, _) = run_with(
+            &s,
+            config(&s, vec![window], 1),
+            Box::new(|_, _| {
+                Err(Reply::new(
+                    Some(535),
+                    "5.7.8 Username and Password not accepted.",
+                ))
+            }),
+        )
+        .await;
+        assert!(
+            matches!(end, RunEnd::Fatal(ref r) if r.contains("535")),
+            "{end:?}"
+        );
+        let counts = s.store.counts(s.record.id).await.unwrap();
+        assert_eq!(counts["pending"], 4);
+        let usage = s
+            .store
+            .schedule("acct", &[window], 1_000_000)
+            .await
+            .unwrap()
+            .usage(1_000_000);
+        assert_eq!(usage[0].1, 0, "a refused login is not a send");
+    }
+
+    #[tokio::test]
+    async fn daily_limit_reply_returns_the_recipient_and_no_wait_stops() {
+        let s = setup(6).await;
+        let mut cfg = config(
+            &s,
+            vec![Window::new(500, Duration::from_secs(86_400)).unwrap()],
+            1,
+        );
+        cfg.windows
+            .insert(0, Window::new(1000, Duration::from_secs(1)).unwrap());
+        cfg.no_wait = true;
+        let script: Script = Box::new(|_, n| {
+            if n <= 3 {
+                ok()
+            } else {
+                Err(Reply::new(
+                    Some(550),
+                    "5.4.5 Daily user sending limit exceeded.",
+                ))
+            }
+        });
+        let (end, _) = run_with(&s, cfg, script).await;
+        let RunEnd::WouldWait { until_ms, .. } = end else {
+            panic!("{end:?}")
+        };
+        // Paused until the first send of the day leaves the 24 h window.
+        assert_eq!(until_ms, 1_000_000 + 86_400_000);
+        let counts = s.store.counts(s.record.id).await.unwrap();
+        assert_eq!(
+            (counts["sent"], counts["pending"], counts["failed"]),
+            (3, 3, 0)
+        );
+        assert!(s
+            .store
+            .account_pause("acct", 1_000_000)
+            .await
+            .unwrap()
+            .is_some());
+    }
+
+    #[tokio::test]
+    async fn circuit_breaker_after_ten_identical_permanent_failures() {
+        let s = setup(15).await;
+        let (end, calls) = run_with(
+            &s,
+            config(&s, vec![], 1),
+            Box::new(|_, _| Err(Reply::new(Some(550), "5.7.26 unauthenticated sender"))),
+        )
+        .await;
+        assert!(matches!(end, RunEnd::CircuitBreaker(_)), "{end:?}");
+        assert_eq!(calls.len(), 10);
+        assert_eq!(s.store.counts(s.record.id).await.unwrap()["pending"], 5);
+    }
+
+    #[tokio::test]
+    async fn limit_is_exact_across_connections() {
+        let s = setup(10).await;
+        let mut cfg = config(&s, vec![], 3);
+        cfg.limit = Some(4);
+        let (end, calls) = run_with(&s, cfg, Box::new(|_, _| ok())).await;
+        assert_eq!(end, RunEnd::LimitReached);
+        assert_eq!(calls.len(), 4);
+        let _ = &s.campaign;
     }
 }

@@ -49,11 +49,28 @@ impl Window {
 }
 
 /// One entry of the send log: `count` recipients entered a transaction at
-/// `at_ms` (Unix milliseconds).
+/// `at_ms` that ended at `done_ms` (Unix milliseconds).
+///
+/// Pacing counts from the start; windows count from the end, because the
+/// server counts the message somewhere in between: a new transaction that
+/// starts one period after the previous one *ended* can never meet it in one
+/// window at the server, however long the first one took.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Send {
     pub at_ms: i64,
+    pub done_ms: i64,
     pub count: u32,
+}
+
+impl Send {
+    /// A send whose transaction took no time (simulations, tests).
+    pub fn instant(at_ms: i64, count: u32) -> Send {
+        Send {
+            at_ms,
+            done_ms: at_ms,
+            count,
+        }
+    }
 }
 
 /// Why the next send cannot start yet.
@@ -86,7 +103,7 @@ impl Schedule {
         let mut windows = windows.to_vec();
         windows.sort_by_key(|w| w.period);
         let mut log: Vec<Send> = log.into_iter().collect();
-        log.sort_by_key(|s| s.at_ms);
+        log.sort_by_key(|s| s.done_ms);
         Schedule {
             windows,
             log: log.into(),
@@ -112,7 +129,7 @@ impl Schedule {
         let Some(pacer) = self.windows.first() else {
             return slot;
         };
-        if let Some(last) = self.log.back() {
+        if let Some(last) = self.log.iter().max_by_key(|s| s.at_ms) {
             let last_at = last.at_ms.min(now_ms);
             let paced = last_at + (pacer.spacing_ms() * f64::from(last.count)).round() as i64;
             if paced > slot.at_ms {
@@ -128,7 +145,7 @@ impl Schedule {
             let inside: Vec<Send> = self
                 .log
                 .iter()
-                .filter(|s| s.at_ms > start)
+                .filter(|s| s.done_ms > start)
                 .copied()
                 .collect();
             let mut used: u64 = inside.iter().map(|s| u64::from(s.count)).sum();
@@ -140,7 +157,7 @@ impl Schedule {
             for s in &inside {
                 used -= u64::from(s.count);
                 if used + u64::from(count) <= u64::from(w.max) {
-                    let free_at = s.at_ms.min(now_ms) + w.period_ms();
+                    let free_at = s.done_ms.min(now_ms) + w.period_ms();
                     if free_at > slot.at_ms
                         || slot.hold == Some(Hold::Pacing) && free_at == slot.at_ms
                     {
@@ -164,7 +181,7 @@ impl Schedule {
         while self
             .log
             .front()
-            .is_some_and(|s| s.at_ms <= send.at_ms - horizon)
+            .is_some_and(|s| s.done_ms <= send.done_ms - horizon)
         {
             self.log.pop_front();
         }
@@ -181,10 +198,7 @@ impl Schedule {
         let mut at = now_ms;
         for _ in 0..remaining {
             at = sim.next_slot(at, per_message).at_ms;
-            sim.record(Send {
-                at_ms: at,
-                count: per_message,
-            });
+            sim.record(Send::instant(at, per_message));
         }
         Some(at)
     }
@@ -198,7 +212,7 @@ impl Schedule {
                 let used = self
                     .log
                     .iter()
-                    .filter(|s| s.at_ms > start)
+                    .filter(|s| s.done_ms > start)
                     .map(|s| u64::from(s.count))
                     .sum();
                 (*w, used)
@@ -211,8 +225,8 @@ impl Schedule {
         let start = now_ms - window.period_ms();
         self.log
             .iter()
-            .find(|s| s.at_ms > start)
-            .map(|s| s.at_ms.min(now_ms) + window.period_ms())
+            .find(|s| s.done_ms > start)
+            .map(|s| s.done_ms.min(now_ms) + window.period_ms())
     }
 
     pub fn windows(&self) -> &[Window] {
@@ -229,10 +243,7 @@ mod tests {
     }
 
     fn sends(times: &[i64]) -> Vec<Send> {
-        times
-            .iter()
-            .map(|&at_ms| Send { at_ms, count: 1 })
-            .collect()
+        times.iter().map(|&at_ms| Send::instant(at_ms, 1)).collect()
     }
 
     /// Brute-force check: no interval of length `period` holds more than max.
@@ -335,9 +346,35 @@ mod tests {
     }
 
     #[test]
+    fn windows_count_from_the_end_of_a_slow_transaction_pacing_from_its_start() {
+        let win = w(1, 6);
+        let slow = Send {
+            at_ms: 0,
+            done_ms: 500,
+            count: 1,
+        };
+        let s = Schedule::new(&[win], vec![slow]);
+        assert_eq!(
+            s.next_slot(1_000, 1),
+            Slot {
+                at_ms: 6_500,
+                hold: Some(Hold::Full(win))
+            }
+        );
+        let paced = Schedule::new(&[w(10, 6), w(100, 600)], vec![slow]);
+        assert_eq!(
+            paced.next_slot(100, 1),
+            Slot {
+                at_ms: 600,
+                hold: Some(Hold::Pacing)
+            }
+        );
+    }
+
+    #[test]
     fn multi_recipient_messages_count_each_recipient() {
         let win = w(4, 60);
-        let s = Schedule::new(&[win], vec![Send { at_ms: 0, count: 3 }]);
+        let s = Schedule::new(&[win], vec![Send::instant(0, 3)]);
         assert_eq!(s.next_slot(60_000 - 1, 2).at_ms, 60_000);
         assert!(s.next_slot(60_000 - 1, 1).at_ms < 60_000);
     }
@@ -352,14 +389,8 @@ mod tests {
             let slot = s.next_slot(now, 1);
             assert!(slot.at_ms >= now);
             now = slot.at_ms;
-            s.record(Send {
-                at_ms: now,
-                count: 1,
-            });
-            all.push(Send {
-                at_ms: now,
-                count: 1,
-            });
+            s.record(Send::instant(now, 1));
+            all.push(Send::instant(now, 1));
         }
         for win in wins {
             assert!(never_exceeded(&all, win), "{win:?} exceeded");

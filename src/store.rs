@@ -449,9 +449,14 @@ impl Store {
         candidate: &Candidate,
         log_id: i64,
         outcome: &Outcome,
+        now: i64,
     ) -> Result<()> {
-        let now = now_ms();
         let mut tx = self.pool.begin().await?;
+        sqlx::query("UPDATE send_log SET done_at = MAX(at, ?) WHERE id = ?")
+            .bind(now)
+            .bind(log_id)
+            .execute(&mut *tx)
+            .await?;
         match outcome {
             Outcome::Sent { reply } => {
                 sqlx::query("UPDATE recipients SET state = 'sent', reason = NULL, last_reply = ?, next_attempt_at = NULL, updated_at = ? WHERE id = ?")
@@ -644,14 +649,20 @@ async fn load_schedule(
     now: i64,
 ) -> Result<Schedule> {
     let horizon = i64::try_from(Schedule::horizon(windows).as_millis()).unwrap_or(i64::MAX / 4);
-    let rows =
-        sqlx::query("SELECT at, recipients FROM send_log WHERE account = ? AND at > ? ORDER BY at")
-            .bind(account)
-            .bind(now.saturating_sub(horizon))
-            .fetch_all(conn)
-            .await?;
+    let rows = sqlx::query(
+        "SELECT at, COALESCE(done_at, at) AS done_at, recipients FROM send_log \
+             WHERE account = ? AND at > ? AND COALESCE(done_at, at) > ?",
+    )
+    .bind(account)
+    // A transaction ends at most a few timeouts after it starts; the
+    // first bound lets the index narrow the scan.
+    .bind(now.saturating_sub(horizon).saturating_sub(3_600_000))
+    .bind(now.saturating_sub(horizon))
+    .fetch_all(conn)
+    .await?;
     let log = rows.into_iter().map(|r| Send {
         at_ms: r.get("at"),
+        done_ms: r.get("done_at"),
         count: u32::try_from(r.get::<i64, _>("recipients")).unwrap_or(1),
     });
     Ok(Schedule::new(windows, log))
@@ -1019,6 +1030,7 @@ mod tests {
                 &Outcome::Sent {
                     reply: "250 ok".into(),
                 },
+                now,
             )
             .await
             .unwrap();
@@ -1092,6 +1104,7 @@ mod tests {
                     reply: "535".into(),
                     unlog: true,
                 },
+                6,
             )
             .await
             .unwrap();

@@ -52,11 +52,14 @@ CREATE INDEX recipients_by_state ON recipients (campaign_id, state, id);
 CREATE INDEX recipients_by_row ON recipients (campaign_id, row_number);
 
 -- One entry per SMTP transaction started, written in the same transaction
--- that marks its recipient `sending`: limits never lose a send.
+-- that marks its recipient `sending`: limits never lose a send. `at` is when
+-- the transaction started (pacing counts from it), `done_at` when it ended
+-- (windows count from it, as the server counts the message in between).
 CREATE TABLE send_log (
     id         INTEGER PRIMARY KEY,
     account    TEXT NOT NULL,
     at         INTEGER NOT NULL,
+    done_at    INTEGER,
     recipients INTEGER NOT NULL
 );
 

@@ -170,6 +170,7 @@ async fn send_locked(
     let end = engine::run(
         store.clone(),
         transport.clone(),
+        Arc::new(engine::SystemClock),
         renderer,
         config,
         events_tx,
