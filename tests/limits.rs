@@ -1,0 +1,136 @@
+//! Account limits through the real binary against a real SMTP server:
+//! windows shared across runs and campaigns, `--no-wait`, server pauses.
+
+mod common;
+
+use common::{recipients_csv, standard_campaign, text, CampaignDir, SmtpServer};
+
+const WINDOW: &str = "[limits]\nwindows = [{ max = 5, period = \"6s\" }]\n";
+
+#[test]
+fn a_window_holds_across_runs_and_no_server_window_sees_more_than_its_max() {
+    let server = SmtpServer::start(&[]);
+    let dir = CampaignDir::new();
+    standard_campaign(
+        &dir,
+        &recipients_csv(12),
+        &server.transport_toml(""),
+        WINDOW,
+    );
+    let campaign = dir.campaign();
+    let campaign = campaign.to_str().unwrap();
+
+    let out = dir.run(&["send", "--no-wait", campaign]);
+    assert_eq!(out.status.code(), Some(75), "stderr: {}", text(&out.stderr));
+    assert_eq!(server.received().len(), 5);
+    assert!(
+        text(&out.stderr).contains("5/5 reached"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let status = dir.status();
+    assert_eq!(status["windows"][0]["max"], 5);
+    assert_eq!(status["windows"][0]["period_secs"], 6);
+    assert_eq!(status["windows"][0]["used"], 5);
+    assert!(status["next_send_at"].is_string(), "{status}");
+    assert!(status["eta"].is_string(), "{status}");
+
+    // Restarting does not reset the window.
+    let out = dir.run(&["send", "--no-wait", campaign]);
+    assert_eq!(out.status.code(), Some(75), "stderr: {}", text(&out.stderr));
+    assert_eq!(server.received().len(), 5);
+
+    let out = dir.run(&["send", campaign]);
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
+    let received = server.received();
+    assert_eq!(received.len(), 12);
+    assert!(server.deliveries().values().all(|n| *n == 1));
+    let times: Vec<f64> = received.iter().map(|r| r.received_at).collect();
+    for (i, t) in times.iter().enumerate() {
+        let inside = times[i..].iter().filter(|u| **u < t + 6.0).count();
+        assert!(
+            inside <= 5,
+            "{inside} messages within 6 s from {t}: {times:?}"
+        );
+    }
+}
+
+#[test]
+fn another_campaign_on_the_same_account_shares_the_window() {
+    let server = SmtpServer::start(&[]);
+    let first = CampaignDir::new();
+    standard_campaign(
+        &first,
+        &recipients_csv(5),
+        &server.transport_toml(""),
+        WINDOW,
+    );
+    let out = first.run(&["send", first.campaign().to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
+
+    // Same database, another campaign, same account.
+    let second = CampaignDir::new();
+    standard_campaign(
+        &second,
+        &recipients_csv(3),
+        &server.transport_toml(""),
+        WINDOW,
+    );
+    let toml = std::fs::read_to_string(second.campaign())
+        .unwrap()
+        .replace("test-campaign", "other-campaign");
+    second.write("campaign.toml", toml);
+    let out = second
+        .command(&["send", "--no-wait", second.campaign().to_str().unwrap()])
+        .arg("--db")
+        .arg(first.db())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(75), "stderr: {}", text(&out.stderr));
+    assert_eq!(server.received().len(), 5);
+}
+
+#[test]
+fn a_daily_limit_reply_leaves_the_rest_pending_not_failed() {
+    let server = SmtpServer::start(&["--pause-after", "3"]);
+    let dir = CampaignDir::new();
+    standard_campaign(
+        &dir,
+        &recipients_csv(8),
+        &server.transport_toml(""),
+        "[limits]\nper_second = 50\nper_day = 500\n",
+    );
+    let campaign = dir.campaign();
+    let out = dir.run(&["send", "--no-wait", campaign.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(75), "stderr: {}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("5.4.5"), "{}", text(&out.stderr));
+    assert_eq!(server.received().len(), 3);
+    let status = dir.status();
+    assert_eq!(status["states"]["sent"], 3);
+    assert_eq!(status["states"]["pending"], 5);
+    assert_eq!(status["states"]["failed"], 0);
+    // The account is paused until the day's first send leaves the window.
+    let next =
+        chrono::DateTime::parse_from_rfc3339(status["next_send_at"].as_str().unwrap()).unwrap();
+    let wait = next.timestamp() - chrono::Utc::now().timestamp();
+    assert!(wait > 86_000, "next send in {wait} s: {status}");
+}
+
+#[test]
+fn dry_run_changes_nothing_and_prints_the_eta() {
+    let dir = CampaignDir::new();
+    standard_campaign(
+        &dir,
+        &recipients_csv(30),
+        "[transport]\nkind = \"file\"\n",
+        "[limits]\nper_minute = 10\nper_day = 20\n",
+    );
+    let out = dir.run(&["send", "--dry-run", dir.campaign().to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("30 would be sent"), "{stdout}");
+    assert!(stdout.contains("eta under the limits"), "{stdout}");
+    assert!(!dir.path().join("outbox").exists());
+    assert_eq!(dir.status()["total"], 0);
+}
