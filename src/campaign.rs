@@ -279,6 +279,10 @@ impl Campaign {
     /// Loads and validates a campaign file. Every problem is an input error
     /// naming the file (and the line, where toml knows it).
     pub fn load(path: &Path) -> Result<Campaign> {
+        // Absolute, so that the file transport's account and every message
+        // about a path mean the same whatever folder hikyaku runs from.
+        let path = &std::path::absolute(path)
+            .map_err(|e| input_error(format!("campaign file {}: {e}", path.display())))?;
         let text = std::fs::read_to_string(path).map_err(|e| {
             input_error(format!("cannot read campaign file {}: {e}", path.display()))
         })?;

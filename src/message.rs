@@ -11,7 +11,7 @@ use lettre::message::header::{ContentType, HeaderName, HeaderValue};
 use lettre::message::{Attachment, Mailbox, Mailboxes, MultiPart, SinglePart};
 use lettre::Message;
 
-use crate::recipients::Recipient;
+use crate::recipients::{parse_address, Recipient};
 use crate::template::Rendered;
 
 /// A message ready for a transport.
@@ -71,10 +71,24 @@ pub fn check_header_value(what: &str, value: &str) -> Result<(), String> {
     }
 }
 
-fn mailboxes(what: &str, value: &str) -> Result<Mailboxes, String> {
+/// A mailbox in the form it is sent in: its domain in punycode, as for the
+/// recipients (SPEC §3), because lettre keeps an international domain as
+/// written and would put raw UTF-8 into the envelope and the headers.
+fn wire_mailbox(what: &str, mbox: Mailbox) -> Result<Mailbox, String> {
+    let written = mbox.email.to_string();
+    let address = parse_address(&written)
+        .and_then(|r| lettre::Address::from_str(&r.ascii).map_err(|e| e.to_string()))
+        .map_err(|why| format!("{what} address {written:?}: {why}"))?;
+    Ok(Mailbox::new(mbox.name, address))
+}
+
+fn mailboxes(what: &str, value: &str) -> Result<Vec<Mailbox>, String> {
     check_header_value(what, value)?;
     Mailboxes::from_str(value)
-        .map_err(|e| format!("{what} {value:?} is not a valid address list: {e}"))
+        .map_err(|e| format!("{what} {value:?} is not a valid address list: {e}"))?
+        .into_iter()
+        .map(|mbox| wire_mailbox(what, mbox))
+        .collect()
 }
 
 /// Builds the message for one recipient. Errors are per-row and say which
@@ -87,7 +101,8 @@ pub fn build(
 ) -> Result<Outgoing, String> {
     check_header_value("from", &rendered.from)?;
     let from = Mailbox::from_str(&rendered.from)
-        .map_err(|e| format!("from {:?} is not a valid mailbox: {e}", rendered.from))?;
+        .map_err(|e| format!("from {:?} is not a valid mailbox: {e}", rendered.from))
+        .and_then(|mbox| wire_mailbox("from", mbox))?;
     let subject = match variant.test_to {
         Some(_) => format!("[TEST] {}", rendered.subject),
         None => rendered.subject.clone(),
@@ -150,7 +165,7 @@ pub fn build(
                     "list_unsubscribe {uri:?} must be an https: or mailto: URI"
                 ));
             }
-            if uri.contains(['<', '>', ' ']) {
+            if uri.contains(['<', '>']) || uri.contains(char::is_whitespace) {
                 return Err(format!(
                     "list_unsubscribe {uri:?} contains '<', '>' or a space"
                 ));
@@ -158,7 +173,7 @@ pub fn build(
         }
         let header = uris
             .iter()
-            .map(|u| format!("<{u}>"))
+            .map(|u| format!("<{}>", ascii_uri(u)))
             .collect::<Vec<_>>()
             .join(", ");
         builder = builder.raw_header(HeaderValue::new(
@@ -230,6 +245,24 @@ pub fn build(
     })
 }
 
+/// Percent-encodes the non-ASCII characters of a URI as UTF-8 (RFC 3987
+/// §3.1), as `{{email}}` with an international domain produces them: lettre
+/// would RFC 2047-encode such a word, and `List-Unsubscribe` would then hold
+/// no URI a mail client can follow.
+fn ascii_uri(uri: &str) -> String {
+    let mut out = String::with_capacity(uri.len());
+    for c in uri.chars() {
+        if c.is_ascii() {
+            out.push(c);
+        } else {
+            for byte in c.encode_utf8(&mut [0; 4]).bytes() {
+                out.push_str(&format!("%{byte:02X}"));
+            }
+        }
+    }
+    out
+}
+
 /// Reads an attachment whose rendered path must stay inside the campaign
 /// folder: no absolute path, no `..`, no link leading outside.
 fn read_attachment(campaign_dir: &Path, rel: &str) -> Result<(String, Vec<u8>), String> {
@@ -270,7 +303,6 @@ fn read_attachment(campaign_dir: &Path, rel: &str) -> Result<(String, Vec<u8>), 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::recipients::parse_address;
 
     fn rendered() -> Rendered {
         Rendered {
@@ -337,6 +369,25 @@ mod tests {
     }
 
     #[test]
+    fn unsubscribe_uris_with_non_ascii_are_percent_encoded_not_rfc2047() {
+        let mut r = rendered();
+        r.list_unsubscribe =
+            Some("https://acme.example/u?e=info@bücher.example, mailto:ü@acme.example".into());
+        let text = build_ok(&r).replace("\r\n ", " ");
+        assert!(
+            text.contains(
+                "List-Unsubscribe: <https://acme.example/u?e=info@b%C3%BCcher.example>, \
+                 <mailto:%C3%BC@acme.example>"
+            ),
+            "{text}"
+        );
+        assert!(!text.contains("=?utf-8?"), "{text}");
+        r.list_unsubscribe = Some("https://acme.example/u?e=a\tb".into());
+        let to = parse_address("bob@example.com").unwrap();
+        assert!(build(&r, &to, Path::new("."), Variant::default()).is_err());
+    }
+
+    #[test]
     fn cc_and_bcc_count_as_recipients_and_bcc_is_hidden() {
         let mut r = rendered();
         r.cc = Some("am@acme.example".into());
@@ -348,6 +399,37 @@ mod tests {
         let text = String::from_utf8(out.bytes).unwrap();
         assert!(text.contains("Cc: am@acme.example"));
         assert!(!text.contains("archive@"));
+    }
+
+    #[test]
+    fn international_domains_of_from_cc_bcc_and_reply_to_go_out_in_punycode() {
+        let mut r = rendered();
+        r.from = "Acme <news@bücher.example>".into();
+        r.cc = Some("Ann <am@bücher.example>".into());
+        r.bcc = Some("archive@bücher.example".into());
+        r.reply_to = Some("help@bücher.example".into());
+        let to = parse_address("bob@example.com").unwrap();
+        let out = build(&r, &to, Path::new("."), Variant::default()).unwrap();
+        let envelope: Vec<String> = out.envelope.to().iter().map(|a| a.to_string()).collect();
+        assert_eq!(
+            envelope,
+            [
+                "bob@example.com",
+                "am@xn--bcher-kva.example",
+                "archive@xn--bcher-kva.example"
+            ]
+        );
+        assert_eq!(
+            out.envelope.from().map(|a| a.to_string()).as_deref(),
+            Some("news@xn--bcher-kva.example")
+        );
+        assert!(out.message_id.ends_with("@xn--bcher-kva.example>"));
+        let text = String::from_utf8(out.bytes).unwrap();
+        assert!(text.is_ascii(), "{text}");
+        assert!(
+            text.contains("Reply-To: help@xn--bcher-kva.example"),
+            "{text}"
+        );
     }
 
     #[test]

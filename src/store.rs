@@ -128,7 +128,7 @@ pub enum Claim {
         message: Box<Outgoing>,
         log_id: i64,
     },
-    /// Its message could not be built; it was marked `failed`.
+    /// Its message could not be built; it was marked `skipped (invalid message)`.
     Unbuildable { candidate: Candidate, why: String },
     /// Something must pass first: pacing, a full window, an account pause.
     Wait { until_ms: i64, why: WaitReason },
@@ -227,6 +227,17 @@ impl Store {
             })
         })
         .transpose()
+    }
+
+    /// Removes a campaign row that holds no recipients: `check` and
+    /// `send --dry-run` leave no trace of a campaign they saw first.
+    pub async fn forget_if_empty(&self, campaign_id: i64) -> Result<()> {
+        sqlx::query("DELETE FROM campaigns WHERE id = ? AND NOT EXISTS (SELECT 1 FROM recipients WHERE campaign_id = ?)")
+            .bind(campaign_id)
+            .bind(campaign_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     pub async fn set_fingerprint(&self, campaign_id: i64, fingerprint: &str) -> Result<()> {
@@ -387,7 +398,9 @@ impl Store {
         let message = match build(&candidate) {
             Ok(m) => m,
             Err(why) => {
-                sqlx::query("UPDATE recipients SET state = 'failed', reason = ?, updated_at = ? WHERE id = ?")
+                // The row was checked before the run; something changed since
+                // (an attachment removed): it is a campaign defect, not a bounce.
+                sqlx::query("UPDATE recipients SET state = 'skipped', reason = ?, updated_at = ? WHERE id = ?")
                     .bind(format!("invalid message: {why}"))
                     .bind(now)
                     .bind(candidate.id)
@@ -702,21 +715,16 @@ pub enum RowStatus {
 }
 
 impl Import {
-    /// A row whose address is not valid: `skipped`, with why.
+    /// A row whose address is not valid: `skipped (invalid address)`; the
+    /// warning printed for it says why.
     pub async fn invalid_row(
         &mut self,
         row_number: u64,
         email: &str,
         fields: &[String],
-        why: &str,
     ) -> Result<()> {
-        self.insert_noise(
-            row_number,
-            email,
-            fields,
-            &format!("invalid address: {why}"),
-        )
-        .await
+        self.insert_noise(row_number, email, fields, "invalid address")
+            .await
     }
 
     async fn insert_noise(
@@ -794,13 +802,8 @@ impl Import {
         let id: i64 = existing.get("id");
         if existing.get::<i64, _>("seen_gen") == self.generation {
             let first_row: i64 = existing.get("row_number");
-            self.insert_noise(
-                row_number,
-                email,
-                fields,
-                &format!("duplicate of row {first_row}"),
-            )
-            .await?;
+            self.insert_noise(row_number, email, fields, "duplicate")
+                .await?;
             return Ok(RowStatus::Duplicate { first_row });
         }
         let state: String = existing.get("state");

@@ -11,9 +11,17 @@ pub async fn check(global: &Global, path: &Path) -> Result<Exit> {
     let loaded = load(path)?;
     let store = global.store().await?;
     let record = store.campaign(&loaded.campaign.name).await?;
-    let (mut import, found) = scan(&loaded, &store, &record, false).await?;
-    let counts = import.counts().await?;
-    import.rollback().await?;
+    let scanned = scan(&loaded, &store, &record, false).await;
+    let counted = match scanned {
+        Ok((mut import, found)) => {
+            let counts = import.counts().await;
+            import.rollback().await?;
+            counts.map(|c| (c, found))
+        }
+        Err(e) => Err(e),
+    };
+    store.forget_if_empty(record.id).await?;
+    let (counts, found) = counted?;
     print_capped(&found.warnings, 50, "warning: ");
     if loaded.campaign.message.list_unsubscribe.is_none() {
         eprintln!(

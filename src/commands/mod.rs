@@ -115,7 +115,7 @@ pub async fn scan(
                     cell.trim()
                 ));
                 import
-                    .invalid_row(row.number, cell.trim(), &row.fields, &why)
+                    .invalid_row(row.number, cell.trim(), &row.fields)
                     .await?;
                 continue;
             }

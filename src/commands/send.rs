@@ -52,7 +52,9 @@ pub async fn send(
         store.lock(record.id, &token).await?;
     }
     let result = send_locked(global, loaded, &store, &record, opts, stop).await;
-    if !opts.dry_run {
+    if opts.dry_run {
+        store.forget_if_empty(record.id).await?;
+    } else {
         store.unlock(record.id, &token).await?;
     }
     store.close().await;
