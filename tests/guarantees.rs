@@ -16,7 +16,11 @@ fn spawn_send(dir: &CampaignDir, extra: &[&str]) -> Child {
     let mut args = vec!["send"];
     args.extend_from_slice(extra);
     args.push(campaign.to_str().unwrap());
-    dir.command(&args).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap()
+    dir.command(&args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
 }
 
 fn signal(child: &Child, sig: &str) {
@@ -37,7 +41,10 @@ fn wait_for(mut cond: impl FnMut() -> bool, what: &str) {
 
 /// State of every row, by address, from `export`.
 fn states(dir: &CampaignDir) -> HashMap<String, String> {
-    dir.export(None).into_iter().map(|r| (r["email"].clone(), r["state"].clone())).collect()
+    dir.export(None)
+        .into_iter()
+        .map(|r| (r["email"].clone(), r["state"].clone()))
+        .collect()
 }
 
 /// 400 recipients over two connections, the binary killed with SIGKILL at
@@ -47,26 +54,46 @@ fn states(dir: &CampaignDir) -> HashMap<String, String> {
 /// it a longer soak outside CI.
 #[test]
 fn kill_9_at_random_moments_never_sends_twice_and_loses_nobody() {
-    let kills: usize = std::env::var("HIKYAKU_CRASH_KILLS").ok().and_then(|v| v.parse().ok()).unwrap_or(6);
-    let seed: u64 = std::env::var("HIKYAKU_CRASH_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or(20261126);
-    let recipients: usize = std::env::var("HIKYAKU_CRASH_RECIPIENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(400);
+    let kills: usize = std::env::var("HIKYAKU_CRASH_KILLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(6);
+    let seed: u64 = std::env::var("HIKYAKU_CRASH_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20261126);
+    let recipients: usize = std::env::var("HIKYAKU_CRASH_RECIPIENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(400);
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let server = SmtpServer::start(&["--delay-ms", "2"]);
     let dir = CampaignDir::new();
-    standard_campaign(&dir, &recipients_csv(recipients), &server.transport_toml("connections = 2"), "");
+    standard_campaign(
+        &dir,
+        &recipients_csv(recipients),
+        &server.transport_toml("connections = 2"),
+        "",
+    );
 
     let mut unknown_before = 0;
     for round in 0..kills {
         let mut child = spawn_send(&dir, &[]);
         let start_count = server.received().len();
         // Kill once it is sending, at a random moment.
-        wait_for(|| server.received().len() > start_count || child.try_wait().unwrap().is_some(), "sending to start");
+        wait_for(
+            || server.received().len() > start_count || child.try_wait().unwrap().is_some(),
+            "sending to start",
+        );
         std::thread::sleep(Duration::from_millis(rng.random_range(0..150)));
         child.kill().unwrap();
         child.wait().unwrap();
         let status = dir.status();
         let in_flight = status["states"]["sending"].as_i64().unwrap();
-        assert!(in_flight <= 2, "round {round}: {in_flight} left sending after kill -9 (seed {seed})");
+        assert!(
+            in_flight <= 2,
+            "round {round}: {in_flight} left sending after kill -9 (seed {seed})"
+        );
         let deliveries = server.deliveries();
         let states = states(&dir);
         for (address, n) in &deliveries {
@@ -78,14 +105,20 @@ fn kill_9_at_random_moments_never_sends_twice_and_loses_nobody() {
             );
         }
         let unknown = status["states"]["unknown"].as_i64().unwrap();
-        assert!(unknown - unknown_before <= 2, "round {round}: {unknown} unknown (seed {seed})");
+        assert!(
+            unknown - unknown_before <= 2,
+            "round {round}: {unknown} unknown (seed {seed})"
+        );
         unknown_before = unknown;
     }
 
     let out = dir.run(&["send", dir.campaign().to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
     let deliveries = server.deliveries();
-    assert!(deliveries.values().all(|n| *n == 1), "a recipient got two messages (seed {seed})");
+    assert!(
+        deliveries.values().all(|n| *n == 1),
+        "a recipient got two messages (seed {seed})"
+    );
     let status = dir.status();
     let sent = status["states"]["sent"].as_i64().unwrap();
     let unknown = status["states"]["unknown"].as_i64().unwrap();
@@ -95,7 +128,11 @@ fn kill_9_at_random_moments_never_sends_twice_and_loses_nobody() {
     let states = states(&dir);
     for (address, state) in &states {
         match state.as_str() {
-            "sent" => assert_eq!(deliveries.get(address), Some(&1), "{address} sent but never received"),
+            "sent" => assert_eq!(
+                deliveries.get(address),
+                Some(&1),
+                "{address} sent but never received"
+            ),
             "unknown" => assert!(deliveries.get(address).copied().unwrap_or(0) <= 1),
             other => panic!("{address} ended {other}"),
         }
@@ -108,17 +145,31 @@ fn kill_9_at_random_moments_never_sends_twice_and_loses_nobody() {
 fn sigint_finishes_in_flight_messages_and_exits_130_then_resumes() {
     let server = SmtpServer::start(&["--delay-ms", "100"]);
     let dir = CampaignDir::new();
-    standard_campaign(&dir, &recipients_csv(30), &server.transport_toml("connections = 2"), "");
+    standard_campaign(
+        &dir,
+        &recipients_csv(30),
+        &server.transport_toml("connections = 2"),
+        "",
+    );
     let child = spawn_send(&dir, &[]);
     wait_for(|| server.received().len() >= 3, "a few messages");
     signal(&child, "-INT");
     let out = child.wait_with_output().unwrap();
-    assert_eq!(out.status.code(), Some(130), "stderr: {}", text(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(130),
+        "stderr: {}",
+        text(&out.stderr)
+    );
     let status = dir.status();
     assert_eq!(status["states"]["sending"], 0, "{status}");
     assert_eq!(status["states"]["unknown"], 0, "{status}");
     let sent = status["states"]["sent"].as_u64().unwrap();
-    assert_eq!(sent as usize, server.received().len(), "every delivered message is recorded");
+    assert_eq!(
+        sent as usize,
+        server.received().len(),
+        "every delivered message is recorded"
+    );
     assert!(sent < 30, "the stop came too late to test anything");
 
     let out = dir.run(&["send", dir.campaign().to_str().unwrap()]);
@@ -131,7 +182,14 @@ fn sigint_finishes_in_flight_messages_and_exits_130_then_resumes() {
 
 #[test]
 fn transient_faults_and_dropped_connections_end_with_everyone_delivered_once() {
-    let server = SmtpServer::start(&["--transient-rate", "0.2", "--drop-rate", "0.05", "--seed", "7"]);
+    let server = SmtpServer::start(&[
+        "--transient-rate",
+        "0.2",
+        "--drop-rate",
+        "0.05",
+        "--seed",
+        "7",
+    ]);
     let dir = CampaignDir::new();
     standard_campaign(
         &dir,
@@ -146,7 +204,10 @@ fn transient_faults_and_dropped_connections_end_with_everyone_delivered_once() {
     assert!(deliveries.values().all(|n| *n == 1));
     let rows = dir.export(None);
     assert!(rows.iter().all(|r| r["state"] == "sent"));
-    assert!(rows.iter().any(|r| r["attempts"] != "1"), "no fault was injected");
+    assert!(
+        rows.iter().any(|r| r["attempts"] != "1"),
+        "no fault was injected"
+    );
 }
 
 #[test]
@@ -158,7 +219,11 @@ fn a_second_runner_is_refused_and_a_dead_runners_lock_is_taken_over() {
     wait_for(|| !server.received().is_empty(), "the first runner to send");
     let out = dir.run(&["send", dir.campaign().to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1), "stderr: {}", text(&out.stderr));
-    assert!(text(&out.stderr).contains(&format!("process {}", first.id())), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains(&format!("process {}", first.id())),
+        "{}",
+        text(&out.stderr)
+    );
 
     first.kill().unwrap();
     first.wait().unwrap();
@@ -167,35 +232,56 @@ fn a_second_runner_is_refused_and_a_dead_runners_lock_is_taken_over() {
     let deliveries = server.deliveries();
     assert!(deliveries.values().all(|n| *n == 1));
     let status = dir.status();
-    let done = status["states"]["sent"].as_i64().unwrap() + status["states"]["unknown"].as_i64().unwrap();
+    let done =
+        status["states"]["sent"].as_i64().unwrap() + status["states"]["unknown"].as_i64().unwrap();
     assert_eq!(done, 20, "{status}");
 }
 
 #[test]
 fn changed_content_after_sending_started_is_refused_unless_forced() {
     let dir = CampaignDir::new();
-    standard_campaign(&dir, &recipients_csv(4), "[transport]\nkind = \"file\"\n", "");
+    standard_campaign(
+        &dir,
+        &recipients_csv(4),
+        "[transport]\nkind = \"file\"\n",
+        "",
+    );
     let campaign = dir.campaign();
     let out = dir.run(&["send", "--limit", "2", campaign.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(75));
     dir.write("templates/partials/sig.hbs", "-- Acme, changed\n");
     let out = dir.run(&["send", campaign.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(text(&out.stderr).contains("templates/partials/sig.hbs changed"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("templates/partials/sig.hbs changed"),
+        "{}",
+        text(&out.stderr)
+    );
     // Transport, limits and retry may change.
     let out = dir.run(&["send", "--force", campaign.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
-    assert_eq!(std::fs::read_dir(dir.path().join("outbox")).unwrap().count(), 4);
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("outbox"))
+            .unwrap()
+            .count(),
+        4
+    );
 }
 
 #[test]
 fn changing_limits_or_retry_is_allowed_mid_campaign() {
     let dir = CampaignDir::new();
-    standard_campaign(&dir, &recipients_csv(4), "[transport]\nkind = \"file\"\n", "");
+    standard_campaign(
+        &dir,
+        &recipients_csv(4),
+        "[transport]\nkind = \"file\"\n",
+        "",
+    );
     let campaign = dir.campaign();
     let out = dir.run(&["send", "--limit", "2", campaign.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(75));
-    let toml = std::fs::read_to_string(&campaign).unwrap() + "\n[retry]\nmax_attempts = 3\n[limits]\nper_second = 100\n";
+    let toml = std::fs::read_to_string(&campaign).unwrap()
+        + "\n[retry]\nmax_attempts = 3\n[limits]\nper_second = 100\n";
     dir.write("campaign.toml", toml);
     let out = dir.run(&["send", campaign.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
