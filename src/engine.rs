@@ -4,7 +4,6 @@
 //! the run ended, and the command layer decides what the user sees.
 
 use std::future::Future;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,7 +12,7 @@ use tokio::sync::{mpsc, watch, Mutex, Notify};
 
 use crate::campaign::RetryConfig;
 use crate::limits::Window;
-use crate::message::{self, Outgoing, Variant};
+use crate::message::{Composer, Outgoing, Variant};
 use crate::recipients::parse_address;
 use crate::reply::{Pause, Reply, ReplyClass};
 use crate::store::{now_ms, Candidate, Claim, Outcome, Store, WaitReason};
@@ -54,7 +53,7 @@ pub struct Renderer {
     pub templates: Templates,
     pub columns: Vec<String>,
     pub campaign_name: String,
-    pub campaign_dir: PathBuf,
+    pub composer: Composer,
 }
 
 impl Renderer {
@@ -67,7 +66,7 @@ impl Renderer {
             &self.campaign_name,
         );
         let rendered = self.templates.render(&data)?;
-        message::build(&rendered, &to, &self.campaign_dir, Variant::default())
+        self.composer.build(&rendered, &to, Variant::default())
     }
 }
 
@@ -619,7 +618,7 @@ mod tests {
             templates: Templates::compile(&campaign).unwrap(),
             columns,
             campaign_name: "c".into(),
-            campaign_dir: dir.path().to_path_buf(),
+            composer: Composer::plain(dir.path()),
         });
         Setup {
             _dir: dir,

@@ -3,13 +3,20 @@
 //! characters here, per row, because lettre would silently encode a line
 //! break instead of refusing it (SPEC §4, §11).
 
-use std::path::{Component, Path};
+use std::path::{Component, Path, PathBuf};
 use std::str::FromStr;
 
 use lettre::address::Envelope;
+use lettre::message::dkim::{
+    DkimCanonicalization, DkimCanonicalizationType, DkimConfig, DkimSigningAlgorithm,
+    DkimSigningKey,
+};
 use lettre::message::header::{ContentType, HeaderName, HeaderValue};
 use lettre::message::{Attachment, Mailbox, Mailboxes, MultiPart, SinglePart};
 use lettre::Message;
+
+use crate::campaign::Campaign;
+use crate::error::input_error;
 
 use crate::recipients::{parse_address, Recipient};
 use crate::template::Rendered;
@@ -91,14 +98,138 @@ fn mailboxes(what: &str, value: &str) -> Result<Vec<Mailbox>, String> {
         .collect()
 }
 
-/// Builds the message for one recipient. Errors are per-row and say which
-/// part is wrong.
-pub fn build(
+/// Builds every recipient's message for one campaign: where attachments
+/// live, and the DKIM key when messages are signed.
+pub struct Composer {
+    campaign_dir: PathBuf,
+    dkim: Option<DkimConfig>,
+}
+
+/// Headers the DKIM signature covers. Listing optional ones that a message
+/// lacks is deliberate: a verifier then refuses a copy to which they were
+/// added. Content-Type is not listed: lettre keeps it with the body part and
+/// signs only the message's own headers.
+const SIGNED_HEADERS: &[&str] = &[
+    "From",
+    "Reply-To",
+    "To",
+    "Cc",
+    "Subject",
+    "Date",
+    "Message-ID",
+    "MIME-Version",
+    "List-Unsubscribe",
+    "List-Unsubscribe-Post",
+];
+
+impl Composer {
+    /// Reads the campaign's DKIM key, if any: a bad key is an input error
+    /// before anything is sent.
+    pub fn new(campaign: &Campaign) -> anyhow::Result<Composer> {
+        let dkim = match &campaign.dkim {
+            None => None,
+            Some(cfg) => {
+                let key = dkim_key(&cfg.private_key_file).map_err(|why| {
+                    input_error(format!(
+                        "[dkim] private_key_file {}: {why}",
+                        cfg.private_key_file.display()
+                    ))
+                })?;
+                Some(DkimConfig::new(
+                    cfg.selector.clone(),
+                    cfg.domain.clone(),
+                    key,
+                    SIGNED_HEADERS
+                        .iter()
+                        .map(|h| HeaderName::new_from_ascii_str(h))
+                        .collect(),
+                    DkimCanonicalization {
+                        header: DkimCanonicalizationType::Relaxed,
+                        body: DkimCanonicalizationType::Relaxed,
+                    },
+                ))
+            }
+        };
+        Ok(Composer {
+            campaign_dir: campaign.dir.clone(),
+            dkim,
+        })
+    }
+
+    /// Without DKIM, attachments relative to `campaign_dir`.
+    pub fn plain(campaign_dir: &Path) -> Composer {
+        Composer {
+            campaign_dir: campaign_dir.to_path_buf(),
+            dkim: None,
+        }
+    }
+
+    /// Builds the message for one recipient. Errors are per-row and say
+    /// which part is wrong.
+    pub fn build(
+        &self,
+        rendered: &Rendered,
+        to: &Recipient,
+        variant: Variant<'_>,
+    ) -> Result<Outgoing, String> {
+        let mut message = compose(rendered, to, &self.campaign_dir, variant)?;
+        if let Some(dkim) = &self.dkim {
+            message.message.sign(dkim);
+        }
+        Ok(Outgoing {
+            envelope: message.message.envelope().clone(),
+            bytes: message.message.formatted(),
+            message_id: message.message_id,
+            recipient_count: message.recipient_count,
+        })
+    }
+}
+
+/// Loads a DKIM signing key: RSA as PKCS#1 PEM, Ed25519 as PKCS#8 PEM (what
+/// `openssl genpkey -algorithm ed25519` writes) or as the base64 of its
+/// 32-byte seed.
+fn dkim_key(path: &Path) -> Result<DkimSigningKey, String> {
+    use base64::Engine as _;
+    let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
+    if text.contains("BEGIN RSA PRIVATE KEY") {
+        return DkimSigningKey::new(&text, DkimSigningAlgorithm::Rsa)
+            .map_err(|e| format!("not a usable RSA key: {e}"));
+    }
+    let seed = if text.contains("BEGIN PRIVATE KEY") {
+        let body: String = text.lines().filter(|l| !l.starts_with("-----")).collect();
+        let der = base64::engine::general_purpose::STANDARD
+            .decode(body.trim())
+            .map_err(|e| format!("not a PEM file: {e}"))?;
+        // PKCS#8 for Ed25519 (RFC 8410): OID 1.3.101.112, then the 32-byte seed last.
+        let ed25519_oid = [0x06, 0x03, 0x2b, 0x65, 0x70];
+        if der.len() != 48 || !der.windows(5).any(|w| w == ed25519_oid) {
+            return Err(
+                "a PKCS#8 key that is not Ed25519; give RSA keys as PKCS#1 PEM \
+                        (openssl rsa -in key.pem -traditional -out rsa.pem)"
+                    .to_string(),
+            );
+        }
+        base64::engine::general_purpose::STANDARD.encode(&der[16..])
+    } else {
+        text.trim().to_string()
+    };
+    DkimSigningKey::new(&seed, DkimSigningAlgorithm::Ed25519)
+        .map_err(|e| format!("not an RSA (PKCS#1 PEM) or Ed25519 key: {e}"))
+}
+
+/// A built message before it is signed and serialised.
+struct Composed {
+    message: Message,
+    message_id: String,
+    recipient_count: u32,
+}
+
+fn compose(
     rendered: &Rendered,
     to: &Recipient,
     campaign_dir: &Path,
     variant: Variant<'_>,
-) -> Result<Outgoing, String> {
+) -> Result<Composed, String> {
     check_header_value("from", &rendered.from)?;
     let from = Mailbox::from_str(&rendered.from)
         .map_err(|e| format!("from {:?} is not a valid mailbox: {e}", rendered.from))
@@ -237,9 +368,8 @@ pub fn build(
     }
     .map_err(|e| format!("building the message: {e}"))?;
 
-    Ok(Outgoing {
-        envelope: message.envelope().clone(),
-        bytes: message.formatted(),
+    Ok(Composed {
+        message,
         message_id,
         recipient_count,
     })
@@ -316,7 +446,9 @@ mod tests {
 
     fn build_ok(r: &Rendered) -> String {
         let to = parse_address("bob@example.com").unwrap();
-        let out = build(r, &to, Path::new("."), Variant::default()).unwrap();
+        let out = Composer::plain(Path::new("."))
+            .build(r, &to, Variant::default())
+            .unwrap();
         String::from_utf8(out.bytes).unwrap()
     }
 
@@ -343,11 +475,14 @@ mod tests {
         let mut r = rendered();
         r.subject = "Hi Alice\r\nBcc: victim@example.com".into();
         let to = parse_address("bob@example.com").unwrap();
-        let err = build(&r, &to, Path::new("."), Variant::default()).unwrap_err();
+        let err = Composer::plain(Path::new("."))
+            .build(&r, &to, Variant::default())
+            .unwrap_err();
         assert!(err.contains("subject"), "{err}");
         let mut r = rendered();
         r.to_name = Some("Alice\nBcc: victim@example.com".into());
-        assert!(build(&r, &to, Path::new("."), Variant::default())
+        assert!(Composer::plain(Path::new("."))
+            .build(&r, &to, Variant::default())
             .unwrap_err()
             .contains("to_name"));
     }
@@ -384,7 +519,9 @@ mod tests {
         assert!(!text.contains("=?utf-8?"), "{text}");
         r.list_unsubscribe = Some("https://acme.example/u?e=a\tb".into());
         let to = parse_address("bob@example.com").unwrap();
-        assert!(build(&r, &to, Path::new("."), Variant::default()).is_err());
+        assert!(Composer::plain(Path::new("."))
+            .build(&r, &to, Variant::default())
+            .is_err());
     }
 
     #[test]
@@ -393,7 +530,9 @@ mod tests {
         r.cc = Some("am@acme.example".into());
         r.bcc = Some("archive@acme.example".into());
         let to = parse_address("bob@example.com").unwrap();
-        let out = build(&r, &to, Path::new("."), Variant::default()).unwrap();
+        let out = Composer::plain(Path::new("."))
+            .build(&r, &to, Variant::default())
+            .unwrap();
         assert_eq!(out.recipient_count, 3);
         assert_eq!(out.envelope.to().len(), 3);
         let text = String::from_utf8(out.bytes).unwrap();
@@ -409,7 +548,9 @@ mod tests {
         r.bcc = Some("archive@bücher.example".into());
         r.reply_to = Some("help@bücher.example".into());
         let to = parse_address("bob@example.com").unwrap();
-        let out = build(&r, &to, Path::new("."), Variant::default()).unwrap();
+        let out = Composer::plain(Path::new("."))
+            .build(&r, &to, Variant::default())
+            .unwrap();
         let envelope: Vec<String> = out.envelope.to().iter().map(|a| a.to_string()).collect();
         assert_eq!(
             envelope,
@@ -438,15 +579,15 @@ mod tests {
         r.cc = Some("am@acme.example".into());
         let to = parse_address("bob@example.com").unwrap();
         let tester = parse_address("me@acme.example").unwrap();
-        let out = build(
-            &r,
-            &to,
-            Path::new("."),
-            Variant {
-                test_to: Some(&tester),
-            },
-        )
-        .unwrap();
+        let out = Composer::plain(Path::new("."))
+            .build(
+                &r,
+                &to,
+                Variant {
+                    test_to: Some(&tester),
+                },
+            )
+            .unwrap();
         assert_eq!(
             out.envelope
                 .to()
@@ -467,7 +608,9 @@ mod tests {
         let to = parse_address("bob@example.com").unwrap();
         let mut r = rendered();
         r.attachments = vec!["inv.pdf".into()];
-        let out = build(&r, &to, dir.path(), Variant::default()).unwrap();
+        let out = Composer::plain(dir.path())
+            .build(&r, &to, Variant::default())
+            .unwrap();
         let text = String::from_utf8(out.bytes).unwrap();
         assert!(
             text.contains("application/pdf") && text.contains("multipart/mixed"),
@@ -476,7 +619,9 @@ mod tests {
         for bad in ["../../etc/passwd", "/etc/passwd", "missing.pdf"] {
             r.attachments = vec![bad.into()];
             assert!(
-                build(&r, &to, dir.path(), Variant::default()).is_err(),
+                Composer::plain(dir.path())
+                    .build(&r, &to, Variant::default())
+                    .is_err(),
                 "{bad} accepted"
             );
         }
@@ -487,6 +632,8 @@ mod tests {
         let mut r = rendered();
         r.headers = vec![("Bcc".into(), "x@example.com".into())];
         let to = parse_address("bob@example.com").unwrap();
-        assert!(build(&r, &to, Path::new("."), Variant::default()).is_err());
+        assert!(Composer::plain(Path::new("."))
+            .build(&r, &to, Variant::default())
+            .is_err());
     }
 }

@@ -26,7 +26,7 @@ pub use status::status;
 pub use suppress::{suppress, SuppressAction};
 
 use crate::campaign::Campaign;
-use crate::message::{self, Variant};
+use crate::message::{Composer, Variant};
 use crate::recipients::{parse_address, RecipientReader};
 use crate::store::{self, CampaignRecord, Import, RowStatus, Store};
 use crate::template::{row_data, Templates};
@@ -52,14 +52,17 @@ impl Global {
 pub struct Loaded {
     pub campaign: Campaign,
     pub templates: Templates,
+    pub composer: Composer,
 }
 
 pub fn load(path: &Path) -> Result<Loaded> {
     let campaign = Campaign::load(path)?;
     let templates = Templates::compile(&campaign)?;
+    let composer = Composer::new(&campaign)?;
     Ok(Loaded {
         campaign,
         templates,
+        composer,
     })
 }
 
@@ -141,9 +144,10 @@ pub async fn scan(
             )),
             RowStatus::ToSend { id } => {
                 let data = row_data(&columns, &row.fields, &recipient.written, &campaign.name);
-                let built = loaded.templates.render(&data).and_then(|r| {
-                    message::build(&r, &recipient, &campaign.dir, Variant::default())
-                });
+                let built = loaded
+                    .templates
+                    .render(&data)
+                    .and_then(|r| loaded.composer.build(&r, &recipient, Variant::default()));
                 if let Err(why) = built {
                     if skip_invalid {
                         scan.warnings

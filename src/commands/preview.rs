@@ -7,7 +7,7 @@ use anyhow::Result;
 
 use super::load;
 use crate::error::{input_error, Exit};
-use crate::message::{self, Variant};
+use crate::message::Variant;
 use crate::recipients::{parse_address, RecipientReader};
 use crate::template::row_data;
 
@@ -63,7 +63,7 @@ pub fn preview(path: &Path, target: &PreviewTarget) -> Result<Exit> {
         let out = loaded
             .templates
             .render(&data)
-            .and_then(|r| message::build(&r, &recipient, &campaign.dir, Variant::default()))
+            .and_then(|r| loaded.composer.build(&r, &recipient, Variant::default()))
             .map_err(|why| input_error(format!("{at}: {why}")))?;
         std::io::stdout().write_all(&out.bytes)?;
         return Ok(Exit::Done);

@@ -11,7 +11,7 @@ use super::status::{local_time, outlook};
 use super::{fingerprint, fingerprint_changes, load, print_capped, scan, Global, Loaded};
 use crate::engine::{self, Renderer, RunConfig, RunEnd};
 use crate::error::{input_error, Exit};
-use crate::message::{self, Variant};
+use crate::message::Variant;
 use crate::recipients::{parse_address, RecipientReader};
 use crate::store::now_ms;
 use crate::template::row_data;
@@ -151,7 +151,7 @@ async fn send_locked(
             .map(|r| r.columns)
             .unwrap_or_default(),
         campaign_name: campaign.name.clone(),
-        campaign_dir: campaign.dir.clone(),
+        composer: loaded.composer,
     });
     let config = RunConfig {
         campaign_id: record.id,
@@ -262,10 +262,9 @@ async fn send_test(loaded: &Loaded, test_to: &str, limit: u64) -> Result<Exit> {
             .templates
             .render(&data)
             .and_then(|r| {
-                message::build(
+                loaded.composer.build(
                     &r,
                     &recipient,
-                    &campaign.dir,
                     Variant {
                         test_to: Some(&tester),
                     },
