@@ -1,0 +1,258 @@
+//! The command line as a newcomer meets it: the shipped example campaign,
+//! `init`, bad input, the suppression list, and progress on a real terminal.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::{recipients_csv, standard_campaign, text, CampaignDir};
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            if entry.file_name() != "outbox" {
+                copy_dir(&entry.path(), &target);
+            }
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+}
+
+fn eml_count(dir: &Path) -> usize {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .path()
+                    .extension()
+                    .is_some_and(|x| x == "eml")
+            })
+            .count()
+        })
+        .unwrap_or(0)
+}
+
+/// SPEC §1: the example writes one .eml per valid row; a second run none.
+#[test]
+fn the_example_campaign_sends_once_per_valid_row() {
+    let dir = CampaignDir::new();
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/newsletter");
+    copy_dir(&example, dir.path());
+    let campaign = dir.campaign();
+    let check = dir.run(&["check", campaign.to_str().unwrap()]);
+    assert_eq!(check.status.code(), Some(0), "{}", text(&check.stderr));
+
+    let out = dir.run(&["send", campaign.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let status = dir.status();
+    let rows = std::fs::read_to_string(dir.path().join("recipients.csv"))
+        .unwrap()
+        .lines()
+        .count()
+        - 1;
+    assert_eq!(status["total"], rows);
+    let skipped = status["states"]["skipped"].as_u64().unwrap() as usize;
+    assert!(
+        skipped >= 2,
+        "the example has an invalid and a duplicate row: {status}"
+    );
+    assert_eq!(eml_count(&dir.path().join("outbox")), rows - skipped);
+    assert_eq!(status["states"]["sent"], rows - skipped);
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("invalid address") && err.contains("duplicates row"),
+        "{err}"
+    );
+
+    let out = dir.run(&["send", campaign.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(eml_count(&dir.path().join("outbox")), rows - skipped);
+}
+
+#[test]
+fn init_writes_a_campaign_that_checks_and_sends() {
+    let dir = CampaignDir::new();
+    let target = dir.path().join("new");
+    let out = dir.run(&["init", target.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let campaign = target.join("campaign.toml");
+    assert_eq!(
+        dir.run(&["check", campaign.to_str().unwrap()])
+            .status
+            .code(),
+        Some(0)
+    );
+    let out = dir.run(&["send", campaign.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(eml_count(&target.join("outbox")), 3);
+    // init never overwrites a campaign.
+    assert_eq!(
+        dir.run(&["init", target.to_str().unwrap()]).status.code(),
+        Some(2)
+    );
+}
+
+#[test]
+fn an_unknown_key_is_named_with_its_line() {
+    let dir = CampaignDir::new();
+    standard_campaign(
+        &dir,
+        &recipients_csv(1),
+        "[transport]\nkind = \"file\"\nconections = 2\n",
+        "",
+    );
+    let out = dir.run(&["check", dir.campaign().to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    let line = std::fs::read_to_string(dir.campaign())
+        .unwrap()
+        .lines()
+        .position(|l| l.starts_with("conections"))
+        .unwrap()
+        + 1;
+    assert!(
+        err.contains("conections") && err.contains(&format!("line {line}")),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_malformed_csv_names_its_line_sends_nothing_and_keeps_the_state() {
+    let dir = CampaignDir::new();
+    standard_campaign(
+        &dir,
+        &recipients_csv(3),
+        "[transport]\nkind = \"file\"\n",
+        "",
+    );
+    let campaign = dir.campaign();
+    assert_eq!(
+        dir.run(&["send", "--limit", "1", campaign.to_str().unwrap()])
+            .status
+            .code(),
+        Some(75)
+    );
+    let before = dir.export(None);
+    dir.write(
+        "recipients.csv",
+        "email,first_name,city\nuser1@example.com,Name1,City1\nuser9@example.com,\"Name9,City9\nuser2@example.com,Name2\n",
+    );
+    let out = dir.run(&["send", campaign.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(err.contains("recipients.csv: line "), "{err}");
+    assert_eq!(eml_count(&dir.path().join("outbox")), 1);
+    let after = dir.export(None);
+    assert_eq!(before, after, "a refused file changes no state");
+}
+
+#[test]
+fn suppression_list_add_import_remove() {
+    let dir = CampaignDir::new();
+    standard_campaign(
+        &dir,
+        &recipients_csv(4),
+        "[transport]\nkind = \"file\"\n",
+        "",
+    );
+    dir.write(
+        "unsubscribed.csv",
+        "name,email\nA,User1@Example.com\nB,not-an-address\n",
+    );
+    assert_eq!(
+        dir.run(&["suppress", "add", "user2@example.com"])
+            .status
+            .code(),
+        Some(0)
+    );
+    let out = dir.run(&[
+        "suppress",
+        "import",
+        dir.path().join("unsubscribed.csv").to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(
+        text(&out.stderr).contains("line 3"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = dir.run(&["send", dir.campaign().to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0));
+    let skipped = dir.export(Some("skipped"));
+    let mut emails: Vec<&str> = skipped.iter().map(|r| r["email"].as_str()).collect();
+    emails.sort();
+    assert_eq!(emails, ["user1@example.com", "user2@example.com"]);
+    assert!(skipped.iter().all(|r| r["reason"] == "suppressed"));
+    // Removed from the list, the address is sent on the next run.
+    assert_eq!(
+        dir.run(&["suppress", "remove", "USER2@example.com"])
+            .status
+            .code(),
+        Some(0)
+    );
+    assert_eq!(
+        dir.run(&["send", dir.campaign().to_str().unwrap()])
+            .status
+            .code(),
+        Some(0)
+    );
+    assert_eq!(eml_count(&dir.path().join("outbox")), 3);
+    let list = text(&dir.run(&["suppress", "list"]).stdout).to_lowercase();
+    assert!(
+        list.contains("user1@example.com") && !list.contains("user2@example.com"),
+        "{list}"
+    );
+}
+
+/// On a real terminal (a pseudo-terminal from `script`) `send` draws a
+/// progress bar; with stderr piped it prints plain lines, no bar.
+#[test]
+fn progress_bar_on_a_terminal_plain_lines_otherwise() {
+    let dir = CampaignDir::new();
+    standard_campaign(
+        &dir,
+        &recipients_csv(8),
+        "[transport]\nkind = \"file\"\n",
+        "[limits]\nper_second = 10\n",
+    );
+    let cmd = format!(
+        "{} --db {} send {}",
+        common::bin(),
+        dir.db().display(),
+        dir.campaign().display()
+    );
+    let out = Command::new("script")
+        .args(["-qec", &cmd, "/dev/null"])
+        .env("TERM", "xterm-256color")
+        .env_remove("NO_COLOR")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stdout));
+    let screen = text(&out.stdout);
+    assert!(
+        screen.contains("/8 sent"),
+        "no progress bar drawn: {screen:?}"
+    );
+    assert!(screen.contains("sent 8 in this run"), "{screen:?}");
+
+    let dir = CampaignDir::new();
+    standard_campaign(
+        &dir,
+        &recipients_csv(8),
+        "[transport]\nkind = \"file\"\n",
+        "[limits]\nper_second = 10\n",
+    );
+    let out = dir.run(&["send", dir.campaign().to_str().unwrap()]);
+    let err = text(&out.stderr);
+    assert!(
+        !err.contains("/8 sent") && !err.contains('\u{1b}'),
+        "{err:?}"
+    );
+    assert!(err.contains("sent 8 in this run"), "{err}");
+}
