@@ -14,7 +14,7 @@ use crate::campaign::RetryConfig;
 use crate::limits::Window;
 use crate::message::{Composer, Outgoing, Variant};
 use crate::recipients::parse_address;
-use crate::reply::{Pause, Reply, ReplyClass};
+use crate::reply::{Origin, Pause, Reply, ReplyClass};
 use crate::store::{now_ms, Candidate, Claim, Outcome, Store, WaitReason};
 use crate::template::{row_data, Templates};
 use crate::transport::Transport;
@@ -116,9 +116,10 @@ pub enum Event {
     WaitingForRetry {
         until_ms: i64,
     },
+    /// The server paused the account, or could not be reached.
     AccountPaused {
         until_ms: i64,
-        reply: String,
+        why: String,
     },
 }
 
@@ -134,7 +135,7 @@ pub enum RunEnd {
     /// SIGINT / SIGTERM; in-flight messages were finished and recorded.
     Interrupted,
     /// Authentication or TLS policy failure; nothing changed for any recipient.
-    Fatal(String),
+    Fatal(Reply),
     /// Too many identical permanent failures in a row.
     CircuitBreaker(String),
 }
@@ -443,15 +444,22 @@ impl<T: Transport, C: Clock> Worker<T, C> {
                 }
             }
             ReplyClass::AccountPaused(kind) => {
+                // Unreachable: no transaction started, so nothing to count.
+                let unreachable = reply.origin == Origin::Unreachable;
                 self.record(
                     c,
                     log_id,
                     &Outcome::Returned {
                         reply: text.clone(),
-                        unlog: false,
+                        unlog: unreachable,
                     },
                 )
                 .await?;
+                let text = if unreachable {
+                    format!("cannot reach the server ({text}); reconnecting with backoff")
+                } else {
+                    format!("the server paused the account: {text}")
+                };
                 let mut shared = self.shared.lock().await;
                 shared.pause_streak += 1;
                 let now = self.clock.now_ms();
@@ -470,12 +478,12 @@ impl<T: Transport, C: Clock> Worker<T, C> {
                     .await?;
                 let _ = self.events.send(Event::AccountPaused {
                     until_ms,
-                    reply: text.clone(),
+                    why: text.clone(),
                 });
                 if self.config.no_wait {
                     shared.end.get_or_insert(RunEnd::WouldWait {
                         until_ms,
-                        why: format!("the server paused the account: {text}"),
+                        why: text.clone(),
                     });
                 }
             }
@@ -489,7 +497,7 @@ impl<T: Transport, C: Clock> Worker<T, C> {
                     },
                 )
                 .await?;
-                self.shared.lock().await.end = Some(RunEnd::Fatal(text));
+                self.shared.lock().await.end = Some(RunEnd::Fatal(reply));
             }
         }
         Ok(())
@@ -526,7 +534,7 @@ pub fn describe_wait(why: &WaitReason) -> String {
         WaitReason::Window { window, used } => {
             format!("{} {used}/{} reached", window.describe(), window.max)
         }
-        WaitReason::Paused(reply) => format!("the server paused the account: {reply}"),
+        WaitReason::Paused(why) => why.clone(),
     }
 }
 
@@ -743,7 +751,7 @@ mod tests {
         )
         .await;
         assert!(
-            matches!(end, RunEnd::Fatal(ref r) if r.contains("535")),
+            matches!(end, RunEnd::Fatal(ref r) if r.code == Some(535)),
             "{end:?}"
         );
         let counts = s.store.counts(s.record.id).await.unwrap();

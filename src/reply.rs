@@ -31,11 +31,28 @@ pub enum Pause {
     Backoff,
 }
 
+/// Where a reply came from, when no server answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// The server's own reply.
+    Server,
+    /// The connection was lost or timed out during a transaction: the
+    /// message may not have arrived, and this recipient is retried.
+    Lost,
+    /// No connection could be made: no transaction started, so the
+    /// recipient is not at fault; the account backs off and reconnects.
+    Unreachable,
+    /// TLS could not be set up (certificate, protocol): a configuration
+    /// problem that no retry fixes.
+    Tls,
+}
+
 /// A server reply, or the lack of one.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reply {
     /// The three-digit code; `None` when the connection failed or timed out.
     pub code: Option<u16>,
+    pub origin: Origin,
     /// The enhanced status code (RFC 3463), e.g. `5.1.1`, when the text starts with one.
     pub enhanced: Option<String>,
     /// The reply text without the codes (or the local error).
@@ -53,22 +70,35 @@ impl Reply {
         };
         Reply {
             code,
+            origin: Origin::Server,
             enhanced,
             text: rest.to_string(),
         }
     }
 
-    /// A failure with no reply at all (connection lost, timeout).
-    pub fn local(text: impl Into<String>) -> Reply {
+    /// A failure with no reply at all.
+    pub fn local(origin: Origin, text: impl Into<String>) -> Reply {
         Reply {
             code: None,
+            origin,
             enhanced: None,
             text: text.into(),
         }
     }
 
     pub fn class(&self) -> ReplyClass {
-        classify(self.code, self.enhanced.as_deref(), &self.text)
+        match self.origin {
+            Origin::Server | Origin::Lost => {
+                classify(self.code, self.enhanced.as_deref(), &self.text)
+            }
+            Origin::Unreachable => ReplyClass::AccountPaused(Pause::Backoff),
+            Origin::Tls => ReplyClass::Fatal,
+        }
+    }
+
+    /// Whether the server refused the login (as opposed to a TLS problem).
+    pub fn is_authentication(&self) -> bool {
+        matches!(self.code, Some(530 | 534 | 535))
     }
 
     /// 5.1.1 (no such user) and 5.2.1 (disabled) go to the suppression list.
@@ -175,10 +205,19 @@ mod tests {
     }
 
     #[test]
-    fn lost_connection_is_transient() {
+    fn lost_connection_is_transient_unreachable_pauses_tls_is_fatal() {
         assert_eq!(
-            Reply::local("connection reset").class(),
+            Reply::local(Origin::Lost, "connection reset").class(),
             ReplyClass::Transient
+        );
+        // Nobody answered at all: not the recipient's fault.
+        assert_eq!(
+            Reply::local(Origin::Unreachable, "Connection error: refused").class(),
+            ReplyClass::AccountPaused(Pause::Backoff)
+        );
+        assert_eq!(
+            Reply::local(Origin::Tls, "invalid peer certificate").class(),
+            ReplyClass::Fatal
         );
     }
 

@@ -15,7 +15,7 @@ use lettre::{AsyncFileTransport, AsyncSmtpTransport, AsyncTransport, Tokio1Execu
 use crate::campaign::{Campaign, SmtpConfig, TlsMode, TransportConfig};
 use crate::error::input_error;
 use crate::message::Outgoing;
-use crate::reply::Reply;
+use crate::reply::{Origin, Reply};
 
 /// Something that hands a message to a server. `Ok` is the server's
 /// acceptance; `Err` is its refusal, or a local failure with no reply code.
@@ -113,10 +113,13 @@ impl Transport for Smtp {
         )
         .await;
         match sent {
-            Err(_) => Err(Reply::local(format!(
-                "no reply within {}",
-                humantime::format_duration(self.timeout * 2)
-            ))),
+            Err(_) => Err(Reply::local(
+                Origin::Lost,
+                format!(
+                    "no reply within {}",
+                    humantime::format_duration(self.timeout * 2)
+                ),
+            )),
             Ok(Ok(response)) => {
                 let text: Vec<&str> = response.message().collect();
                 Ok(Reply::new(
@@ -151,7 +154,19 @@ fn smtp_error_reply(err: &lettre::transport::smtp::Error) -> Reply {
                 }
                 source = s.source();
             }
-            Reply::local(text)
+            // lettre's Display is the only public sign of its error kind:
+            // "Connection error" is a failure to connect, before any
+            // transaction; a refused certificate arrives wrapped in one.
+            let lower = text.to_lowercase();
+            let origin =
+                if err.is_tls() || lower.contains("certificate") || lower.contains("handshake") {
+                    Origin::Tls
+                } else if text.starts_with("Connection error") {
+                    Origin::Unreachable
+                } else {
+                    Origin::Lost
+                };
+            Reply::local(origin, text)
         }
     }
 }
@@ -184,10 +199,10 @@ impl Transport for FileOut {
                     self.dir.join(format!("{id}.eml")).display()
                 ),
             )),
-            Err(e) => Err(Reply::local(format!(
-                "writing to {}: {e}",
-                self.dir.display()
-            ))),
+            Err(e) => Err(Reply::local(
+                Origin::Lost,
+                format!("writing to {}: {e}", self.dir.display()),
+            )),
         }
     }
 

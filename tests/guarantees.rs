@@ -288,3 +288,49 @@ fn changing_limits_or_retry_is_allowed_mid_campaign() {
     let seen: HashSet<String> = states(&dir).into_values().collect();
     assert_eq!(seen, HashSet::from(["sent".to_string()]));
 }
+
+#[test]
+fn an_unreachable_server_costs_no_attempt_and_the_run_backs_off() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = CampaignDir::new();
+    let transport = format!(
+        "[transport]\nkind = \"smtp\"\nhost = \"127.0.0.1\"\nport = {port}\ntls = \"none\"\n"
+    );
+    standard_campaign(&dir, &recipients_csv(3), &transport, "");
+    let out = dir.run(&["send", "--no-wait", dir.campaign().to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(75), "stderr: {}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("cannot reach the server"),
+        "{}",
+        text(&out.stderr)
+    );
+    let rows = dir.export(None);
+    assert!(
+        rows.iter()
+            .all(|r| r["state"] == "pending" && r["attempts"] == "0"),
+        "{rows:?}"
+    );
+}
+
+#[test]
+fn an_untrusted_certificate_is_fatal_and_changes_nothing() {
+    let server = SmtpServer::start(&[]);
+    let dir = CampaignDir::new();
+    // The server's certificate is signed by a CA the campaign does not name.
+    let transport = server.transport_toml("").replace("ca_file", "# ca_file");
+    standard_campaign(&dir, &recipients_csv(3), &transport, "");
+    let out = dir.run(&["send", dir.campaign().to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "stderr: {}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("TLS"), "{}", text(&out.stderr));
+    assert!(server.received().is_empty());
+    let rows = dir.export(None);
+    assert!(
+        rows.iter()
+            .all(|r| r["state"] == "pending" && r["attempts"] == "0"),
+        "{rows:?}"
+    );
+}

@@ -9,6 +9,7 @@ use tracing_indicatif::span_ext::IndicatifSpanExt;
 
 use super::status::local_time;
 use crate::engine::{describe_wait, Event};
+use crate::store::WaitReason;
 
 /// How often plain output reports progress.
 const PLAIN_EVERY: Duration = Duration::from_secs(10);
@@ -21,8 +22,6 @@ pub struct Progress {
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Stats {
     pub sent: u64,
-    pub deferred: u64,
-    pub failed: u64,
 }
 
 impl Progress {
@@ -53,6 +52,7 @@ async fn draw(bar: bool, total: u64, mut events: mpsc::UnboundedReceiver<Event>)
     let mut stats = Stats::default();
     let started = Instant::now();
     let mut last_line = Instant::now();
+    let mut last_pause = None;
     while let Some(event) = events.recv().await {
         match event {
             Event::Sent { .. } => {
@@ -68,20 +68,22 @@ async fn draw(bar: bool, total: u64, mut events: mpsc::UnboundedReceiver<Event>)
                 reply,
                 retry_at_ms,
             } => {
-                stats.deferred += 1;
                 tracing::warn!(
                     "row {row} ({email}): {reply}; retrying at {}",
                     local_time(retry_at_ms)
                 );
             }
             Event::Failed { row, email, reply } => {
-                stats.failed += 1;
                 tracing::warn!("row {row} ({email}): failed: {reply}");
             }
             Event::Unbuildable { row, email, why } => {
-                stats.failed += 1;
                 tracing::warn!("row {row} ({email}): cannot build the message: {why}");
             }
+            // The pause was just reported with its reason.
+            Event::Waiting {
+                until_ms,
+                why: WaitReason::Paused(_),
+            } if last_pause == Some(until_ms) => {}
             Event::Waiting { until_ms, why } => {
                 let text = format!(
                     "{}, next send {}",
@@ -105,11 +107,9 @@ async fn draw(bar: bool, total: u64, mut events: mpsc::UnboundedReceiver<Event>)
                     tracing::info!("{text}");
                 }
             }
-            Event::AccountPaused { until_ms, reply } => {
-                tracing::warn!(
-                    "the server paused the account ({reply}); resuming at {}",
-                    local_time(until_ms)
-                );
+            Event::AccountPaused { until_ms, why } => {
+                last_pause = Some(until_ms);
+                tracing::warn!("{why}; resuming at {}", local_time(until_ms));
             }
         }
         if !bar && last_line.elapsed() >= PLAIN_EVERY {

@@ -140,7 +140,6 @@ async fn send_locked(
     }
     let counts = store.counts(record.id).await?;
     let to_send = u64::try_from(counts["pending"] + counts["deferred"]).unwrap_or(0);
-    let total_sent_before = u64::try_from(counts["sent"]).unwrap_or(0);
 
     let transport = Arc::new(AnyTransport::new(campaign).await?);
     let renderer = Arc::new(Renderer {
@@ -191,7 +190,7 @@ async fn send_locked(
         campaign.name,
         stats.sent,
         stats.sent as f64 / secs,
-        counts["sent"].max(total_sent_before as i64),
+        counts["sent"],
         counts["failed"],
         counts["unknown"],
         counts["skipped"],
@@ -218,8 +217,14 @@ async fn send_locked(
             eprintln!("interrupted; in-flight messages were recorded. Run send again to resume");
             Exit::Interrupted
         }
-        RunEnd::Fatal(reply) => {
+        RunEnd::Fatal(reply) if reply.is_authentication() => {
             return Err(anyhow::anyhow!("{reply}: {AUTH_HELP}"));
+        }
+        RunEnd::Fatal(reply) => {
+            return Err(anyhow::anyhow!(
+                "{reply}: TLS with the server failed; check host, port, tls and ca_file \
+                 (certificates are always verified). No recipient's state was changed"
+            ));
         }
         RunEnd::CircuitBreaker(why) => {
             return Err(anyhow::anyhow!("stopped: {why}"));
