@@ -43,17 +43,18 @@ TOML
 
 ./target/release/hikyaku --db "$work/state.db" -q send "$work/c/campaign.toml"
 
-python3 - "$work/record.jsonl" "$rate" <<'PY'
-import json, sys
-times = sorted(json.loads(l)["received_at"] for l in open(sys.argv[1]) if l.strip())
+python3 - "$work/record.jsonl" "$rate" "$work/state.db" <<'PY'
+import json, sqlite3, sys
 rate = float(sys.argv[2])
 target = 1.0 / rate
-gaps = [b - a for a, b in zip(times, times[1:])]
-mean = (times[-1] - times[0]) / len(gaps)
-worst = max(sum(1 for u in times[i:] if u < t + 1.0) for i, t in enumerate(times))
-print(f"messages: {len(times)}")
-print(f"configured interval: {target * 1000:.1f} ms")
-print(f"mean interval: {mean * 1000:.2f} ms (error {100 * (mean - target) / target:+.2f} %)")
-print(f"smallest interval: {min(gaps) * 1000:.2f} ms, largest: {max(gaps) * 1000:.2f} ms")
-print(f"most arrivals in any 1 s window: {worst} (limit {int(rate)})")
+arrivals = sorted(json.loads(l)["received_at"] for l in open(sys.argv[1]) if l.strip())
+starts = [at / 1000 for (at,) in sqlite3.connect(sys.argv[3]).execute("SELECT at FROM send_log ORDER BY at")]
+print(f"messages: {len(arrivals)}, configured interval: {target * 1000:.1f} ms")
+for name, times in (("transaction starts (send log)", starts), ("arrivals at the server", arrivals)):
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    mean = (times[-1] - times[0]) / len(gaps)
+    worst = max(sum(1 for u in times[i:] if u < t + 1.0) for i, t in enumerate(times))
+    print(f"{name}: mean interval {mean * 1000:.2f} ms (error {100 * (mean - target) / target:+.2f} %), "
+          f"smallest {min(gaps) * 1000:.2f} ms, largest {max(gaps) * 1000:.2f} ms, "
+          f"most in any 1 s window {worst} (limit {int(rate)})")
 PY
