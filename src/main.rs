@@ -155,7 +155,6 @@ fn main() -> ExitCode {
     init_logging(cli.verbose, cli.quiet, color);
     let global = Global {
         db: cli.db.clone(),
-        color,
         progress_bar,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()

@@ -36,8 +36,6 @@ use crate::template::{row_data, Templates};
 pub struct Global {
     /// `--db` or `HIKYAKU_DB`.
     pub db: Option<String>,
-    /// Colour on stderr output, decided once from the terminal and `--color`.
-    pub color: bool,
     /// Draw a progress bar (stderr is a terminal that can show one).
     pub progress_bar: bool,
 }
