@@ -511,7 +511,7 @@ impl Store {
                     .await?;
                 if *suppress {
                     insert_suppression(
-                        &mut *tx,
+                        &mut tx,
                         &candidate.address,
                         &format!("bounced: {reply}"),
                         now,
@@ -623,7 +623,7 @@ impl Store {
 
     pub async fn suppress(&self, address: &str, reason: &str) -> Result<bool> {
         let mut tx = self.pool.begin().await?;
-        let added = insert_suppression(&mut *tx, address, reason, now_ms()).await?;
+        let added = insert_suppression(&mut tx, address, reason, now_ms()).await?;
         tx.commit().await?;
         Ok(added)
     }
