@@ -9,6 +9,7 @@ use std::process::Command;
 use common::{recipients_csv, standard_campaign, text, CampaignDir, SmtpServer};
 
 fn tool() -> std::path::PathBuf {
+    common::ensure_python_packages();
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/dkim_tool.py")
 }
 

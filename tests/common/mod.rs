@@ -17,6 +17,40 @@ pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_hikyaku")
 }
 
+/// Installs the Python packages of tests/support (the SMTP server, DKIM
+/// verifier) once, if they are missing, so that `cargo test` alone works on
+/// a fresh machine with python3 and pip.
+pub fn ensure_python_packages() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let present = Command::new("python3")
+            .args(["-c", "import aiosmtpd, trustme, dkim, nacl"])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !present {
+            let requirements =
+                Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/requirements.txt");
+            let status = Command::new("python3")
+                .args([
+                    "-m",
+                    "pip",
+                    "install",
+                    "--quiet",
+                    "--disable-pip-version-check",
+                    "-r",
+                ])
+                .arg(requirements)
+                .status()
+                .expect("python3 must be installed for the end-to-end tests");
+            assert!(
+                status.success(),
+                "pip install -r tests/support/requirements.txt failed"
+            );
+        }
+    });
+}
+
 /// A running SMTP test server; killed when dropped.
 pub struct SmtpServer {
     child: Child,
@@ -52,6 +86,7 @@ impl SmtpServer {
     }
 
     pub fn start_raw(args: &[&str]) -> SmtpServer {
+        ensure_python_packages();
         let dir = tempfile::tempdir().unwrap();
         let ready = dir.path().join("ready.json");
         let record = dir.path().join("record.jsonl");
