@@ -192,7 +192,11 @@ pub struct SmtpConfig {
 pub enum PasswordSource {
     Env(String),
     File(PathBuf),
-    Command(String),
+    /// A shell command, run in the campaign file's folder.
+    Command {
+        command: String,
+        dir: PathBuf,
+    },
 }
 
 /// A secret that prints as `***` in every `Debug` or `Display`.
@@ -224,10 +228,11 @@ impl PasswordSource {
             PasswordSource::File(path) => std::fs::read_to_string(path)
                 .with_context(|| format!("reading password_file {}", path.display()))
                 .map_err(|e| input_error(format!("{e:#}")))?,
-            PasswordSource::Command(cmd) => {
+            PasswordSource::Command { command, dir } => {
                 let out = std::process::Command::new("sh")
                     .arg("-c")
-                    .arg(cmd)
+                    .arg(command)
+                    .current_dir(dir)
                     .stderr(std::process::Stdio::inherit())
                     .output()
                     .map_err(|e| input_error(format!("running password_command: {e}")))?;
@@ -465,7 +470,10 @@ fn transport_config(
             let password = if let Some(file) = raw.password_file {
                 PasswordSource::File(dir.join(file))
             } else if let Some(cmd) = raw.password_command {
-                PasswordSource::Command(cmd)
+                PasswordSource::Command {
+                    command: cmd,
+                    dir: dir.to_path_buf(),
+                }
             } else {
                 PasswordSource::Env(
                     raw.password_env

@@ -139,6 +139,16 @@ fn kill_9_at_random_moments_never_sends_twice_and_loses_nobody() {
     }
     // The user can list the unknown ones, and choose to send them again.
     assert_eq!(dir.export(Some("unknown")).len() as i64, unknown);
+    let out = dir.run(&["send", "--resend-unknown", dir.campaign().to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
+    let status = dir.status();
+    assert_eq!(status["states"]["unknown"], 0, "{status}");
+    assert_eq!(status["states"]["sent"], recipients as i64, "{status}");
+    assert_eq!(
+        server.deliveries().len(),
+        recipients,
+        "every unknown one was sent on request"
+    );
 }
 
 #[test]

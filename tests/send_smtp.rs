@@ -93,6 +93,34 @@ fn sixty_recipients_arrive_exactly_once_personalised_and_multipart() {
 }
 
 #[test]
+fn the_password_comes_from_a_file_or_a_command() {
+    let server = SmtpServer::start(&[]);
+    for source in [
+        "password_file = \"secret.txt\"",
+        "password_command = \"cat secret.txt\"",
+    ] {
+        let dir = CampaignDir::new();
+        dir.write("secret.txt", format!("{PASSWORD}\n"));
+        standard_campaign(&dir, &recipients_csv(2), &server.transport_toml(source), "");
+        // password_command runs in the campaign's folder, wherever hikyaku runs.
+        let out = dir
+            .command(&["send", dir.campaign().to_str().unwrap()])
+            .env_remove("HIKYAKU_SMTP_PASSWORD")
+            .current_dir(std::env::temp_dir())
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{source}: {}",
+            text(&out.stderr)
+        );
+        assert!(!text(&out.stderr).contains(PASSWORD));
+    }
+    assert_eq!(server.received().len(), 4);
+}
+
+#[test]
 fn limit_then_resume_finishes_the_rest() {
     let server = SmtpServer::start(&[]);
     let dir = CampaignDir::new();
