@@ -228,10 +228,6 @@ impl Schedule {
             .find(|s| s.done_ms > start)
             .map(|s| s.done_ms.min(now_ms) + window.period_ms())
     }
-
-    pub fn windows(&self) -> &[Window] {
-        &self.windows
-    }
 }
 
 #[cfg(test)]
