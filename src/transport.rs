@@ -197,7 +197,8 @@ impl Transport for Smtp {
     async fn send(&self, message: &Outgoing) -> Result<Reply, Reply> {
         // lettre's timeout covers only the connect; a stalled read or write
         // must not hang the run, so the whole transaction is bounded here.
-        match tokio::time::timeout(self.timeout.saturating_mul(2), self.transaction(message)).await {
+        match tokio::time::timeout(self.timeout.saturating_mul(2), self.transaction(message)).await
+        {
             Ok(result) => result,
             Err(_) => Err(Reply::local(
                 Origin::Lost,
