@@ -3,6 +3,7 @@
 //! happens. It never prints or exits; it reports [`Event`]s and returns how
 //! the run ended, and the command layer decides what the user sees.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,7 +16,7 @@ use crate::limits::Window;
 use crate::message::{Composer, Outgoing, Variant};
 use crate::recipients::parse_address;
 use crate::reply::{Origin, Pause, Reply, ReplyClass};
-use crate::store::{now_ms, Candidate, Claim, Outcome, Store, WaitReason};
+use crate::store::{now_ms, Candidate, Claim, Outcome, Ready, Store, WaitReason};
 use crate::template::{row_data, Templates};
 use crate::transport::Transport;
 
@@ -45,6 +46,19 @@ impl Clock for SystemClock {
         if wait > 0 {
             tokio::time::sleep(Duration::from_millis(wait)).await;
         }
+    }
+}
+
+/// How many recipients one claim takes. Unthrottled, a few at once, so that
+/// the synced commit before sending is shared by several messages; after a
+/// crash at most `connections - 1` in flight plus one batch are left
+/// `unknown`, never more than 16 (SPEC §7.3). Under windows, one: each send
+/// needs its own slot.
+pub fn claim_batch(config: &RunConfig) -> usize {
+    if config.windows.is_empty() {
+        (17usize.saturating_sub(config.connections)).clamp(1, 8)
+    } else {
+        1
     }
 }
 
@@ -143,6 +157,8 @@ pub enum RunEnd {
 struct Shared {
     claimed: u64,
     in_flight: usize,
+    /// Claimed (durably `sending`) but not yet picked up by a worker.
+    queue: VecDeque<Ready>,
     end: Option<RunEnd>,
     breaker: (String, u32),
     pause_streak: u32,
@@ -162,6 +178,7 @@ pub async fn run<T: Transport, C: Clock>(
     let shared = Arc::new(Mutex::new(Shared {
         claimed: 0,
         in_flight: 0,
+        queue: VecDeque::new(),
         end: None,
         breaker: (String::new(), 0),
         pause_streak: 0,
@@ -195,6 +212,13 @@ pub async fn run<T: Transport, C: Clock>(
             }
         }
     }
+    // Claimed ones no worker picked up were never offered to the server.
+    let unsent = std::mem::take(&mut shared.lock().await.queue);
+    for r in unsent {
+        store
+            .record(&r.candidate, r.log_id, &Outcome::Unclaimed, clock.now_ms())
+            .await?;
+    }
     if let Some(e) = first_error {
         return Err(e);
     }
@@ -219,7 +243,7 @@ struct Worker<T, C> {
 }
 
 enum Next {
-    Send(Candidate, Box<Outgoing>, i64),
+    Send(Ready),
     Sleep(i64),
     AwaitOthers,
     Finish,
@@ -234,10 +258,10 @@ impl<T: Transport, C: Clock> Worker<T, C> {
             }
             match self.next(&mut last_wait).await? {
                 Next::Finish => return Ok(()),
-                Next::Send(candidate, message, log_id) => {
+                Next::Send(ready) => {
                     last_wait = None;
-                    let result = self.transport.send(&message).await;
-                    self.settle(&candidate, log_id, result).await?;
+                    let result = self.transport.send(&ready.message).await;
+                    self.settle(&ready.candidate, ready.log_id, result).await?;
                     self.shared.lock().await.in_flight -= 1;
                     self.settled.notify_waiters();
                 }
@@ -266,6 +290,11 @@ impl<T: Transport, C: Clock> Worker<T, C> {
         if shared.end.is_some() {
             return Ok(Next::Finish);
         }
+        if let Some(ready) = shared.queue.pop_front() {
+            shared.in_flight += 1;
+            return Ok(Next::Send(ready));
+        }
+        let mut max = claim_batch(&self.config);
         if let Some(limit) = self.config.limit {
             if shared.claimed >= limit {
                 if shared.in_flight == 0 {
@@ -273,6 +302,7 @@ impl<T: Transport, C: Clock> Worker<T, C> {
                 }
                 return Ok(Next::Finish);
             }
+            max = max.min(usize::try_from(limit - shared.claimed).unwrap_or(usize::MAX));
         }
         let cfg = &self.config;
         let renderer = self.renderer.clone();
@@ -283,26 +313,28 @@ impl<T: Transport, C: Clock> Worker<T, C> {
                 &cfg.account,
                 &cfg.windows,
                 self.clock.now_ms(),
+                max,
                 |c| renderer.build(c),
             )
             .await?;
         match claim {
-            Claim::Ready {
-                candidate,
-                message,
-                log_id,
-            } => {
-                shared.claimed += 1;
-                shared.in_flight += 1;
-                Ok(Next::Send(candidate, message, log_id))
-            }
-            Claim::Unbuildable { candidate, why } => {
-                let _ = self.events.send(Event::Unbuildable {
-                    row: candidate.row_number,
-                    email: candidate.email,
-                    why,
-                });
-                Ok(Next::Sleep(self.clock.now_ms()))
+            Claim::Ready { ready, unbuildable } => {
+                for (candidate, why) in unbuildable {
+                    let _ = self.events.send(Event::Unbuildable {
+                        row: candidate.row_number,
+                        email: candidate.email,
+                        why,
+                    });
+                }
+                shared.claimed += ready.len() as u64;
+                shared.queue.extend(ready);
+                match shared.queue.pop_front() {
+                    Some(ready) => {
+                        shared.in_flight += 1;
+                        Ok(Next::Send(ready))
+                    }
+                    None => Ok(Next::Sleep(self.clock.now_ms())),
+                }
             }
             Claim::Wait { until_ms, why } => {
                 if cfg.no_wait && why != WaitReason::Pacing {

@@ -119,17 +119,23 @@ pub struct Candidate {
     pub attempts: i64,
 }
 
-/// The result of asking for the next recipient to send to.
+/// A recipient durably `sending`, its send logged: go ahead.
+#[derive(Debug)]
+pub struct Ready {
+    pub candidate: Candidate,
+    pub message: Box<Outgoing>,
+    pub log_id: i64,
+}
+
+/// The result of asking for the next recipients to send to.
 #[derive(Debug)]
 pub enum Claim {
-    /// Durably `sending`, its send logged; go ahead.
+    /// Recipients to send to now, and rows whose message could no longer be
+    /// built (now `skipped (invalid message)`).
     Ready {
-        candidate: Candidate,
-        message: Box<Outgoing>,
-        log_id: i64,
+        ready: Vec<Ready>,
+        unbuildable: Vec<(Candidate, String)>,
     },
-    /// Its message could not be built; it was marked `skipped (invalid message)`.
-    Unbuildable { candidate: Candidate, why: String },
     /// Something must pass first: pacing, a full window, an account pause.
     Wait { until_ms: i64, why: WaitReason },
     /// Nothing is due; deferred retries may be due at `next_due_ms`.
@@ -162,6 +168,8 @@ pub enum Outcome {
         reply: String,
         unlog: bool,
     },
+    /// Claimed but never handed to the server (the run stopped first).
+    Unclaimed,
 }
 
 /// Counts per state.
@@ -338,19 +346,22 @@ impl Store {
         })
     }
 
-    /// Picks the next recipient and, if the account's windows allow it now,
-    /// marks it `sending` and logs the send, in one transaction. `build`
-    /// renders the message (its recipient count decides what the windows see).
+    /// Picks up to `max` recipients and, if the account's windows allow it
+    /// now, marks them `sending` and logs their sends, in one transaction
+    /// synced to disk before any of them is sent. `build` renders a message
+    /// (its recipient count decides what the windows see). With windows,
+    /// claim one at a time: each send needs its own slot.
     pub async fn claim(
         &self,
         campaign_id: i64,
         account: &str,
         windows: &[Window],
         now: i64,
-        build: impl FnOnce(&Candidate) -> std::result::Result<Outgoing, String>,
+        max: usize,
+        build: impl Fn(&Candidate) -> std::result::Result<Outgoing, String>,
     ) -> Result<Claim> {
         let mut conn = self.pool.acquire().await?;
-        // The `sending` mark must be on disk before the transaction starts.
+        // The `sending` marks must be on disk before the transactions start.
         sqlx::query("PRAGMA synchronous = FULL")
             .execute(&mut *conn)
             .await?;
@@ -367,23 +378,78 @@ impl Store {
                 why: WaitReason::Paused(p.get("reason")),
             });
         }
-        let columns = "id, row_number, email, address, fields, attempts";
-        let mut row = sqlx::query(&format!(
-            "SELECT {columns} FROM recipients WHERE campaign_id = ? AND state = 'deferred' AND next_attempt_at <= ? ORDER BY next_attempt_at, id LIMIT 1"
-        ))
-        .bind(campaign_id)
-        .bind(now)
-        .fetch_optional(&mut *tx)
-        .await?;
-        if row.is_none() {
-            row = sqlx::query(&format!(
-                "SELECT {columns} FROM recipients WHERE campaign_id = ? AND state = 'pending' ORDER BY id LIMIT 1"
-            ))
-            .bind(campaign_id)
-            .fetch_optional(&mut *tx)
+        let mut ready = Vec::new();
+        let mut unbuildable = Vec::new();
+        while ready.len() < max.max(1) {
+            let Some(candidate) = next_candidate(&mut tx, campaign_id, now).await? else {
+                break;
+            };
+            let message = match build(&candidate) {
+                Ok(m) => m,
+                Err(why) => {
+                    // The row was checked before the run; something changed
+                    // since (an attachment removed): a campaign defect, not a bounce.
+                    sqlx::query("UPDATE recipients SET state = 'skipped', reason = ?, updated_at = ? WHERE id = ?")
+                        .bind(format!("invalid message: {why}"))
+                        .bind(now)
+                        .bind(candidate.id)
+                        .execute(&mut *tx)
+                        .await?;
+                    unbuildable.push((candidate, why));
+                    continue;
+                }
+            };
+            if !windows.is_empty() {
+                let schedule = load_schedule(&mut tx, account, windows, now).await?;
+                let slot: Slot = schedule.next_slot(now, message.recipient_count);
+                if slot.at_ms > now {
+                    if !unbuildable.is_empty() {
+                        break;
+                    }
+                    let why = match slot.hold {
+                        Some(crate::limits::Hold::Full(window)) => {
+                            let used = schedule
+                                .usage(now)
+                                .into_iter()
+                                .find(|(w, _)| *w == window)
+                                .map(|(_, u)| u)
+                                .unwrap_or(0);
+                            WaitReason::Window { window, used }
+                        }
+                        _ => WaitReason::Pacing,
+                    };
+                    return Ok(Claim::Wait {
+                        until_ms: slot.at_ms,
+                        why,
+                    });
+                }
+            }
+            sqlx::query(
+                "UPDATE recipients SET state = 'sending', attempts = attempts + 1, message_id = ?, updated_at = ? WHERE id = ?",
+            )
+            .bind(&message.message_id)
+            .bind(now)
+            .bind(candidate.id)
+            .execute(&mut *tx)
             .await?;
+            let log_id: i64 = sqlx::query_scalar(
+                "INSERT INTO send_log (account, at, recipients) VALUES (?, ?, ?) RETURNING id",
+            )
+            .bind(account)
+            .bind(now)
+            .bind(i64::from(message.recipient_count))
+            .fetch_one(&mut *tx)
+            .await?;
+            ready.push(Ready {
+                candidate,
+                message: Box::new(message),
+                log_id,
+            });
+            if !windows.is_empty() {
+                break;
+            }
         }
-        let Some(row) = row else {
+        if ready.is_empty() && unbuildable.is_empty() {
             let next_due_ms: Option<i64> = sqlx::query_scalar(
                 "SELECT MIN(next_attempt_at) FROM recipients WHERE campaign_id = ? AND state = 'deferred'",
             )
@@ -391,74 +457,9 @@ impl Store {
             .fetch_one(&mut *tx)
             .await?;
             return Ok(Claim::Idle { next_due_ms });
-        };
-        let candidate = Candidate {
-            id: row.get("id"),
-            row_number: row.get("row_number"),
-            email: row.get("email"),
-            address: row.get::<Option<String>, _>("address").unwrap_or_default(),
-            fields: serde_json::from_str(row.get::<&str, _>("fields"))?,
-            attempts: row.get("attempts"),
-        };
-        let message = match build(&candidate) {
-            Ok(m) => m,
-            Err(why) => {
-                // The row was checked before the run; something changed since
-                // (an attachment removed): it is a campaign defect, not a bounce.
-                sqlx::query("UPDATE recipients SET state = 'skipped', reason = ?, updated_at = ? WHERE id = ?")
-                    .bind(format!("invalid message: {why}"))
-                    .bind(now)
-                    .bind(candidate.id)
-                    .execute(&mut *tx)
-                    .await?;
-                tx.commit().await?;
-                return Ok(Claim::Unbuildable { candidate, why });
-            }
-        };
-        if !windows.is_empty() {
-            let schedule = load_schedule(&mut tx, account, windows, now).await?;
-            let slot: Slot = schedule.next_slot(now, message.recipient_count);
-            if slot.at_ms > now {
-                let why = match slot.hold {
-                    Some(crate::limits::Hold::Full(window)) => {
-                        let used = schedule
-                            .usage(now)
-                            .into_iter()
-                            .find(|(w, _)| *w == window)
-                            .map(|(_, u)| u)
-                            .unwrap_or(0);
-                        WaitReason::Window { window, used }
-                    }
-                    _ => WaitReason::Pacing,
-                };
-                return Ok(Claim::Wait {
-                    until_ms: slot.at_ms,
-                    why,
-                });
-            }
         }
-        sqlx::query(
-            "UPDATE recipients SET state = 'sending', attempts = attempts + 1, message_id = ?, updated_at = ? WHERE id = ?",
-        )
-        .bind(&message.message_id)
-        .bind(now)
-        .bind(candidate.id)
-        .execute(&mut *tx)
-        .await?;
-        let log_id: i64 = sqlx::query_scalar(
-            "INSERT INTO send_log (account, at, recipients) VALUES (?, ?, ?) RETURNING id",
-        )
-        .bind(account)
-        .bind(now)
-        .bind(i64::from(message.recipient_count))
-        .fetch_one(&mut *tx)
-        .await?;
         tx.commit().await?;
-        Ok(Claim::Ready {
-            candidate,
-            message: Box::new(message),
-            log_id,
-        })
+        Ok(Claim::Ready { ready, unbuildable })
     }
 
     /// Records what happened to a claimed recipient.
@@ -518,6 +519,17 @@ impl Store {
                     )
                     .await?;
                 }
+            }
+            Outcome::Unclaimed => {
+                sqlx::query("UPDATE recipients SET state = 'pending', attempts = MAX(attempts - 1, 0), message_id = NULL, updated_at = ? WHERE id = ?")
+                    .bind(now)
+                    .bind(candidate.id)
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query("DELETE FROM send_log WHERE id = ?")
+                    .bind(log_id)
+                    .execute(&mut *tx)
+                    .await?;
             }
             Outcome::Returned { reply, unlog } => {
                 sqlx::query("UPDATE recipients SET state = 'pending', attempts = MAX(attempts - 1, 0), last_reply = ?, updated_at = ? WHERE id = ?")
@@ -666,6 +678,42 @@ async fn insert_suppression(
         .execute(conn)
         .await?;
     Ok(done.rows_affected() > 0)
+}
+
+/// The next recipient due: a deferred one whose retry time has come, else
+/// the first pending one.
+async fn next_candidate(
+    conn: &mut sqlx::SqliteConnection,
+    campaign_id: i64,
+    now: i64,
+) -> Result<Option<Candidate>> {
+    let columns = "id, row_number, email, address, fields, attempts";
+    let mut row = sqlx::query(&format!(
+        "SELECT {columns} FROM recipients WHERE campaign_id = ? AND state = 'deferred' AND next_attempt_at <= ? ORDER BY next_attempt_at, id LIMIT 1"
+    ))
+    .bind(campaign_id)
+    .bind(now)
+    .fetch_optional(&mut *conn)
+    .await?;
+    if row.is_none() {
+        row = sqlx::query(&format!(
+            "SELECT {columns} FROM recipients WHERE campaign_id = ? AND state = 'pending' ORDER BY id LIMIT 1"
+        ))
+        .bind(campaign_id)
+        .fetch_optional(&mut *conn)
+        .await?;
+    }
+    row.map(|row| {
+        Ok(Candidate {
+            id: row.get("id"),
+            row_number: row.get("row_number"),
+            email: row.get("email"),
+            address: row.get::<Option<String>, _>("address").unwrap_or_default(),
+            fields: serde_json::from_str(row.get::<&str, _>("fields"))?,
+            attempts: row.get("attempts"),
+        })
+    })
+    .transpose()
 }
 
 async fn load_schedule(
@@ -1021,18 +1069,19 @@ mod tests {
         import(&store, &c, &["a@x.example", "b@x.example"]).await;
         let win = Window::new(1, Duration::from_secs(60)).unwrap();
         let now = 1_000_000;
-        let Claim::Ready {
-            candidate, log_id, ..
-        } = store
-            .claim(c.id, "acct", &[win], now, |_| Ok(out(1)))
+        let Claim::Ready { mut ready, .. } = store
+            .claim(c.id, "acct", &[win], now, 1, |_| Ok(out(1)))
             .await
             .unwrap()
         else {
             panic!("expected a claim")
         };
+        let Ready {
+            candidate, log_id, ..
+        } = ready.remove(0);
         assert_eq!(store.counts(c.id).await.unwrap()["sending"], 1);
         match store
-            .claim(c.id, "acct", &[win], now + 10, |_| Ok(out(1)))
+            .claim(c.id, "acct", &[win], now + 10, 1, |_| Ok(out(1)))
             .await
             .unwrap()
         {
@@ -1056,11 +1105,49 @@ mod tests {
         import(&store, &c2, &["z@x.example"]).await;
         assert!(matches!(
             store
-                .claim(c2.id, "acct", &[win], now + 20, |_| Ok(out(1)))
+                .claim(c2.id, "acct", &[win], now + 20, 1, |_| Ok(out(1)))
                 .await
                 .unwrap(),
             Claim::Wait { .. }
         ));
+    }
+
+    #[tokio::test]
+    async fn a_batch_claim_marks_each_sending_and_unclaimed_ones_go_back() {
+        let (_d, store) = store().await;
+        let c = store.campaign("c").await.unwrap();
+        import(
+            &store,
+            &c,
+            &["a@x.example", "b@x.example", "c@x.example", "d@x.example"],
+        )
+        .await;
+        let Claim::Ready { ready, unbuildable } = store
+            .claim(c.id, "acct", &[], 7, 3, |_| Ok(out(1)))
+            .await
+            .unwrap()
+        else {
+            panic!("expected a claim")
+        };
+        assert_eq!((ready.len(), unbuildable.len()), (3, 0));
+        assert_eq!(store.counts(c.id).await.unwrap()["sending"], 3);
+        for r in &ready[1..] {
+            store
+                .record(&r.candidate, r.log_id, &Outcome::Unclaimed, 8)
+                .await
+                .unwrap();
+        }
+        let counts = store.counts(c.id).await.unwrap();
+        assert_eq!((counts["sending"], counts["pending"]), (1, 3));
+        let rows = store
+            .schedule(
+                "acct",
+                &[Window::new(9, Duration::from_secs(60)).unwrap()],
+                9,
+            )
+            .await
+            .unwrap();
+        assert_eq!(rows.usage(9)[0].1, 1, "unclaimed sends leave the log");
     }
 
     #[tokio::test]
@@ -1069,7 +1156,7 @@ mod tests {
         let c = store.campaign("c").await.unwrap();
         import(&store, &c, &["a@x.example"]).await;
         let claim = store
-            .claim(c.id, "acct", &[], 1, |_| Ok(out(1)))
+            .claim(c.id, "acct", &[], 1, 1, |_| Ok(out(1)))
             .await
             .unwrap();
         assert!(matches!(claim, Claim::Ready { .. }));
@@ -1078,7 +1165,7 @@ mod tests {
         assert_eq!((counts["unknown"], counts["pending"]), (1, 0));
         assert!(matches!(
             store
-                .claim(c.id, "acct", &[], 2, |_| Ok(out(1)))
+                .claim(c.id, "acct", &[], 2, 1, |_| Ok(out(1)))
                 .await
                 .unwrap(),
             Claim::Idle { next_due_ms: None }
@@ -1103,15 +1190,16 @@ mod tests {
         let c = store.campaign("c").await.unwrap();
         import(&store, &c, &["a@x.example"]).await;
         let win = Window::new(1, Duration::from_secs(60)).unwrap();
-        let Claim::Ready {
-            candidate, log_id, ..
-        } = store
-            .claim(c.id, "acct", &[win], 5, |_| Ok(out(1)))
+        let Claim::Ready { mut ready, .. } = store
+            .claim(c.id, "acct", &[win], 5, 1, |_| Ok(out(1)))
             .await
             .unwrap()
         else {
             panic!()
         };
+        let Ready {
+            candidate, log_id, ..
+        } = ready.remove(0);
         store
             .record(
                 &candidate,
@@ -1127,7 +1215,7 @@ mod tests {
         assert_eq!(store.counts(c.id).await.unwrap()["pending"], 1);
         assert!(matches!(
             store
-                .claim(c.id, "acct", &[win], 6, |_| Ok(out(1)))
+                .claim(c.id, "acct", &[win], 6, 1, |_| Ok(out(1)))
                 .await
                 .unwrap(),
             Claim::Ready { .. }

@@ -11,6 +11,10 @@ use std::time::{Duration, Instant};
 use common::{recipients_csv, standard_campaign, text, CampaignDir, SmtpServer};
 use rand::{Rng, SeedableRng};
 
+/// Recipients left `sending` by one kill with `connections = 2` and no
+/// windows: one connection's message plus one claimed batch of 8.
+const BOUND: i64 = 9;
+
 fn spawn_send(dir: &CampaignDir, extra: &[&str]) -> Child {
     let campaign = dir.campaign();
     let mut args = vec!["send"];
@@ -89,9 +93,11 @@ fn kill_9_at_random_moments_never_sends_twice_and_loses_nobody() {
         child.kill().unwrap();
         child.wait().unwrap();
         let status = dir.status();
+        // Two connections, one of them may hold a claimed batch of 8 (the
+        // other's message in flight): at most 9, within SPEC's 16.
         let in_flight = status["states"]["sending"].as_i64().unwrap();
         assert!(
-            in_flight <= 2,
+            in_flight <= BOUND,
             "round {round}: {in_flight} left sending after kill -9 (seed {seed})"
         );
         let deliveries = server.deliveries();
@@ -106,7 +112,7 @@ fn kill_9_at_random_moments_never_sends_twice_and_loses_nobody() {
         }
         let unknown = status["states"]["unknown"].as_i64().unwrap();
         assert!(
-            unknown - unknown_before <= 2,
+            unknown - unknown_before <= BOUND,
             "round {round}: {unknown} unknown (seed {seed})"
         );
         unknown_before = unknown;
@@ -123,7 +129,7 @@ fn kill_9_at_random_moments_never_sends_twice_and_loses_nobody() {
     let sent = status["states"]["sent"].as_i64().unwrap();
     let unknown = status["states"]["unknown"].as_i64().unwrap();
     assert_eq!(sent + unknown, recipients as i64, "{status}");
-    assert!(unknown <= 2 * kills as i64);
+    assert!(unknown <= BOUND * kills as i64);
     // Every row the store calls sent was received, and nothing else was.
     let states = states(&dir);
     for (address, state) in &states {
