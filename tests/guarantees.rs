@@ -71,7 +71,7 @@ fn kill_9_at_random_moments_never_sends_twice_and_loses_nobody() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(400);
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let server = SmtpServer::start(&["--delay-ms", "2"]);
+    let server = SmtpServer::start(&["--delay-ms", "5"]);
     let dir = CampaignDir::new();
     standard_campaign(
         &dir,
@@ -90,7 +90,8 @@ fn kill_9_at_random_moments_never_sends_twice_and_loses_nobody() {
             "sending to start",
         );
         std::thread::sleep(Duration::from_millis(rng.random_range(0..150)));
-        child.kill().unwrap();
+        // The run may have finished by itself; killing it is then a no-op.
+        let _ = child.kill();
         child.wait().unwrap();
         let status = dir.status();
         // Two connections, one of them may hold a claimed batch of 8 (the
