@@ -821,16 +821,18 @@ impl Import {
         key: &str,
         fields: &[String],
     ) -> Result<RowStatus> {
-        let existing = sqlx::query("SELECT id, seen_gen, state, reason, row_number FROM recipients WHERE campaign_id = ? AND row_key = ?")
-            .bind(self.campaign_id)
-            .bind(key)
-            .fetch_optional(&mut *self.tx)
-            .await?;
-        let suppressed: bool =
-            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM suppressions WHERE email_key = ?)")
-                .bind(key)
-                .fetch_one(&mut *self.tx)
-                .await?;
+        // One round trip: whether the address is suppressed, and its row if known.
+        let found = sqlx::query(
+            "SELECT EXISTS (SELECT 1 FROM suppressions WHERE email_key = ?1) AS suppressed, \
+             r.id, r.seen_gen, r.state, r.reason, r.row_number \
+             FROM (SELECT 1) LEFT JOIN recipients r ON r.campaign_id = ?2 AND r.row_key = ?1",
+        )
+        .bind(key)
+        .bind(self.campaign_id)
+        .fetch_one(&mut *self.tx)
+        .await?;
+        let suppressed: bool = found.get("suppressed");
+        let existing = found.get::<Option<i64>, _>("id").map(|_| found);
         let fields_json = serde_json::to_string(fields)?;
         let Some(existing) = existing else {
             let (state, reason) = if suppressed {
