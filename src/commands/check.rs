@@ -4,7 +4,7 @@ use std::path::Path;
 
 use anyhow::Result;
 
-use super::{load, print_capped, scan, Global};
+use super::{load, scan, Global};
 use crate::error::Exit;
 
 pub async fn check(global: &Global, path: &Path) -> Result<Exit> {
@@ -22,7 +22,7 @@ pub async fn check(global: &Global, path: &Path) -> Result<Exit> {
     };
     store.forget_if_empty(record.id).await?;
     let (counts, found) = counted?;
-    print_capped(&found.warnings, 50, "warning: ");
+    found.warnings.print(50, "warning: ");
     if loaded.campaign.message.list_unsubscribe.is_none() {
         eprintln!(
             "warning: {}: [message] has no list_unsubscribe; Gmail expects bulk mail to offer one-click unsubscribe",
@@ -30,7 +30,7 @@ pub async fn check(global: &Global, path: &Path) -> Result<Exit> {
         );
     }
     if !found.problems.is_empty() {
-        print_capped(&found.problems, 200, "error: ");
+        found.problems.print(200, "error: ");
         eprintln!(
             "{} row(s) cannot be sent; fix them, or send with --skip-invalid to skip them",
             found.problems.len()

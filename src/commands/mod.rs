@@ -68,9 +68,9 @@ pub fn load(path: &Path) -> Result<Loaded> {
 #[derive(Debug, Default)]
 pub struct Scan {
     /// Rows whose message cannot be built: they block a send.
-    pub problems: Vec<String>,
+    pub problems: Lines,
     /// Data noise (invalid, duplicate, suppressed addresses): skipped.
-    pub warnings: Vec<String>,
+    pub warnings: Lines,
     pub rows: u64,
     /// Rows that left the file unsent and become `skipped (removed)`.
     pub removed: u64,
@@ -207,19 +207,60 @@ pub fn fingerprint_changes(
     changes
 }
 
-/// Prints at most `max` lines of a list, then how many more there were.
-pub fn print_capped(lines: &[String], max: usize, prefix: &str) {
-    for line in lines.iter().take(max) {
-        eprintln!("{prefix}{line}");
+/// Messages about rows: the first few kept, all counted, so that a file
+/// full of bad rows does not grow memory.
+#[derive(Debug, Default)]
+pub struct Lines {
+    kept: Vec<String>,
+    total: usize,
+}
+
+impl Lines {
+    const KEPT: usize = 200;
+
+    pub fn push(&mut self, line: String) {
+        if self.kept.len() < Self::KEPT {
+            self.kept.push(line);
+        }
+        self.total += 1;
     }
-    if lines.len() > max {
-        eprintln!("{prefix}... and {} more", lines.len() - max);
+
+    pub fn len(&self) -> usize {
+        self.total
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.total == 0
+    }
+
+    /// Prints at most `max` lines to stderr, then how many more there were.
+    pub fn print(&self, max: usize, prefix: &str) {
+        for line in self.kept.iter().take(max) {
+            eprintln!("{prefix}{line}");
+        }
+        if self.total > max {
+            eprintln!(
+                "{prefix}... and {} more",
+                self.total - max.min(self.kept.len())
+            );
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn row_messages_are_counted_but_only_the_first_are_kept() {
+        let mut lines = Lines::default();
+        for i in 0..500 {
+            lines.push(format!("row {i}"));
+        }
+        assert_eq!(lines.len(), 500);
+        assert_eq!(lines.kept.len(), Lines::KEPT);
+        assert_eq!(lines.kept[0], "row 0");
+    }
 
     #[test]
     fn fingerprint_changes_name_the_part() {

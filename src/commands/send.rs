@@ -8,7 +8,7 @@ use tokio::sync::{mpsc, watch};
 
 use super::progress::Progress;
 use super::status::{local_time, outlook};
-use super::{fingerprint, fingerprint_changes, load, print_capped, scan, Global, Loaded};
+use super::{fingerprint, fingerprint_changes, load, scan, Global, Loaded};
 use crate::engine::{self, Renderer, RunConfig, RunEnd};
 use crate::error::{input_error, Exit};
 use crate::message::Variant;
@@ -96,10 +96,10 @@ async fn send_locked(
         }
     }
     let (mut import, found) = scan(&loaded, store, record, opts.skip_invalid).await?;
-    print_capped(&found.warnings, 20, "warning: ");
+    found.warnings.print(20, "warning: ");
     if !found.problems.is_empty() {
         import.rollback().await?;
-        print_capped(&found.problems, 200, "error: ");
+        found.problems.print(200, "error: ");
         return Err(input_error(format!(
             "{} row(s) cannot be sent and nothing was sent; fix them or use --skip-invalid",
             found.problems.len()
