@@ -200,10 +200,20 @@ impl Store {
             .connect_with(options)
             .await
             .with_context(|| format!("opening the state database {}", path.display()))?;
-        sqlx::migrate!("./migrations/sqlite")
-            .run(&pool)
-            .await
-            .with_context(|| format!("migrating the state database {}", path.display()))?;
+        // Two processes opening a new database at once both try to migrate
+        // it; sqlx takes no lock on SQLite. Each migration is one
+        // transaction, so the loser's attempt rolls back and, tried again,
+        // finds the migration applied.
+        let migrator = sqlx::migrate!("./migrations/sqlite");
+        let mut attempt = 0;
+        while let Err(e) = migrator.run(&pool).await {
+            attempt += 1;
+            if attempt == 10 {
+                return Err(anyhow::Error::new(e)
+                    .context(format!("migrating the state database {}", path.display())));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         Ok(Store { pool })
     }
 
@@ -1222,6 +1232,21 @@ mod tests {
                 .unwrap(),
             Claim::Ready { .. }
         ));
+    }
+
+    /// Regression: two processes starting on a new database at once both
+    /// migrated it, and one failed with "table campaigns already exists".
+    #[tokio::test]
+    async fn concurrent_first_opens_both_succeed() {
+        for _ in 0..5 {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("state.db");
+            let (a, b, c) =
+                tokio::join!(Store::open(&path), Store::open(&path), Store::open(&path));
+            a.unwrap();
+            b.unwrap();
+            c.unwrap();
+        }
     }
 
     #[test]

@@ -351,3 +351,50 @@ fn an_untrusted_certificate_is_fatal_and_changes_nothing() {
         "{rows:?}"
     );
 }
+
+#[test]
+fn a_second_sigint_stops_at_once_and_the_message_in_flight_becomes_unknown() {
+    let server = SmtpServer::start(&["--delay-ms", "15000"]);
+    let dir = CampaignDir::new();
+    standard_campaign(
+        &dir,
+        &recipients_csv(3),
+        &server.transport_toml("[limits]\nper_second = 1"),
+        "",
+    );
+    let child = spawn_send(&dir, &[]);
+    wait_for(
+        || dir.status()["states"]["sending"] == 1,
+        "a message in flight",
+    );
+    let started = Instant::now();
+    signal(&child, "-INT");
+    std::thread::sleep(Duration::from_millis(300));
+    signal(&child, "-INT");
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(130),
+        "stderr: {}",
+        text(&out.stderr)
+    );
+    // Well before the server would have answered the message in flight.
+    assert!(
+        started.elapsed() < Duration::from_secs(12),
+        "took {:?}",
+        started.elapsed()
+    );
+    let out = dir.run(&[
+        "send",
+        "--no-wait",
+        "--limit",
+        "0",
+        dir.campaign().to_str().unwrap(),
+    ]);
+    assert!(
+        text(&out.stderr).contains("1 recipient(s) were in flight"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(dir.status()["states"]["unknown"], 1);
+}
