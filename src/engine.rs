@@ -1,6 +1,6 @@
-//! The send loop: claims recipients from the store one at a time per
-//! connection, sends through a [`Transport`], and records each outcome as it
-//! happens. It never prints or exits; it reports [`Event`]s and returns how
+//! The send loop: claims recipients from the store (one at a time under
+//! limits, a few at once unthrottled), sends through a [`Transport`] on
+//! `connections` workers, and records each outcome as it happens. It never prints or exits; it reports [`Event`]s and returns how
 //! the run ended, and the command layer decides what the user sees.
 
 use std::collections::VecDeque;
