@@ -256,3 +256,45 @@ fn progress_bar_on_a_terminal_plain_lines_otherwise() {
     );
     assert!(err.contains("sent 8 in this run"), "{err}");
 }
+
+#[test]
+fn quiet_keeps_warnings_and_the_summary_color_follows_the_flag() {
+    let dir = CampaignDir::new();
+    let csv = "email,first_name,city\nuser1@example.com,A,X\nnot-an-address,B,Y\n";
+    standard_campaign(
+        &dir,
+        csv,
+        "[transport]\nkind = \"file\"\n",
+        "[limits]\nper_second = 100\n",
+    );
+    let out = dir.run(&["-q", "send", dir.campaign().to_str().unwrap()]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("invalid address") && err.contains("sent 1 in this run"),
+        "{err}"
+    );
+    assert!(!err.contains(" INFO "), "-q printed info lines: {err}");
+
+    // A log line (a row that left the file unsent) is coloured only when asked.
+    for (flag, ansi) in [("never", false), ("always", true)] {
+        let dir = CampaignDir::new();
+        let two = "email,first_name,city\nuser1@example.com,A,X\nuser2@example.com,B,Y\n";
+        standard_campaign(&dir, two, "[transport]\nkind = \"file\"\n", "");
+        let campaign = dir.campaign();
+        assert_eq!(
+            dir.run(&["send", "--limit", "1", campaign.to_str().unwrap()])
+                .status
+                .code(),
+            Some(75)
+        );
+        dir.write(
+            "recipients.csv",
+            "email,first_name,city\nuser1@example.com,A,X\n",
+        );
+        let out = dir.run(&["--color", flag, "send", campaign.to_str().unwrap()]);
+        let err = text(&out.stderr);
+        assert!(err.contains("left the file"), "{err}");
+        assert_eq!(err.contains('\u{1b}'), ansi, "--color {flag}: {err:?}");
+    }
+}
