@@ -268,7 +268,7 @@ impl<T: Transport, C: Clock> Worker<T, C> {
                 Next::Sleep(until_ms) => {
                     tokio::select! {
                         _ = self.clock.sleep_until(until_ms) => {}
-                        _ = self.stop.changed() => {}
+                        _ = stop_requested(&mut self.stop) => {}
                     }
                 }
                 Next::AwaitOthers => {
@@ -276,7 +276,7 @@ impl<T: Transport, C: Clock> Worker<T, C> {
                     tokio::select! {
                         _ = notified => {}
                         _ = tokio::time::sleep(Duration::from_millis(200)) => {}
-                        _ = self.stop.changed() => {}
+                        _ = stop_requested(&mut self.stop) => {}
                     }
                 }
             }
@@ -556,6 +556,14 @@ impl<T: Transport, C: Clock> Worker<T, C> {
             .oldest_leaves(window, now)
             .unwrap_or(now + 3_600_000)
             .max(now + 60_000))
+    }
+}
+
+/// Resolves when a stop is requested. If the sender is gone no stop can
+/// come any more: wait forever rather than wake a sleeping worker in a loop.
+async fn stop_requested(stop: &mut watch::Receiver<bool>) {
+    if stop.changed().await.is_err() {
+        std::future::pending::<()>().await;
     }
 }
 
