@@ -195,25 +195,34 @@ impl Store {
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(Duration::from_secs(30))
             .foreign_keys(true);
-        let pool = SqlitePoolOptions::new()
-            .max_connections(4)
-            .connect_with(options)
-            .await
-            .with_context(|| format!("opening the state database {}", path.display()))?;
-        // Two processes opening a new database at once both try to migrate
-        // it; sqlx takes no lock on SQLite. Each migration is one
-        // transaction, so the loser's attempt rolls back and, tried again,
-        // finds the migration applied.
+        // Processes opening a new database at once race to switch it to
+        // WAL (which SQLite refuses while another holds it, whatever the busy
+        // timeout) and to migrate it (sqlx takes no lock on SQLite). Each
+        // step is atomic, so the loser tries again and finds it done.
         let migrator = sqlx::migrate!("./migrations/sqlite");
         let mut attempt = 0;
-        while let Err(e) = migrator.run(&pool).await {
-            attempt += 1;
-            if attempt == 10 {
-                return Err(anyhow::Error::new(e)
-                    .context(format!("migrating the state database {}", path.display())));
+        let pool = loop {
+            let opened = async {
+                let pool = SqlitePoolOptions::new()
+                    .max_connections(4)
+                    .connect_with(options.clone())
+                    .await
+                    .with_context(|| format!("opening the state database {}", path.display()))?;
+                migrator
+                    .run(&pool)
+                    .await
+                    .with_context(|| format!("migrating the state database {}", path.display()))?;
+                anyhow::Ok(pool)
+            };
+            match opened.await {
+                Ok(pool) => break pool,
+                Err(e) if attempt == 9 => return Err(e),
+                Err(_) => {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        };
         Ok(Store { pool })
     }
 
@@ -588,20 +597,13 @@ impl Store {
     }
 
     pub async fn counts(&self, campaign_id: i64) -> Result<Counts> {
-        let mut counts: Counts = State::ALL.iter().map(|s| (s.as_str(), 0)).collect();
         let rows = sqlx::query(
-            "SELECT state, COUNT(*) AS n FROM recipients WHERE campaign_id = ? GROUP BY state",
+            "SELECT state AS st, COUNT(*) AS n FROM recipients WHERE campaign_id = ? GROUP BY state",
         )
         .bind(campaign_id)
         .fetch_all(&self.pool)
         .await?;
-        for row in rows {
-            let state: String = row.get("state");
-            if let Ok(state) = State::from_str(&state) {
-                counts.insert(state.as_str(), row.get("n"));
-            }
-        }
-        Ok(counts)
+        Ok(tally(rows))
     }
 
     /// The earliest retry time among deferred recipients.
@@ -956,7 +958,6 @@ impl Import {
 
     /// Counts per state as they would be after commit (for dry runs).
     pub async fn counts(&mut self) -> Result<Counts> {
-        let mut counts: Counts = State::ALL.iter().map(|s| (s.as_str(), 0)).collect();
         let rows = sqlx::query(
             "SELECT CASE WHEN seen_gen < ? AND state IN ('pending', 'deferred') THEN 'skipped' ELSE state END AS st, COUNT(*) AS n \
              FROM recipients WHERE campaign_id = ? GROUP BY st",
@@ -965,14 +966,19 @@ impl Import {
         .bind(self.campaign_id)
         .fetch_all(&mut *self.tx)
         .await?;
-        for row in rows {
-            let state: String = row.get("st");
-            if let Ok(state) = State::from_str(&state) {
-                counts.insert(state.as_str(), row.get("n"));
-            }
-        }
-        Ok(counts)
+        Ok(tally(rows))
     }
+}
+
+/// Counts per state from rows of `(st, n)`, every state present.
+fn tally(rows: Vec<sqlx::sqlite::SqliteRow>) -> Counts {
+    let mut counts: Counts = State::ALL.iter().map(|s| (s.as_str(), 0)).collect();
+    for row in rows {
+        if let Ok(state) = State::from_str(row.get("st")) {
+            counts.insert(state.as_str(), row.get("n"));
+        }
+    }
+    counts
 }
 
 fn hostname() -> String {
