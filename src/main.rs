@@ -70,27 +70,8 @@ enum Command {
     Send {
         /// The campaign file (TOML).
         campaign: PathBuf,
-        /// Change nothing; print what would be sent and the ETA under the limits.
-        #[arg(long)]
-        dry_run: bool,
-        /// Send at most N messages in this run (with --test-to: N test messages, default 1).
-        #[arg(long, value_name = "N")]
-        limit: Option<u64>,
-        /// Stop with exit 75 instead of waiting for a limit, a pause or a retry.
-        #[arg(long)]
-        no_wait: bool,
-        /// Send the first messages to ADDR only, subject prefixed "[TEST] "; record nothing.
-        #[arg(long, value_name = "ADDR")]
-        test_to: Option<String>,
-        /// Send again to recipients whose earlier delivery is unknown.
-        #[arg(long)]
-        resend_unknown: bool,
-        /// Skip rows whose message cannot be built instead of refusing to start.
-        #[arg(long)]
-        skip_invalid: bool,
-        /// Send even though templates or [message] changed since sending started.
-        #[arg(long)]
-        force: bool,
+        #[command(flatten)]
+        options: SendOptions,
     },
     /// Counts per state, account usage per window, next possible send, ETA.
     Status {
@@ -189,26 +170,8 @@ async fn run(command: Command, global: Global) -> anyhow::Result<Exit> {
             };
             commands::preview(&campaign, &target)
         }
-        Command::Send {
-            campaign,
-            dry_run,
-            limit,
-            no_wait,
-            test_to,
-            resend_unknown,
-            skip_invalid,
-            force,
-        } => {
-            let opts = SendOptions {
-                dry_run,
-                limit,
-                no_wait,
-                test_to,
-                resend_unknown,
-                skip_invalid,
-                force,
-            };
-            commands::send(&global, &campaign, &opts, stop_on_signals()).await
+        Command::Send { campaign, options } => {
+            commands::send(&global, &campaign, &options, stop_on_signals()).await
         }
         Command::Status { campaign, json } => commands::status(&global, &campaign, json).await,
         Command::Export {

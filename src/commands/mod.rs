@@ -72,8 +72,8 @@ pub struct Scan {
     /// Data noise (invalid, duplicate, suppressed addresses): skipped.
     pub warnings: Lines,
     pub rows: u64,
-    /// Rows that left the file unsent and become `skipped (removed)`.
-    pub removed: u64,
+    /// The file's header row: the names the templates see.
+    pub columns: Vec<String>,
 }
 
 /// Reads the recipients file into the store (not yet committed) and builds
@@ -87,11 +87,13 @@ pub async fn scan(
 ) -> Result<(Import, Scan)> {
     let campaign = &loaded.campaign;
     let mut reader = RecipientReader::open(&campaign.recipients)?;
-    let columns = reader.headers().to_vec();
     let email_index = reader.email_index();
     let file = reader.path().display().to_string();
-    let mut import = store.import(record, &columns).await?;
-    let mut scan = Scan::default();
+    let mut scan = Scan {
+        columns: reader.headers().to_vec(),
+        ..Scan::default()
+    };
+    let mut import = store.import(record, &scan.columns).await?;
     loop {
         let row = match reader.next_row() {
             Ok(Some(row)) => row,
@@ -141,7 +143,12 @@ pub async fn scan(
                 recipient.written
             )),
             RowStatus::ToSend { id } => {
-                let data = row_data(&columns, &row.fields, &recipient.written, &campaign.name);
+                let data = row_data(
+                    &scan.columns,
+                    &row.fields,
+                    &recipient.written,
+                    &campaign.name,
+                );
                 let built = loaded
                     .templates
                     .render(&data)

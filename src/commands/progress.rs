@@ -9,7 +9,6 @@ use tracing_indicatif::span_ext::IndicatifSpanExt;
 
 use super::status::local_time;
 use crate::engine::{describe_wait, Event};
-use crate::store::WaitReason;
 
 /// How often plain output reports progress.
 const PLAIN_EVERY: Duration = Duration::from_secs(10);
@@ -37,6 +36,19 @@ impl Progress {
     }
 }
 
+/// Shows what sending waits for, once: every connection may report the same wait.
+fn show_wait(bar: bool, span: &tracing::Span, last: &mut String, text: String) {
+    if *last == text {
+        return;
+    }
+    if bar {
+        span.pb_set_message(&text);
+    } else {
+        tracing::info!("{text}");
+    }
+    *last = text;
+}
+
 async fn draw(bar: bool, total: u64, mut events: mpsc::UnboundedReceiver<Event>) -> Stats {
     let span = tracing::info_span!("send");
     if bar {
@@ -52,7 +64,7 @@ async fn draw(bar: bool, total: u64, mut events: mpsc::UnboundedReceiver<Event>)
     let mut stats = Stats::default();
     let started = Instant::now();
     let mut last_line = Instant::now();
-    let mut last_pause = None;
+    let mut last_wait = String::new();
     while let Some(event) = events.recv().await {
         match event {
             Event::Sent { .. } => {
@@ -79,37 +91,25 @@ async fn draw(bar: bool, total: u64, mut events: mpsc::UnboundedReceiver<Event>)
             Event::Unbuildable { row, email, why } => {
                 tracing::warn!("row {row} ({email}): cannot build the message: {why}");
             }
-            // The pause was just reported with its reason.
-            Event::Waiting {
-                until_ms,
-                why: WaitReason::Paused(_),
-            } if last_pause == Some(until_ms) => {}
             Event::Waiting { until_ms, why } => {
                 let text = format!(
                     "{}, next send {}",
                     describe_wait(&why),
                     local_time(until_ms)
                 );
-                if bar {
-                    span.pb_set_message(&text);
-                } else {
-                    tracing::info!("{text}");
-                }
+                show_wait(bar, &span, &mut last_wait, text);
             }
             Event::WaitingForRetry { until_ms } => {
                 let text = format!(
                     "waiting for deferred retries until {}",
                     local_time(until_ms)
                 );
-                if bar {
-                    span.pb_set_message(&text);
-                } else {
-                    tracing::info!("{text}");
-                }
+                show_wait(bar, &span, &mut last_wait, text);
             }
             Event::AccountPaused { until_ms, why } => {
-                last_pause = Some(until_ms);
                 tracing::warn!("{why}; resuming at {}", local_time(until_ms));
+                // The wait that follows says the same: do not repeat it.
+                last_wait = format!("{why}, next send {}", local_time(until_ms));
             }
         }
         if !bar && last_line.elapsed() >= PLAIN_EVERY {

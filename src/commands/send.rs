@@ -17,14 +17,29 @@ use crate::store::now_ms;
 use crate::template::row_data;
 use crate::transport::{AnyTransport, Transport};
 
-#[derive(Debug, Clone, Default)]
+/// The flags of `hikyaku send` (SPEC §9), parsed by clap in `main`.
+#[derive(Debug, Clone, Default, clap::Args)]
 pub struct SendOptions {
+    /// Change nothing; print what would be sent and the ETA under the limits.
+    #[arg(long)]
     pub dry_run: bool,
+    /// Send at most N messages in this run (with --test-to: N test messages, default 1).
+    #[arg(long, value_name = "N")]
     pub limit: Option<u64>,
+    /// Stop with exit 75 instead of waiting for a limit, a pause or a retry.
+    #[arg(long)]
     pub no_wait: bool,
+    /// Send the first messages to ADDR only, subject prefixed "[TEST] "; record nothing.
+    #[arg(long, value_name = "ADDR")]
     pub test_to: Option<String>,
+    /// Send again to recipients whose earlier delivery is unknown.
+    #[arg(long)]
     pub resend_unknown: bool,
+    /// Skip rows whose message cannot be built instead of refusing to start.
+    #[arg(long)]
     pub skip_invalid: bool,
+    /// Send even though templates or [message] changed since sending started.
+    #[arg(long)]
     pub force: bool,
 }
 
@@ -108,14 +123,14 @@ async fn send_locked(
     if opts.dry_run {
         let counts = import.counts().await?;
         import.rollback().await?;
-        let remaining = counts["pending"]
-            + counts["deferred"]
+        let ready = counts["pending"]
             + if opts.resend_unknown {
                 counts["unknown"]
             } else {
                 0
             };
-        let look = outlook(store, campaign, Some(record.id), remaining).await?;
+        let remaining = ready + counts["deferred"];
+        let look = outlook(store, campaign, Some(record.id), remaining, ready).await?;
         println!(
             "dry run: {} rows, {remaining} would be sent, {} already sent, {} skipped, {} failed, {} unknown",
             found.rows, counts["sent"], counts["skipped"], counts["failed"], counts["unknown"]
@@ -144,11 +159,7 @@ async fn send_locked(
     let transport = Arc::new(AnyTransport::new(campaign).await?);
     let renderer = Arc::new(Renderer {
         templates: loaded.templates,
-        columns: store
-            .find_campaign(&campaign.name)
-            .await?
-            .map(|r| r.columns)
-            .unwrap_or_default(),
+        columns: found.columns,
         campaign_name: campaign.name.clone(),
         composer: loaded.composer,
     });

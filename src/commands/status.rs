@@ -46,13 +46,15 @@ pub struct Outlook {
     pub usage: Vec<(crate::limits::Window, u64)>,
 }
 
-/// Computes the next send and the ETA for `remaining` messages under the
-/// account's windows, pauses and the deferred retries.
+/// Computes the next send and the ETA for `remaining` messages, `ready` of
+/// them sendable now (the rest deferred), under the account's windows,
+/// pauses and the deferred retries.
 pub async fn outlook(
     store: &Store,
     campaign: &Campaign,
     campaign_id: Option<i64>,
     remaining: i64,
+    ready: i64,
 ) -> Result<Outlook> {
     let now = now_ms();
     let account = campaign.account();
@@ -69,11 +71,7 @@ pub async fn outlook(
     if let Some((until, _)) = store.account_pause(&account, now).await? {
         start = start.max(until);
     }
-    let pending = match campaign_id {
-        Some(id) => store.counts(id).await?["pending"],
-        None => remaining,
-    };
-    if pending == 0 {
+    if ready == 0 {
         if let Some(id) = campaign_id {
             if let Some(due) = store.next_retry(id).await? {
                 start = start.max(due);
@@ -101,7 +99,14 @@ pub async fn status(global: &Global, path: &Path, json: bool) -> Result<Exit> {
             .collect(),
     };
     let remaining = counts["pending"] + counts["deferred"];
-    let look = outlook(&store, &campaign, record.as_ref().map(|r| r.id), remaining).await?;
+    let look = outlook(
+        &store,
+        &campaign,
+        record.as_ref().map(|r| r.id),
+        remaining,
+        counts["pending"],
+    )
+    .await?;
     let total: i64 = counts.values().sum();
     if json {
         let out = StatusJson {
