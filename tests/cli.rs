@@ -6,7 +6,7 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use common::{recipients_csv, standard_campaign, text, CampaignDir};
+use common::{recipients_csv, standard_campaign, text, CampaignDir, FILE_TRANSPORT};
 
 fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
@@ -125,12 +125,7 @@ fn an_unknown_key_is_named_with_its_line() {
 #[test]
 fn a_malformed_csv_names_its_line_sends_nothing_and_keeps_the_state() {
     let dir = CampaignDir::new();
-    standard_campaign(
-        &dir,
-        &recipients_csv(3),
-        "[transport]\nkind = \"file\"\n",
-        "",
-    );
+    standard_campaign(&dir, &recipients_csv(3), FILE_TRANSPORT, "");
     let campaign = dir.campaign();
     assert_eq!(
         dir.run(&["send", "--limit", "1", campaign.to_str().unwrap()])
@@ -155,12 +150,7 @@ fn a_malformed_csv_names_its_line_sends_nothing_and_keeps_the_state() {
 #[test]
 fn suppression_list_add_import_remove() {
     let dir = CampaignDir::new();
-    standard_campaign(
-        &dir,
-        &recipients_csv(4),
-        "[transport]\nkind = \"file\"\n",
-        "",
-    );
+    standard_campaign(&dir, &recipients_csv(4), FILE_TRANSPORT, "");
     dir.write(
         "unsubscribed.csv",
         "name,email\nA,User1@Example.com\nB,not-an-address\n",
@@ -218,7 +208,7 @@ fn progress_bar_on_a_terminal_plain_lines_otherwise() {
     standard_campaign(
         &dir,
         &recipients_csv(8),
-        "[transport]\nkind = \"file\"\n",
+        FILE_TRANSPORT,
         "[limits]\nper_second = 10\n",
     );
     let cmd = format!(
@@ -245,7 +235,7 @@ fn progress_bar_on_a_terminal_plain_lines_otherwise() {
     standard_campaign(
         &dir,
         &recipients_csv(8),
-        "[transport]\nkind = \"file\"\n",
+        FILE_TRANSPORT,
         "[limits]\nper_second = 10\n",
     );
     let out = dir.run(&["send", dir.campaign().to_str().unwrap()]);
@@ -261,12 +251,7 @@ fn progress_bar_on_a_terminal_plain_lines_otherwise() {
 fn quiet_keeps_warnings_and_the_summary_color_follows_the_flag() {
     let dir = CampaignDir::new();
     let csv = "email,first_name,city\nuser1@example.com,A,X\nnot-an-address,B,Y\n";
-    standard_campaign(
-        &dir,
-        csv,
-        "[transport]\nkind = \"file\"\n",
-        "[limits]\nper_second = 100\n",
-    );
+    standard_campaign(&dir, csv, FILE_TRANSPORT, "[limits]\nper_second = 100\n");
     let out = dir.run(&["-q", "send", dir.campaign().to_str().unwrap()]);
     let err = text(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{err}");
@@ -280,7 +265,7 @@ fn quiet_keeps_warnings_and_the_summary_color_follows_the_flag() {
     for (flag, ansi) in [("never", false), ("always", true)] {
         let dir = CampaignDir::new();
         let two = "email,first_name,city\nuser1@example.com,A,X\nuser2@example.com,B,Y\n";
-        standard_campaign(&dir, two, "[transport]\nkind = \"file\"\n", "");
+        standard_campaign(&dir, two, FILE_TRANSPORT, "");
         let campaign = dir.campaign();
         assert_eq!(
             dir.run(&["send", "--limit", "1", campaign.to_str().unwrap()])

@@ -6,7 +6,7 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use common::{recipients_csv, standard_campaign, text, CampaignDir, SmtpServer};
+use common::{recipients_csv, standard_campaign, text, CampaignDir, SmtpServer, FILE_TRANSPORT};
 
 fn tool() -> std::path::PathBuf {
     common::ensure_python_packages();
@@ -101,12 +101,7 @@ fn ed25519_signatures_verify_independently() {
 #[test]
 fn an_unusable_key_is_an_input_error_before_anything_is_sent() {
     let dir = CampaignDir::new();
-    standard_campaign(
-        &dir,
-        &recipients_csv(2),
-        "[transport]\nkind = \"file\"\n",
-        "",
-    );
+    standard_campaign(&dir, &recipients_csv(2), FILE_TRANSPORT, "");
     dir.write(
         "keys/bad.pem",
         "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",

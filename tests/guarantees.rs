@@ -8,7 +8,7 @@ use std::collections::{HashMap, HashSet};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{recipients_csv, standard_campaign, text, CampaignDir, SmtpServer};
+use common::{recipients_csv, standard_campaign, text, CampaignDir, SmtpServer, FILE_TRANSPORT};
 use rand::{Rng, SeedableRng};
 
 /// Recipients left `sending` by one kill with `connections = 2` and no
@@ -16,11 +16,7 @@ use rand::{Rng, SeedableRng};
 const BOUND: i64 = 9;
 
 fn spawn_send(dir: &CampaignDir, extra: &[&str]) -> Child {
-    let campaign = dir.campaign();
-    let mut args = vec!["send"];
-    args.extend_from_slice(extra);
-    args.push(campaign.to_str().unwrap());
-    dir.command(&args)
+    dir.send_command(extra)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -257,12 +253,7 @@ fn a_second_runner_is_refused_and_a_dead_runners_lock_is_taken_over() {
 #[test]
 fn changed_content_after_sending_started_is_refused_unless_forced() {
     let dir = CampaignDir::new();
-    standard_campaign(
-        &dir,
-        &recipients_csv(4),
-        "[transport]\nkind = \"file\"\n",
-        "",
-    );
+    standard_campaign(&dir, &recipients_csv(4), FILE_TRANSPORT, "");
     let campaign = dir.campaign();
     let out = dir.run(&["send", "--limit", "2", campaign.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(75));
@@ -288,12 +279,7 @@ fn changed_content_after_sending_started_is_refused_unless_forced() {
 #[test]
 fn changing_limits_or_retry_is_allowed_mid_campaign() {
     let dir = CampaignDir::new();
-    standard_campaign(
-        &dir,
-        &recipients_csv(4),
-        "[transport]\nkind = \"file\"\n",
-        "",
-    );
+    standard_campaign(&dir, &recipients_csv(4), FILE_TRANSPORT, "");
     let campaign = dir.campaign();
     let out = dir.run(&["send", "--limit", "2", campaign.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(75));
@@ -325,12 +311,7 @@ fn an_unreachable_server_costs_no_attempt_and_the_run_backs_off() {
         "{}",
         text(&out.stderr)
     );
-    let rows = dir.export(None);
-    assert!(
-        rows.iter()
-            .all(|r| r["state"] == "pending" && r["attempts"] == "0"),
-        "{rows:?}"
-    );
+    dir.assert_untouched();
 }
 
 #[test]
@@ -344,12 +325,7 @@ fn an_untrusted_certificate_is_fatal_and_changes_nothing() {
     assert_eq!(out.status.code(), Some(1), "stderr: {}", text(&out.stderr));
     assert!(text(&out.stderr).contains("TLS"), "{}", text(&out.stderr));
     assert!(server.received().is_empty());
-    let rows = dir.export(None);
-    assert!(
-        rows.iter()
-            .all(|r| r["state"] == "pending" && r["attempts"] == "0"),
-        "{rows:?}"
-    );
+    dir.assert_untouched();
 }
 
 #[test]

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{recipients_csv, standard_campaign, text, CampaignDir, SmtpServer};
+use common::{recipients_csv, standard_campaign, text, CampaignDir, SmtpServer, FILE_TRANSPORT};
 
 const WINDOW: &str = "[limits]\nwindows = [{ max = 5, period = \"6s\" }]\n";
 
@@ -123,7 +123,7 @@ fn dry_run_changes_nothing_and_prints_the_eta() {
     standard_campaign(
         &dir,
         &recipients_csv(30),
-        "[transport]\nkind = \"file\"\n",
+        FILE_TRANSPORT,
         "[limits]\nper_minute = 10\nper_day = 20\n",
     );
     let out = dir.run(&["send", "--dry-run", dir.campaign().to_str().unwrap()]);

@@ -7,7 +7,7 @@ mod common;
 
 use std::process::Output;
 
-use common::{recipients_csv, standard_campaign, text, CampaignDir, SmtpServer};
+use common::{recipients_csv, standard_campaign, text, CampaignDir, SmtpServer, FILE_TRANSPORT};
 use mail_parser::{Message, MessagePart, MimeHeaders};
 
 /// Writes `campaign.toml` with the given `[message]` keys (From is set) and
@@ -20,18 +20,6 @@ fn write_campaign(dir: &CampaignDir, recipients_extra: &str, message: &str, tran
              [message]\nfrom = \"Acme <news@acme.example>\"\n{message}\n\n{transport}"
         ),
     );
-}
-
-fn send(dir: &CampaignDir, extra: &[&str]) -> Output {
-    let campaign = dir.campaign();
-    let mut args = vec!["send"];
-    args.extend_from_slice(extra);
-    args.push(campaign.to_str().unwrap());
-    dir.run(&args)
-}
-
-fn check(dir: &CampaignDir) -> Output {
-    dir.run(&["check", dir.campaign().to_str().unwrap()])
 }
 
 fn assert_exit(out: &Output, code: i32) {
@@ -106,7 +94,7 @@ fn markdown_campaign_arrives_as_alternative_with_html_and_readable_text() {
         "subject = \"News\"\nmarkdown = \"templates/m.md.hbs\"",
         &server.transport_toml(""),
     );
-    assert_exit(&send(&dir, &[]), 0);
+    assert_exit(&dir.send(&[]), 0);
 
     let received = server.received();
     assert_eq!(received.len(), 1);
@@ -157,7 +145,7 @@ fn html_only_campaign_gets_a_derived_text_part() {
         "subject = \"News\"\nhtml = \"templates/h.html.hbs\"",
         &server.transport_toml(""),
     );
-    assert_exit(&send(&dir, &[]), 0);
+    assert_exit(&dir.send(&[]), 0);
 
     let received = server.received();
     assert_eq!(received.len(), 1);
@@ -219,8 +207,8 @@ fn each_recipient_gets_their_own_attachment_byte_for_byte() {
          attachments = [\"invoices/{{customer_id}}.pdf\"]",
         &server.transport_toml(""),
     );
-    assert_exit(&check(&dir), 0);
-    assert_exit(&send(&dir, &[]), 0);
+    assert_exit(&dir.check(), 0);
+    assert_exit(&dir.send(&[]), 0);
 
     let received = server.received();
     assert_eq!(received.len(), 3);
@@ -280,7 +268,7 @@ fn an_attachment_outside_the_folder_or_missing_blocks_the_whole_send() {
         &server.transport_toml(""),
     );
 
-    for out in [check(&dir), send(&dir, &[])] {
+    for out in [dir.check(), dir.send(&[])] {
         assert_exit(&out, 2);
         let err = text(&out.stderr);
         assert!(lines_about_row(&err, 1).is_empty(), "{err}");
@@ -325,7 +313,7 @@ fn a_missing_per_recipient_attachment_names_its_row() {
          attachments = [\"invoices/{{customer_id}}.pdf\"]",
         &server.transport_toml(""),
     );
-    for out in [check(&dir), send(&dir, &[])] {
+    for out in [dir.check(), dir.send(&[])] {
         assert_exit(&out, 2);
         let err = text(&out.stderr);
         assert!(
@@ -339,7 +327,7 @@ fn a_missing_per_recipient_attachment_names_its_row() {
     assert!(server.received().is_empty());
 
     // With --skip-invalid the good row goes out and the other is skipped.
-    assert_exit(&send(&dir, &["--skip-invalid"]), 0);
+    assert_exit(&dir.send(&["--skip-invalid"]), 0);
     assert_eq!(server.deliveries().len(), 1);
     assert_eq!(server.deliveries().get("user1@example.com"), Some(&1));
     let skipped = dir.export(Some("skipped"));
@@ -361,14 +349,14 @@ fn list_unsubscribe_with_https_offers_one_click() {
         "[message]\nlist_unsubscribe = \"https://acme.example/u?e={{email}}, mailto:unsub@acme.example\"\n",
     );
     dir.write("campaign.toml", toml);
-    let out = check(&dir);
+    let out = dir.check();
     assert_exit(&out, 0);
     assert!(
         !text(&out.stderr).contains("list_unsubscribe"),
         "{}",
         text(&out.stderr)
     );
-    assert_exit(&send(&dir, &[]), 0);
+    assert_exit(&dir.send(&[]), 0);
 
     let received = server.received();
     assert_eq!(received.len(), 2);
@@ -396,7 +384,7 @@ fn list_unsubscribe_with_mailto_only_has_no_one_click_post() {
         "[message]\nlist_unsubscribe = \"mailto:unsub@acme.example?subject=unsubscribe\"\n",
     );
     dir.write("campaign.toml", toml);
-    assert_exit(&send(&dir, &[]), 0);
+    assert_exit(&dir.send(&[]), 0);
     let received = server.received();
     assert_eq!(received.len(), 1);
     let msg = received[0].parsed();
@@ -410,13 +398,8 @@ fn list_unsubscribe_with_mailto_only_has_no_one_click_post() {
 #[test]
 fn check_warns_when_there_is_no_list_unsubscribe() {
     let dir = CampaignDir::new();
-    standard_campaign(
-        &dir,
-        &recipients_csv(1),
-        "[transport]\nkind = \"file\"\n",
-        "",
-    );
-    let out = check(&dir);
+    standard_campaign(&dir, &recipients_csv(1), FILE_TRANSPORT, "");
+    let out = dir.check();
     assert_exit(&out, 0);
     let err = text(&out.stderr);
     assert!(
@@ -446,7 +429,7 @@ fn list_unsubscribe_with_an_international_address_stays_a_uri() {
          list_unsubscribe = \"https://acme.example/u?e={{email}}&n={{first_name}}, mailto:unsub@acme.example\"",
         &server.transport_toml(""),
     );
-    assert_exit(&send(&dir, &[]), 0);
+    assert_exit(&dir.send(&[]), 0);
     let received = server.received();
     assert_eq!(received.len(), 1);
     let msg = received[0].parsed();
@@ -480,7 +463,7 @@ fn shift_jis_names_arrive_decoded_in_subject_to_and_body() {
         "subject = \"{{姓}}様、11月のお知らせ\"\nto_name = \"{{姓}} {{名}}\"\ntext = \"templates/t.txt.hbs\"",
         &server.transport_toml(""),
     );
-    assert_exit(&send(&dir, &[]), 0);
+    assert_exit(&dir.send(&[]), 0);
 
     let received = server.received();
     assert_eq!(received.len(), 2);
@@ -529,7 +512,7 @@ fn injection_campaign(server: &SmtpServer, message: &str) -> CampaignDir {
 }
 
 fn assert_no_header_injection(server: &SmtpServer, dir: &CampaignDir, key: &str) {
-    for out in [check(dir), send(dir, &[])] {
+    for out in [dir.check(), dir.send(&[])] {
         assert_exit(&out, 2);
         let err = text(&out.stderr);
         for row in 2..=4 {
@@ -544,7 +527,7 @@ fn assert_no_header_injection(server: &SmtpServer, dir: &CampaignDir, key: &str)
     }
     assert!(server.received().is_empty());
 
-    assert_exit(&send(dir, &["--skip-invalid"]), 0);
+    assert_exit(&dir.send(&["--skip-invalid"]), 0);
     let received = server.received();
     assert_eq!(received.len(), 1);
     assert_eq!(received[0].rcpt_tos, ["ok@example.com"]);
@@ -583,7 +566,7 @@ fn address_syntax_in_to_name_stays_a_display_name() {
         "subject = \"News\"\nto_name = \"{{name}}\"\ntext = \"templates/t.txt.hbs\"",
         &server.transport_toml(""),
     );
-    assert_exit(&send(&dir, &[]), 0);
+    assert_exit(&dir.send(&[]), 0);
     let received = server.received();
     assert_eq!(received.len(), 1);
     assert_eq!(received[0].rcpt_tos, ["bob@example.com"]);
@@ -607,7 +590,7 @@ fn an_international_domain_is_sent_in_punycode() {
         &server.transport_toml(""),
         "",
     );
-    assert_exit(&send(&dir, &[]), 0);
+    assert_exit(&dir.send(&[]), 0);
     let received = server.received();
     assert_eq!(received.len(), 1);
     assert_eq!(received[0].rcpt_tos, ["info@xn--bcher-kva.example"]);
@@ -621,12 +604,7 @@ fn an_international_domain_is_sent_in_punycode() {
 #[test]
 fn preview_prints_the_message_of_a_row_or_an_address() {
     let dir = CampaignDir::new();
-    standard_campaign(
-        &dir,
-        &recipients_csv(3),
-        "[transport]\nkind = \"file\"\n",
-        "",
-    );
+    standard_campaign(&dir, &recipients_csv(3), FILE_TRANSPORT, "");
     let campaign = dir.campaign();
     let campaign = campaign.to_str().unwrap();
 
@@ -694,7 +672,7 @@ fn a_long_non_ascii_subject_arrives_intact() {
         "subject = \"[Acme] {{topic}}\"\ntext = \"templates/t.txt.hbs\"",
         &server.transport_toml(""),
     );
-    assert_exit(&send(&dir, &[]), 0);
+    assert_exit(&dir.send(&[]), 0);
 
     let received = server.received();
     assert_eq!(received.len(), 2);
@@ -733,7 +711,7 @@ fn cc_and_bcc_from_cells_reach_the_server_bcc_stays_hidden() {
          text = \"templates/t.txt.hbs\"",
         &server.transport_toml(""),
     );
-    assert_exit(&send(&dir, &[]), 0);
+    assert_exit(&dir.send(&[]), 0);
     let received = server.received();
     assert_eq!(received.len(), 1);
     let mut rcpts = received[0].rcpt_tos.clone();

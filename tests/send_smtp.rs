@@ -5,7 +5,9 @@ mod common;
 
 use std::collections::HashSet;
 
-use common::{recipients_csv, standard_campaign, text, CampaignDir, SmtpServer, PASSWORD};
+use common::{
+    recipients_csv, standard_campaign, text, CampaignDir, SmtpServer, FILE_TRANSPORT, PASSWORD,
+};
 use mail_parser::MimeHeaders;
 
 #[test]
@@ -141,12 +143,7 @@ fn limit_then_resume_finishes_the_rest() {
 #[test]
 fn check_names_the_template_line_of_a_missing_column() {
     let dir = CampaignDir::new();
-    standard_campaign(
-        &dir,
-        &recipients_csv(3),
-        "[transport]\nkind = \"file\"\n",
-        "",
-    );
+    standard_campaign(&dir, &recipients_csv(3), FILE_TRANSPORT, "");
     dir.write(
         "templates/body.txt.hbs",
         "Hello {{first_name}},\n\nyour coupon: {{coupon}}\n",
@@ -188,12 +185,7 @@ fn wrong_password_stops_with_exit_1_changes_nothing_and_leaks_nothing() {
     let status = dir.status();
     assert_eq!(status["states"]["pending"], 5, "{status}");
     assert_eq!(status["windows"], serde_json::json!([]));
-    let rows = dir.export(None);
-    assert!(
-        rows.iter()
-            .all(|r| r["state"] == "pending" && r["attempts"] == "0"),
-        "{rows:?}"
-    );
+    dir.assert_untouched();
     let db = std::fs::read(dir.db()).unwrap();
     assert!(!db.windows(wrong.len()).any(|w| w == wrong.as_bytes()));
     assert!(server.received().is_empty());

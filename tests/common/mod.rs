@@ -10,6 +10,9 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 
+/// The `[transport]` section writing `.eml` files into `outbox/`.
+pub const FILE_TRANSPORT: &str = "[transport]\nkind = \"file\"\n";
+
 pub const USER: &str = "sender@acme.example";
 pub const PASSWORD: &str = "s3cret-app-passw0rd";
 
@@ -232,6 +235,25 @@ impl CampaignDir {
         cmd
     }
 
+    /// `hikyaku send [extra] campaign.toml`, not yet run.
+    pub fn send_command(&self, extra: &[&str]) -> Command {
+        let campaign = self.campaign();
+        let mut args = vec!["send"];
+        args.extend_from_slice(extra);
+        args.push(campaign.to_str().unwrap());
+        self.command(&args)
+    }
+
+    /// Runs `hikyaku send [extra] campaign.toml`.
+    pub fn send(&self, extra: &[&str]) -> Output {
+        self.send_command(extra).output().unwrap()
+    }
+
+    /// Runs `hikyaku check campaign.toml`.
+    pub fn check(&self) -> Output {
+        self.run(&["check", self.campaign().to_str().unwrap()])
+    }
+
     /// `status --json` as a value.
     pub fn status(&self) -> serde_json::Value {
         let out = self.run(&["status", "--json", self.campaign().to_str().unwrap()]);
@@ -242,6 +264,17 @@ impl CampaignDir {
             text(&out.stderr)
         );
         serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// Every row still `pending` with no attempt counted: a run that
+    /// stopped before any transaction changed nothing.
+    pub fn assert_untouched(&self) {
+        let rows = self.export(None);
+        assert!(
+            rows.iter()
+                .all(|r| r["state"] == "pending" && r["attempts"] == "0"),
+            "{rows:?}"
+        );
     }
 
     /// `export` parsed: one map per row.
