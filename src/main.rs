@@ -151,6 +151,8 @@ fn main() -> ExitCode {
     let result = runtime.block_on(run(cli.command, global));
     let exit = match result {
         Ok(exit) => exit,
+        // `status | head`: the reader has all it wanted; not an error.
+        Err(_) if commands::output::closed() => Exit::Done,
         Err(err) => {
             eprintln!("error: {err:#}");
             exit_for(&err)

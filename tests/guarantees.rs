@@ -167,7 +167,7 @@ fn sigint_finishes_in_flight_messages_and_exits_130_then_resumes() {
     let child = spawn_send(&dir, &[]);
     wait_for(|| server.received().len() >= 3, "a few messages");
     signal(&child, "-INT");
-    let out = child.wait_with_output().unwrap();
+    let out = common::finish(child);
     assert_eq!(
         out.status.code(),
         Some(130),
@@ -347,7 +347,7 @@ fn a_second_sigint_stops_at_once_and_the_message_in_flight_becomes_unknown() {
     signal(&child, "-INT");
     std::thread::sleep(Duration::from_millis(300));
     signal(&child, "-INT");
-    let out = child.wait_with_output().unwrap();
+    let out = common::finish(child);
     assert_eq!(
         out.status.code(),
         Some(130),

@@ -86,12 +86,12 @@ fn another_campaign_on_the_same_account_shares_the_window() {
         .unwrap()
         .replace("test-campaign", "other-campaign");
     second.write("campaign.toml", toml);
-    let out = second
-        .command(&["send", "--no-wait", second.campaign().to_str().unwrap()])
-        .arg("--db")
-        .arg(first.db())
-        .output()
-        .unwrap();
+    let out = common::output(
+        second
+            .command(&["send", "--no-wait", second.campaign().to_str().unwrap()])
+            .arg("--db")
+            .arg(first.db()),
+    );
     assert_eq!(out.status.code(), Some(75), "stderr: {}", text(&out.stderr));
     assert_eq!(server.received().len(), 5);
 }

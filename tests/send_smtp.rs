@@ -105,12 +105,11 @@ fn the_password_comes_from_a_file_or_a_command() {
         dir.write("secret.txt", format!("{PASSWORD}\n"));
         standard_campaign(&dir, &recipients_csv(2), &server.transport_toml(source), "");
         // password_command runs in the campaign's folder, wherever hikyaku runs.
-        let out = dir
-            .command(&["send", dir.campaign().to_str().unwrap()])
-            .env_remove("HIKYAKU_SMTP_PASSWORD")
-            .current_dir(std::env::temp_dir())
-            .output()
-            .unwrap();
+        let out = common::output(
+            dir.command(&["send", dir.campaign().to_str().unwrap()])
+                .env_remove("HIKYAKU_SMTP_PASSWORD")
+                .current_dir(std::env::temp_dir()),
+        );
         assert_eq!(
             out.status.code(),
             Some(0),
@@ -172,11 +171,10 @@ fn wrong_password_stops_with_exit_1_changes_nothing_and_leaks_nothing() {
     let dir = CampaignDir::new();
     standard_campaign(&dir, &recipients_csv(5), &server.transport_toml(""), "");
     let wrong = "wr0ng-Passw0rd-xyz";
-    let out = dir
-        .command(&["-vv", "send", dir.campaign().to_str().unwrap()])
-        .env("HIKYAKU_SMTP_PASSWORD", wrong)
-        .output()
-        .unwrap();
+    let out = common::output(
+        dir.command(&["-vv", "send", dir.campaign().to_str().unwrap()])
+            .env("HIKYAKU_SMTP_PASSWORD", wrong),
+    );
     assert_eq!(out.status.code(), Some(1), "stderr: {}", text(&out.stderr));
     let err = text(&out.stderr);
     assert!(err.contains("535"), "{err}");

@@ -1,10 +1,11 @@
 //! `hikyaku check`: everything `send` would refuse, found without sending.
 
+use std::io::Write as _;
 use std::path::Path;
 
 use anyhow::Result;
 
-use super::{load, scan, Global};
+use super::{load, output, scan, Global};
 use crate::error::Exit;
 
 pub async fn check(global: &Global, path: &Path) -> Result<Exit> {
@@ -37,13 +38,14 @@ pub async fn check(global: &Global, path: &Path) -> Result<Exit> {
         );
         return Ok(Exit::Usage);
     }
-    println!(
+    writeln!(
+        output::stdout(),
         "{}: {} rows, {} to send, {} already sent, {} skipped",
         path.display(),
         found.rows,
         counts["pending"] + counts["deferred"],
         counts["sent"],
         counts["skipped"],
-    );
+    )?;
     Ok(Exit::Done)
 }

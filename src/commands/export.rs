@@ -6,7 +6,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 
-use super::Global;
+use super::{output, Global};
 use crate::campaign::Campaign;
 use crate::error::{input_error, Exit};
 use crate::store::{rfc3339, State};
@@ -29,7 +29,7 @@ pub async fn export(
         Some(file) => Box::new(std::io::BufWriter::new(
             std::fs::File::create(file).with_context(|| format!("creating {}", file.display()))?,
         )),
-        None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
+        None => Box::new(std::io::BufWriter::new(output::stdout())),
     };
     let mut out = csv::Writer::from_writer(sink);
     let email_column = &campaign.recipients.email_column;

@@ -5,6 +5,7 @@
 mod check;
 mod export;
 mod init;
+pub mod output;
 mod preview;
 mod progress;
 mod send;

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use anyhow::Result;
 
-use super::load;
+use super::{load, output};
 use crate::error::{input_error, Exit};
 use crate::message::Variant;
 use crate::recipients::{parse_address, RecipientReader};
@@ -65,7 +65,7 @@ pub fn preview(path: &Path, target: &PreviewTarget) -> Result<Exit> {
             .render(&data)
             .and_then(|r| loaded.composer.build(&r, &recipient, Variant::default()))
             .map_err(|why| input_error(format!("{at}: {why}")))?;
-        std::io::stdout().write_all(&out.bytes)?;
+        output::stdout().write_all(&out.bytes)?;
         return Ok(Exit::Done);
     }
     Err(input_error(match target {

@@ -5,6 +5,7 @@
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
+use tracing::Instrument as _;
 use tracing_indicatif::span_ext::IndicatifSpanExt;
 
 use super::status::local_time;
@@ -25,8 +26,13 @@ pub struct Stats {
 
 impl Progress {
     pub fn start(bar: bool, total: u64, events: mpsc::UnboundedReceiver<Event>) -> Progress {
+        // The span is entered around each poll of the task, on whichever
+        // thread polls it. A guard from `Span::enter` held across an await
+        // would leave it entered on one worker thread and exited on another,
+        // and the registry later panicked cloning it after it closed.
+        let span = tracing::info_span!("send");
         Progress {
-            task: tokio::spawn(draw(bar, total, events)),
+            task: tokio::spawn(draw(bar, total, events, span.clone()).instrument(span)),
         }
     }
 
@@ -49,8 +55,12 @@ fn show_wait(bar: bool, span: &tracing::Span, last: &mut String, text: String) {
     *last = text;
 }
 
-async fn draw(bar: bool, total: u64, mut events: mpsc::UnboundedReceiver<Event>) -> Stats {
-    let span = tracing::info_span!("send");
+async fn draw(
+    bar: bool,
+    total: u64,
+    mut events: mpsc::UnboundedReceiver<Event>,
+    span: tracing::Span,
+) -> Stats {
     if bar {
         if let Ok(style) = indicatif::ProgressStyle::with_template(
             "{bar:30.cyan/blue} {pos}/{len} sent  {per_sec}  ETA {eta}  {msg}",
@@ -60,7 +70,6 @@ async fn draw(bar: bool, total: u64, mut events: mpsc::UnboundedReceiver<Event>)
         span.pb_set_length(total);
         span.pb_start();
     }
-    let _entered = span.enter();
     let mut stats = Stats::default();
     let started = Instant::now();
     let mut last_line = Instant::now();

@@ -1,5 +1,6 @@
 //! `hikyaku send`: checks every row, then sends or resumes the campaign.
 
+use std::io::Write as _;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -8,7 +9,7 @@ use tokio::sync::{mpsc, watch};
 
 use super::progress::Progress;
 use super::status::{local_time, outlook};
-use super::{fingerprint, fingerprint_changes, load, scan, Global, Loaded};
+use super::{fingerprint, fingerprint_changes, load, output, scan, Global, Loaded};
 use crate::engine::{self, Renderer, RunConfig, RunEnd};
 use crate::error::{input_error, Exit};
 use crate::message::Variant;
@@ -58,7 +59,7 @@ pub async fn send(
 ) -> Result<Exit> {
     let loaded = load(path)?;
     if let Some(test_to) = &opts.test_to {
-        return send_test(&loaded, test_to, opts.limit.unwrap_or(1)).await;
+        return send_test(&loaded, test_to, opts.limit.unwrap_or(1), opts.dry_run).await;
     }
     let store = global.store().await?;
     let record = store.campaign(&loaded.campaign.name).await?;
@@ -131,16 +132,18 @@ async fn send_locked(
             };
         let remaining = ready + counts["deferred"];
         let look = outlook(store, campaign, Some(record.id), remaining, ready).await?;
-        println!(
+        let mut out = output::stdout();
+        writeln!(
+            out,
             "dry run: {} rows, {remaining} would be sent, {} already sent, {} skipped, {} failed, {} unknown",
             found.rows, counts["sent"], counts["skipped"], counts["failed"], counts["unknown"]
-        );
-        println!("account {}", campaign.account());
+        )?;
+        writeln!(out, "account {}", campaign.account())?;
         for (w, used) in &look.usage {
-            println!("  {}: {used}/{} used", w.describe(), w.max);
+            writeln!(out, "  {}: {used}/{} used", w.describe(), w.max)?;
         }
         if let Some(eta) = look.eta_ms {
-            println!("eta under the limits: {}", local_time(eta));
+            writeln!(out, "eta under the limits: {}", local_time(eta))?;
         }
         return Ok(Exit::Done);
     }
@@ -244,15 +247,20 @@ async fn send_locked(
 }
 
 /// `--test-to`: the first `limit` rendered messages to one address, subject
-/// prefixed "[TEST] ", nothing recorded.
-async fn send_test(loaded: &Loaded, test_to: &str, limit: u64) -> Result<Exit> {
+/// prefixed "[TEST] ", nothing recorded. With `--dry-run` they are only
+/// listed: a dry run never sends, whatever else is asked (SPEC §9).
+async fn send_test(loaded: &Loaded, test_to: &str, limit: u64, dry_run: bool) -> Result<Exit> {
     let campaign = &loaded.campaign;
     let tester = parse_address(test_to).map_err(|why| {
         input_error(format!(
             "--test-to {test_to:?} is not a valid address: {why}"
         ))
     })?;
-    let transport = AnyTransport::new(campaign).await?;
+    let transport = if dry_run {
+        None
+    } else {
+        Some(AnyTransport::new(campaign).await?)
+    };
     let mut reader = RecipientReader::open(&campaign.recipients)?;
     let columns = reader.headers().to_vec();
     let email_index = reader.email_index();
@@ -287,6 +295,17 @@ async fn send_test(loaded: &Loaded, test_to: &str, limit: u64) -> Result<Exit> {
                 )
             })
             .map_err(|why| input_error(format!("{at}: {why}")))?;
+        let Some(transport) = &transport else {
+            writeln!(
+                output::stdout(),
+                "dry run: would send the test message for row {} ({}) to {}",
+                row.number,
+                recipient.written,
+                tester.ascii
+            )?;
+            sent += 1;
+            continue;
+        };
         match transport.send(&out).await {
             Ok(reply) => eprintln!(
                 "test message for row {} ({}) sent to {}: {reply}",
@@ -299,6 +318,13 @@ async fn send_test(loaded: &Loaded, test_to: &str, limit: u64) -> Result<Exit> {
         }
         sent += 1;
     }
+    let Some(transport) = transport else {
+        eprintln!(
+            "dry run: {sent} test message(s) would be sent to {}; nothing was sent or recorded",
+            tester.ascii
+        );
+        return Ok(Exit::Done);
+    };
     transport.shutdown().await;
     eprintln!(
         "{sent} test message(s) sent to {}; nothing was recorded",

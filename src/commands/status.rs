@@ -1,11 +1,12 @@
 //! `hikyaku status`: where a campaign stands, and when it can go on.
 
+use std::io::Write as _;
 use std::path::Path;
 
 use anyhow::Result;
 use serde::Serialize;
 
-use super::Global;
+use super::{output, Global};
 use crate::campaign::Campaign;
 use crate::error::Exit;
 use crate::store::{now_ms, rfc3339, Counts, Store};
@@ -138,30 +139,32 @@ pub async fn status(global: &Global, path: &Path, json: bool) -> Result<Exit> {
             next_send_at: look.next_send_ms.map(rfc3339),
             eta: look.eta_ms.map(rfc3339),
         };
-        println!("{}", serde_json::to_string(&out)?);
+        writeln!(output::stdout(), "{}", serde_json::to_string(&out)?)?;
         return Ok(Exit::Done);
     }
-    println!("campaign {}: {total} rows", campaign.name);
+    let mut out = output::stdout();
+    writeln!(out, "campaign {}: {total} rows", campaign.name)?;
     if record.is_none() {
-        println!(
+        writeln!(
+            out,
             "  not started yet (hikyaku send {} starts it)",
             path.display()
-        );
+        )?;
     }
     let states: Vec<String> = crate::store::State::ALL
         .iter()
         .map(|s| format!("{} {}", s.as_str(), counts[s.as_str()]))
         .collect();
-    println!("  {}", states.join(", "));
-    println!("account {}", campaign.account());
+    writeln!(out, "  {}", states.join(", "))?;
+    writeln!(out, "account {}", campaign.account())?;
     for (w, used) in &look.usage {
-        println!("  {}: {used}/{} used", w.describe(), w.max);
+        writeln!(out, "  {}: {used}/{} used", w.describe(), w.max)?;
     }
     if let Some(next) = look.next_send_ms {
-        println!("next send: {}", local_time(next));
+        writeln!(out, "next send: {}", local_time(next))?;
     }
     if let Some(eta) = look.eta_ms {
-        println!("eta: {}", local_time(eta));
+        writeln!(out, "eta: {}", local_time(eta))?;
     }
     Ok(Exit::Done)
 }

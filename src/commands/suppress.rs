@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 
-use super::Global;
+use super::{output, Global};
 use crate::error::{input_error, Exit};
 use crate::recipients::parse_address;
 use crate::store::rfc3339;
@@ -42,7 +42,7 @@ pub async fn suppress(global: &Global, action: &SuppressAction) -> Result<Exit> 
             eprintln!("{removed} address(es) removed from the suppression list");
         }
         SuppressAction::List => {
-            let mut out = csv::Writer::from_writer(std::io::stdout().lock());
+            let mut out = csv::Writer::from_writer(std::io::BufWriter::new(output::stdout()));
             out.write_record(["email", "reason", "added_at"])?;
             for (email, reason, at) in store.suppressions().await? {
                 out.write_record([email, reason, rfc3339(at)])?;

@@ -220,7 +220,7 @@ impl CampaignDir {
 
     /// Runs `hikyaku` with this folder's database and the test password.
     pub fn run(&self, args: &[&str]) -> Output {
-        self.command(args).output().unwrap()
+        output(&mut self.command(args))
     }
 
     pub fn command(&self, args: &[&str]) -> Command {
@@ -231,6 +231,7 @@ impl CampaignDir {
             .env("HIKYAKU_SMTP_PASSWORD", PASSWORD)
             .env_remove("HIKYAKU_DB")
             .env("NO_COLOR", "1")
+            .env("RUST_BACKTRACE", "1")
             .stdin(Stdio::null());
         cmd
     }
@@ -246,7 +247,7 @@ impl CampaignDir {
 
     /// Runs `hikyaku send [extra] campaign.toml`.
     pub fn send(&self, extra: &[&str]) -> Output {
-        self.send_command(extra).output().unwrap()
+        output(&mut self.send_command(extra))
     }
 
     /// Runs `hikyaku check campaign.toml`.
@@ -305,6 +306,28 @@ impl CampaignDir {
             })
             .collect()
     }
+}
+
+/// Runs the binary to its end; see [`no_panic`].
+pub fn output(cmd: &mut Command) -> Output {
+    no_panic(cmd.output().unwrap())
+}
+
+/// Waits for a spawned binary; see [`no_panic`].
+pub fn finish(child: Child) -> Output {
+    no_panic(child.wait_with_output().unwrap())
+}
+
+/// Fails the test if the binary panicked (SPEC §11), even in a thread that
+/// did not change its exit code. Every run of the binary goes through here.
+pub fn no_panic(out: Output) -> Output {
+    let said = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    assert!(
+        !said.contains("panicked") && out.status.code() != Some(101),
+        "hikyaku panicked ({}): {said}",
+        out.status
+    );
+    out
 }
 
 pub fn text(bytes: &[u8]) -> String {
