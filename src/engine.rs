@@ -13,11 +13,9 @@ use tokio::sync::{mpsc, watch, Mutex, Notify};
 
 use crate::campaign::RetryConfig;
 use crate::limits::Window;
-use crate::message::{Composer, Outgoing, Variant};
-use crate::recipients::parse_address;
+use crate::personalize::Pipeline;
 use crate::reply::{Origin, Pause, Reply, ReplyClass};
 use crate::store::{now_ms, Candidate, Claim, Outcome, Ready, Store, WaitReason};
-use crate::template::{row_data, Templates};
 use crate::transport::Transport;
 
 /// Permanent failures in a row with the same code that stop the run: by
@@ -59,28 +57,6 @@ pub fn claim_batch(config: &RunConfig) -> usize {
         (17usize.saturating_sub(config.connections)).clamp(1, 8)
     } else {
         1
-    }
-}
-
-/// Turns a stored recipient into its message.
-pub struct Renderer {
-    pub templates: Templates,
-    pub columns: Vec<String>,
-    pub campaign_name: String,
-    pub composer: Composer,
-}
-
-impl Renderer {
-    pub fn build(&self, candidate: &Candidate) -> std::result::Result<Outgoing, String> {
-        let to = parse_address(&candidate.address)?;
-        let data = row_data(
-            &self.columns,
-            &candidate.fields,
-            &candidate.email,
-            &self.campaign_name,
-        );
-        let rendered = self.templates.render(&data)?;
-        self.composer.build(&rendered, &to, Variant::default())
     }
 }
 
@@ -170,7 +146,7 @@ pub async fn run<T: Transport, C: Clock>(
     store: Store,
     transport: Arc<T>,
     clock: Arc<C>,
-    renderer: Arc<Renderer>,
+    pipeline: Arc<Pipeline>,
     config: RunConfig,
     events: mpsc::UnboundedSender<Event>,
     stop: watch::Receiver<bool>,
@@ -191,7 +167,7 @@ pub async fn run<T: Transport, C: Clock>(
             store: store.clone(),
             transport: transport.clone(),
             clock: clock.clone(),
-            renderer: renderer.clone(),
+            pipeline: pipeline.clone(),
             config: config.clone(),
             events: events.clone(),
             stop: stop.clone(),
@@ -234,7 +210,7 @@ struct Worker<T, C> {
     store: Store,
     transport: Arc<T>,
     clock: Arc<C>,
-    renderer: Arc<Renderer>,
+    pipeline: Arc<Pipeline>,
     config: Arc<RunConfig>,
     events: mpsc::UnboundedSender<Event>,
     stop: watch::Receiver<bool>,
@@ -305,7 +281,7 @@ impl<T: Transport, C: Clock> Worker<T, C> {
             max = max.min(usize::try_from(limit - shared.claimed).unwrap_or(usize::MAX));
         }
         let cfg = &self.config;
-        let renderer = self.renderer.clone();
+        let pipeline = self.pipeline.clone();
         let claim = self
             .store
             .claim(
@@ -314,7 +290,7 @@ impl<T: Transport, C: Clock> Worker<T, C> {
                 &cfg.windows,
                 self.clock.now_ms(),
                 max,
-                |c| renderer.build(c),
+                |c| pipeline.build_stored(c).map_err(|e| e.to_string()),
             )
             .await?;
         match claim {
@@ -582,6 +558,7 @@ pub fn describe_wait(why: &WaitReason) -> String {
 mod tests {
     use super::*;
     use crate::campaign::Campaign;
+    use crate::message::Outgoing;
     use crate::store::CampaignRecord;
     use std::sync::atomic::{AtomicI64, Ordering};
     use std::sync::Mutex as StdMutex;
@@ -630,7 +607,7 @@ mod tests {
         _dir: tempfile::TempDir,
         store: Store,
         record: CampaignRecord,
-        renderer: Arc<Renderer>,
+        pipeline: Arc<Pipeline>,
         campaign: Campaign,
     }
 
@@ -662,17 +639,12 @@ mod tests {
                 .unwrap();
         }
         import.commit().await.unwrap();
-        let renderer = Arc::new(Renderer {
-            templates: Templates::compile(&campaign).unwrap(),
-            columns,
-            campaign_name: "c".into(),
-            composer: Composer::plain(dir.path()),
-        });
+        let pipeline = Arc::new(Pipeline::new(&campaign, columns, 0).unwrap());
         Setup {
             _dir: dir,
             store,
             record,
-            renderer,
+            pipeline,
             campaign,
         }
     }
@@ -705,7 +677,7 @@ mod tests {
             s.store.clone(),
             transport.clone(),
             clock,
-            s.renderer.clone(),
+            s.pipeline.clone(),
             cfg,
             tx,
             stop,

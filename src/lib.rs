@@ -10,6 +10,7 @@ pub mod engine;
 pub mod error;
 pub mod limits;
 pub mod message;
+pub mod personalize;
 pub mod recipients;
 pub mod reply;
 pub mod store;

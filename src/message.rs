@@ -63,36 +63,113 @@ const RESERVED: &[&str] = &[
     "return-path",
 ];
 
+/// Why a header of one recipient's message cannot be written.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HeaderError {
+    #[error("{what} renders with a line break, which could forge headers")]
+    LineBreak { what: String },
+    #[error("{what} renders with the control character U+{code:04X}")]
+    Control { what: String, code: u32 },
+    #[error("{what} {value:?} is not a valid mailbox: {why}")]
+    NotMailbox {
+        what: String,
+        value: String,
+        why: String,
+    },
+    #[error("{what} {value:?} is not a valid address list: {why}")]
+    NotAddressList {
+        what: String,
+        value: String,
+        why: String,
+    },
+    #[error("{what} address {address:?}: {why}")]
+    Address {
+        what: String,
+        address: String,
+        why: String,
+    },
+    #[error("list_unsubscribe {uri:?} must be an https: or mailto: URI")]
+    UnsubscribeScheme { uri: String },
+    #[error("list_unsubscribe {uri:?} contains '<', '>' or a space")]
+    UnsubscribeChars { uri: String },
+    #[error("header name {name:?} is not a valid header name")]
+    BadName { name: String },
+    #[error("header {name} is set by hikyaku and cannot be given in [message] headers")]
+    Reserved { name: String },
+}
+
+/// Why an attachment of one recipient's message cannot be added.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AttachmentError {
+    #[error("attachment path renders empty")]
+    Empty,
+    #[error("attachment path: {0}")]
+    Path(HeaderError),
+    #[error("attachment {path:?} leaves the campaign folder (absolute path or '..')")]
+    Escapes { path: String },
+    #[error("attachment {path:?} is a link leading outside the campaign folder")]
+    Link { path: String },
+    /// Missing or unreadable, in the system's words.
+    #[error("attachment {path:?}: {why}")]
+    Unreadable { path: String, why: String },
+    #[error("campaign folder {dir}: {why}")]
+    CampaignDir { dir: String, why: String },
+    #[error("attachment {path}: {why}")]
+    ContentType { path: String, why: String },
+}
+
+/// Why one recipient's message cannot be built from its rendered parts.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ComposeError {
+    #[error(transparent)]
+    Header(#[from] HeaderError),
+    #[error(transparent)]
+    Attachment(#[from] AttachmentError),
+    #[error("the message has no body")]
+    NoBody,
+    #[error("building the message: {0}")]
+    Build(String),
+}
+
 /// Refuses a header value with CR, LF or another control character: a CSV
 /// cell must never be able to add a header or a recipient.
-pub fn check_header_value(what: &str, value: &str) -> Result<(), String> {
+pub fn check_header_value(what: &str, value: &str) -> Result<(), HeaderError> {
     match value.chars().find(|c| c.is_control() && *c != '\t') {
         None => Ok(()),
-        Some('\r') | Some('\n') => Err(format!(
-            "{what} renders with a line break, which could forge headers"
-        )),
-        Some(c) => Err(format!(
-            "{what} renders with the control character U+{:04X}",
-            c as u32
-        )),
+        Some('\r') | Some('\n') => Err(HeaderError::LineBreak {
+            what: what.to_string(),
+        }),
+        Some(c) => Err(HeaderError::Control {
+            what: what.to_string(),
+            code: c as u32,
+        }),
     }
 }
 
 /// A mailbox in the form it is sent in: its domain in punycode, as for the
 /// recipients (SPEC §3), because lettre keeps an international domain as
 /// written and would put raw UTF-8 into the envelope and the headers.
-fn wire_mailbox(what: &str, mbox: Mailbox) -> Result<Mailbox, String> {
+fn wire_mailbox(what: &str, mbox: Mailbox) -> Result<Mailbox, HeaderError> {
     let written = mbox.email.to_string();
     let address = parse_address(&written)
+        .map_err(|e| e.to_string())
         .and_then(|r| lettre::Address::from_str(&r.ascii).map_err(|e| e.to_string()))
-        .map_err(|why| format!("{what} address {written:?}: {why}"))?;
+        .map_err(|why| HeaderError::Address {
+            what: what.to_string(),
+            address: written,
+            why,
+        })?;
     Ok(Mailbox::new(mbox.name, address))
 }
 
-fn mailboxes(what: &str, value: &str) -> Result<Vec<Mailbox>, String> {
+fn mailboxes(what: &str, value: &str) -> Result<Vec<Mailbox>, HeaderError> {
     check_header_value(what, value)?;
     Mailboxes::from_str(value)
-        .map_err(|e| format!("{what} {value:?} is not a valid address list: {e}"))?
+        .map_err(|e| HeaderError::NotAddressList {
+            what: what.to_string(),
+            value: value.to_string(),
+            why: e.to_string(),
+        })?
         .into_iter()
         .map(|mbox| wire_mailbox(what, mbox))
         .collect()
@@ -171,7 +248,7 @@ impl Composer {
         rendered: &Rendered,
         to: &Recipient,
         variant: Variant<'_>,
-    ) -> Result<Outgoing, String> {
+    ) -> Result<Outgoing, ComposeError> {
         let mut message = compose(rendered, to, &self.campaign_dir, variant)?;
         if let Some(dkim) = &self.dkim {
             message.message.sign(dkim);
@@ -229,10 +306,14 @@ fn compose(
     to: &Recipient,
     campaign_dir: &Path,
     variant: Variant<'_>,
-) -> Result<Composed, String> {
+) -> Result<Composed, ComposeError> {
     check_header_value("from", &rendered.from)?;
     let from = Mailbox::from_str(&rendered.from)
-        .map_err(|e| format!("from {:?} is not a valid mailbox: {e}", rendered.from))
+        .map_err(|e| HeaderError::NotMailbox {
+            what: "from".to_string(),
+            value: rendered.from.clone(),
+            why: e.to_string(),
+        })
         .and_then(|mbox| wire_mailbox("from", mbox))?;
     let subject = match variant.test_to {
         Some(_) => format!("[TEST] {}", rendered.subject),
@@ -248,8 +329,12 @@ fn compose(
         check_header_value("to_name", name)?;
     }
     let target = variant.test_to.unwrap_or(to);
-    let to_address = lettre::Address::from_str(&target.ascii)
-        .map_err(|e| format!("address {}: {e}", target.ascii))?;
+    let to_address =
+        lettre::Address::from_str(&target.ascii).map_err(|e| HeaderError::Address {
+            what: "to".to_string(),
+            address: target.ascii.clone(),
+            why: e.to_string(),
+        })?;
     let mut builder = Message::builder()
         .from(from.clone())
         .to(Mailbox::new(to_name.map(str::to_string), to_address))
@@ -292,14 +377,16 @@ fn compose(
         for uri in &uris {
             let lower = uri.to_ascii_lowercase();
             if !(lower.starts_with("https://") || lower.starts_with("mailto:")) {
-                return Err(format!(
-                    "list_unsubscribe {uri:?} must be an https: or mailto: URI"
-                ));
+                return Err(HeaderError::UnsubscribeScheme {
+                    uri: uri.to_string(),
+                }
+                .into());
             }
             if uri.contains(['<', '>']) || uri.contains(char::is_whitespace) {
-                return Err(format!(
-                    "list_unsubscribe {uri:?} contains '<', '>' or a space"
-                ));
+                return Err(HeaderError::UnsubscribeChars {
+                    uri: uri.to_string(),
+                }
+                .into());
             }
         }
         let header = uris
@@ -325,16 +412,14 @@ fn compose(
         let valid_name =
             !name.is_empty() && name.bytes().all(|b| b.is_ascii_graphic() && b != b':');
         if !valid_name {
-            return Err(format!("header name {name:?} is not a valid header name"));
+            return Err(HeaderError::BadName { name: name.clone() }.into());
         }
         if RESERVED.contains(&name.to_ascii_lowercase().as_str()) {
-            return Err(format!(
-                "header {name} is set by hikyaku and cannot be given in [message] headers"
-            ));
+            return Err(HeaderError::Reserved { name: name.clone() }.into());
         }
         check_header_value(&format!("header {name}"), value)?;
         let header_name = HeaderName::new_from_ascii(name.clone())
-            .map_err(|e| format!("header name {name:?}: {e}"))?;
+            .map_err(|_| HeaderError::BadName { name: name.clone() })?;
         builder = builder.raw_header(HeaderValue::new(header_name, value.clone()));
     }
 
@@ -345,7 +430,7 @@ fn compose(
         )),
         (Some(text), None) => Body::Single(SinglePart::plain(text.clone())),
         (None, Some(html)) => Body::Single(SinglePart::html(html.clone())),
-        (None, None) => return Err("the message has no body".to_string()),
+        (None, None) => return Err(ComposeError::NoBody),
     };
     let message = if rendered.attachments.is_empty() {
         match body {
@@ -361,12 +446,15 @@ fn compose(
             let (name, bytes) = read_attachment(campaign_dir, rel)?;
             let mime = mime_guess::from_path(&name).first_or_octet_stream();
             let content_type =
-                ContentType::parse(mime.as_ref()).map_err(|e| format!("attachment {rel}: {e}"))?;
+                ContentType::parse(mime.as_ref()).map_err(|e| AttachmentError::ContentType {
+                    path: rel.clone(),
+                    why: e.to_string(),
+                })?;
             mixed = mixed.singlepart(Attachment::new(name).body(bytes, content_type));
         }
         builder.multipart(mixed)
     }
-    .map_err(|e| format!("building the message: {e}"))?;
+    .map_err(|e| ComposeError::Build(e.to_string()))?;
 
     Ok(Composed {
         message,
@@ -395,33 +483,34 @@ fn ascii_uri(uri: &str) -> String {
 
 /// Reads an attachment whose rendered path must stay inside the campaign
 /// folder: no absolute path, no `..`, no link leading outside.
-fn read_attachment(campaign_dir: &Path, rel: &str) -> Result<(String, Vec<u8>), String> {
-    check_header_value("attachment path", rel)?;
+fn read_attachment(campaign_dir: &Path, rel: &str) -> Result<(String, Vec<u8>), AttachmentError> {
+    check_header_value("attachment path", rel).map_err(AttachmentError::Path)?;
     let path = Path::new(rel.trim());
     if rel.trim().is_empty() {
-        return Err("attachment path renders empty".to_string());
+        return Err(AttachmentError::Empty);
     }
+    let shown = || rel.to_string();
     if path
         .components()
         .any(|c| !matches!(c, Component::Normal(_) | Component::CurDir))
     {
-        return Err(format!(
-            "attachment {rel:?} leaves the campaign folder (absolute path or '..')"
-        ));
+        return Err(AttachmentError::Escapes { path: shown() });
     }
     let root = campaign_dir
         .canonicalize()
-        .map_err(|e| format!("campaign folder {}: {e}", campaign_dir.display()))?;
-    let full = root
-        .join(path)
-        .canonicalize()
-        .map_err(|e| format!("attachment {rel:?}: {e}"))?;
+        .map_err(|e| AttachmentError::CampaignDir {
+            dir: campaign_dir.display().to_string(),
+            why: e.to_string(),
+        })?;
+    let unreadable = |e: std::io::Error| AttachmentError::Unreadable {
+        path: shown(),
+        why: e.to_string(),
+    };
+    let full = root.join(path).canonicalize().map_err(unreadable)?;
     if !full.starts_with(&root) {
-        return Err(format!(
-            "attachment {rel:?} is a link leading outside the campaign folder"
-        ));
+        return Err(AttachmentError::Link { path: shown() });
     }
-    let bytes = std::fs::read(&full).map_err(|e| format!("attachment {rel:?}: {e}"))?;
+    let bytes = std::fs::read(&full).map_err(unreadable)?;
     let name = full
         .file_name()
         .and_then(|n| n.to_str())
@@ -478,12 +567,18 @@ mod tests {
         let err = Composer::plain(Path::new("."))
             .build(&r, &to, Variant::default())
             .unwrap_err();
-        assert!(err.contains("subject"), "{err}");
+        assert_eq!(
+            err,
+            ComposeError::Header(HeaderError::LineBreak {
+                what: "subject".into()
+            })
+        );
         let mut r = rendered();
         r.to_name = Some("Alice\nBcc: victim@example.com".into());
         assert!(Composer::plain(Path::new("."))
             .build(&r, &to, Variant::default())
             .unwrap_err()
+            .to_string()
             .contains("to_name"));
     }
 

@@ -166,28 +166,41 @@ pub struct Recipient {
     pub key: String,
 }
 
+/// Why a cell is not an address hikyaku can send to.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AddressError {
+    #[error("empty address")]
+    Empty,
+    #[error("contains spaces or control characters")]
+    Whitespace,
+    /// Not an RFC 5321 mailbox; the reason in lettre's words.
+    #[error("{0}")]
+    Syntax(String),
+    #[error("the domain {0:?} is not a valid international domain")]
+    Idna(String),
+    #[error("the domain {0:?} is not a full domain name")]
+    NotFullDomain(String),
+}
+
 /// Validates one address as an RFC 5321 mailbox with a domain that has a
 /// dot, and gives its wire form and identity key.
-pub fn parse_address(raw: &str) -> std::result::Result<Recipient, String> {
+pub fn parse_address(raw: &str) -> std::result::Result<Recipient, AddressError> {
     let written = raw.trim();
     if written.is_empty() {
-        return Err("empty address".to_string());
+        return Err(AddressError::Empty);
     }
     if written.chars().any(|c| c.is_control() || c.is_whitespace()) {
-        return Err("contains spaces or control characters".to_string());
+        return Err(AddressError::Whitespace);
     }
-    let address = lettre::Address::from_str(written).map_err(|e| e.to_string())?;
-    let domain = idna::domain_to_ascii(address.domain()).map_err(|_| {
-        format!(
-            "the domain {:?} is not a valid international domain",
-            address.domain()
-        )
-    })?;
+    let address =
+        lettre::Address::from_str(written).map_err(|e| AddressError::Syntax(e.to_string()))?;
+    let domain = idna::domain_to_ascii(address.domain())
+        .map_err(|_| AddressError::Idna(address.domain().to_string()))?;
     if !domain.contains('.') || domain.starts_with('.') || domain.ends_with('.') {
-        return Err(format!("the domain {domain:?} is not a full domain name"));
+        return Err(AddressError::NotFullDomain(domain));
     }
     let ascii = format!("{}@{}", address.user(), domain);
-    lettre::Address::from_str(&ascii).map_err(|e| e.to_string())?;
+    lettre::Address::from_str(&ascii).map_err(|e| AddressError::Syntax(e.to_string()))?;
     Ok(Recipient {
         written: written.to_string(),
         key: ascii.to_lowercase(),

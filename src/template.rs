@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 use handlebars::{
-    handlebars_helper, no_escape, Context, Handlebars, Helper, HelperResult, Output, RenderContext,
-    RenderError, RenderErrorReason, TemplateError,
+    no_escape, Context, Handlebars, Helper, HelperDef, HelperResult, JsonRender, Output,
+    RenderContext, RenderErrorReason, ScopedJson, TemplateError,
 };
 use serde_json::{Map, Value};
 
@@ -54,16 +54,114 @@ pub struct Rendered {
     pub attachments: Vec<String>,
 }
 
-handlebars_helper!(upper: |s: str| s.to_uppercase());
-handlebars_helper!(lower: |s: str| s.to_lowercase());
-handlebars_helper!(default_helper: |value: Json, fallback: Json| {
-    let empty = match value {
-        Value::Null => true,
-        Value::String(s) => s.trim().is_empty(),
-        _ => false,
-    };
-    if empty { fallback.clone() } else { value.clone() }
-});
+/// Where in a template something went wrong, shown as `file:line:col`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Place {
+    /// The template file, or `[message] subject` and the like for inline ones.
+    pub template: String,
+    pub line: Option<usize>,
+    pub col: Option<usize>,
+}
+
+impl std::fmt::Display for Place {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.template)?;
+        if let (Some(line), Some(col)) = (self.line, self.col) {
+            write!(f, ":{line}:{col}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Why a recipient's templates could not be rendered.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RenderError {
+    /// A variable that is neither a column of the file nor a built-in. It
+    /// fails the same way for every row that reaches it.
+    #[error("{at}: {{{{{name}}}}} is not a column of the recipients file (nor a built-in: email, campaign)")]
+    MissingVariable { at: Place, name: String },
+    /// Anything else handlebars refused, in its words.
+    #[error("{at}: {reason}")]
+    Failed { at: Place, reason: String },
+    #[error("deriving the text part from HTML: {0}")]
+    TextPart(String),
+}
+
+impl RenderError {
+    fn from_handlebars(err: &handlebars::RenderError) -> RenderError {
+        let at = Place {
+            template: err
+                .template_name
+                .clone()
+                .unwrap_or_else(|| "template".to_string()),
+            line: err.line_no,
+            col: err.column_no,
+        };
+        match err.reason() {
+            RenderErrorReason::MissingVariable(Some(name)) => RenderError::MissingVariable {
+                at,
+                name: name.clone(),
+            },
+            reason => RenderError::Failed {
+                at,
+                reason: reason.to_string(),
+            },
+        }
+    }
+}
+
+/// A helper's parameter. In strict mode a variable that is missing is named,
+/// as `{{name}}` alone would name it, instead of handlebars' "param with name
+/// value required but not found".
+fn param<'a>(
+    h: &'a Helper,
+    r: &Handlebars,
+    index: usize,
+    helper: &'static str,
+) -> Result<&'a Value, handlebars::RenderError> {
+    let p = h
+        .param(index)
+        .ok_or(RenderErrorReason::ParamNotFoundForIndex(helper, index))?;
+    if r.strict_mode() && p.is_value_missing() {
+        return Err(handlebars::RenderError::strict_error(p.relative_path()));
+    }
+    Ok(p.value())
+}
+
+/// The helpers that turn values into values: usable inline and as subexpressions.
+#[derive(Clone, Copy)]
+enum ValueHelper {
+    Upper,
+    Lower,
+    /// A fallback for an empty value.
+    Default,
+}
+
+impl HelperDef for ValueHelper {
+    fn call_inner<'reg: 'rc, 'rc>(
+        &self,
+        h: &Helper<'rc>,
+        r: &'reg Handlebars<'reg>,
+        _: &'rc Context,
+        _: &mut RenderContext<'reg, 'rc>,
+    ) -> Result<ScopedJson<'rc>, handlebars::RenderError> {
+        let value = match self {
+            ValueHelper::Upper => Value::String(param(h, r, 0, "upper")?.render().to_uppercase()),
+            ValueHelper::Lower => Value::String(param(h, r, 0, "lower")?.render().to_lowercase()),
+            ValueHelper::Default => {
+                let value = param(h, r, 0, "default")?;
+                let fallback = param(h, r, 1, "default")?;
+                let empty = match value {
+                    Value::Null => true,
+                    Value::String(s) => s.trim().is_empty(),
+                    _ => false,
+                };
+                if empty { fallback } else { value }.clone()
+            }
+        };
+        Ok(ScopedJson::Derived(value))
+    }
+}
 
 /// `{{date}}` or `{{date "%d %B %Y"}}`: the send time, local, strftime format.
 fn date_helper(
@@ -94,9 +192,9 @@ fn registry(escape: bool) -> Handlebars<'static> {
     if !escape {
         hb.register_escape_fn(no_escape);
     }
-    hb.register_helper("upper", Box::new(upper));
-    hb.register_helper("lower", Box::new(lower));
-    hb.register_helper("default", Box::new(default_helper));
+    hb.register_helper("upper", Box::new(ValueHelper::Upper));
+    hb.register_helper("lower", Box::new(ValueHelper::Lower));
+    hb.register_helper("default", Box::new(ValueHelper::Default));
     hb.register_helper("date", Box::new(date_helper));
     hb
 }
@@ -107,15 +205,6 @@ fn template_error(err: TemplateError, shown: &str) -> anyhow::Error {
         .map(|(line, col)| format!(":{line}:{col}"))
         .unwrap_or_default();
     input_error(format!("{shown}{pos}: {}", err.reason()))
-}
-
-/// A render error as `file:line:col: reason`.
-pub fn describe_render_error(err: &RenderError) -> String {
-    let name = err.template_name.as_deref().unwrap_or("template");
-    match (err.line_no, err.column_no) {
-        (Some(line), Some(col)) => format!("{name}:{line}:{col}: {}", err.reason()),
-        _ => format!("{name}: {}", err.reason()),
-    }
 }
 
 impl Templates {
@@ -219,12 +308,12 @@ impl Templates {
 
     /// Renders every part for one recipient. `data` holds the row's columns
     /// plus `email` and `campaign`. Errors read `file:line:col: reason`.
-    pub fn render(&self, data: &Map<String, Value>) -> std::result::Result<Rendered, String> {
-        let ctx = Context::wraps(data).map_err(|e| e.to_string())?;
+    pub fn render(&self, data: &Map<String, Value>) -> std::result::Result<Rendered, RenderError> {
+        let ctx = Context::wraps(data).map_err(|e| RenderError::from_handlebars(&e))?;
         let plain = |name: &str| {
             self.plain
                 .render_with_context(name, &ctx)
-                .map_err(|e| describe_render_error(&e))
+                .map_err(|e| RenderError::from_handlebars(&e))
         };
         let mut r = Rendered {
             from: plain(FROM)?,
@@ -253,7 +342,7 @@ impl Templates {
         let html = |name: &str| {
             self.html
                 .render_with_context(name, &ctx)
-                .map_err(|e| describe_render_error(&e))
+                .map_err(|e| RenderError::from_handlebars(&e))
         };
         if let Some(name) = &self.html_name {
             r.html = Some(html(name)?);
@@ -268,7 +357,7 @@ impl Templates {
             if let Some(html) = &r.html {
                 r.text = Some(
                     html2text::from_read(html.as_bytes(), 78)
-                        .map_err(|e| format!("deriving the text part from HTML: {e}"))?,
+                        .map_err(|e| RenderError::TextPart(e.to_string()))?,
                 );
             }
         }
@@ -279,22 +368,6 @@ impl Templates {
 fn read_template(path: &Path) -> Result<String> {
     std::fs::read_to_string(path)
         .map_err(|e| input_error(format!("cannot read template {}: {e}", path.display())))
-}
-
-/// The data a row's templates see: its columns, `email` and `campaign`.
-pub fn row_data(
-    headers: &[String],
-    fields: &[String],
-    email: &str,
-    campaign: &str,
-) -> Map<String, Value> {
-    let mut map = Map::with_capacity(headers.len() + 2);
-    for (h, v) in headers.iter().zip(fields) {
-        map.insert(h.clone(), Value::String(v.clone()));
-    }
-    map.insert("email".into(), Value::String(email.to_string()));
-    map.insert("campaign".into(), Value::String(campaign.to_string()));
-    map
 }
 
 #[cfg(test)]
@@ -356,8 +429,15 @@ mod tests {
         .unwrap();
         let t = Templates::compile(&c).unwrap();
         let err = t.render(&data(&[("name", "")])).unwrap_err();
-        assert!(err.contains("t.hbs:3:12"), "{err}");
-        assert!(err.contains("coupon"), "{err}");
+        let RenderError::MissingVariable { at, name } = &err else {
+            panic!("{err:?}")
+        };
+        assert_eq!(name, "coupon");
+        assert!(at.to_string().ends_with("t.hbs:3:12"), "{err}");
+        assert!(
+            err.to_string().contains("{{coupon}} is not a column"),
+            "{err}"
+        );
     }
 
     #[test]

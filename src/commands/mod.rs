@@ -27,10 +27,10 @@ pub use status::status;
 pub use suppress::{suppress, SuppressAction};
 
 use crate::campaign::Campaign;
-use crate::message::{Composer, Variant};
-use crate::recipients::{parse_address, RecipientReader};
+use crate::message::Variant;
+use crate::personalize::{row_place, Pipeline};
+use crate::recipients::RecipientReader;
 use crate::store::{self, CampaignRecord, Import, RowStatus, Store};
-use crate::template::{row_data, Templates};
 
 /// Options every command shares.
 #[derive(Debug, Clone, Default)]
@@ -47,22 +47,16 @@ impl Global {
     }
 }
 
-/// A campaign file with its templates compiled.
+/// A campaign file with its pipeline ready.
 pub struct Loaded {
     pub campaign: Campaign,
-    pub templates: Templates,
-    pub composer: Composer,
+    pub pipeline: Pipeline,
 }
 
 pub fn load(path: &Path) -> Result<Loaded> {
     let campaign = Campaign::load(path)?;
-    let templates = Templates::compile(&campaign)?;
-    let composer = Composer::new(&campaign)?;
-    Ok(Loaded {
-        campaign,
-        templates,
-        composer,
-    })
+    let pipeline = Pipeline::load(&campaign)?;
+    Ok(Loaded { campaign, pipeline })
 }
 
 /// What reading the recipients file found.
@@ -87,9 +81,8 @@ pub async fn scan(
     skip_invalid: bool,
 ) -> Result<(Import, Scan)> {
     let campaign = &loaded.campaign;
+    let pipeline = &loaded.pipeline;
     let mut reader = RecipientReader::open(&campaign.recipients)?;
-    let email_index = reader.email_index();
-    let file = reader.path().display().to_string();
     let mut scan = Scan {
         columns: reader.headers().to_vec(),
         ..Scan::default()
@@ -105,22 +98,13 @@ pub async fn scan(
             }
         };
         scan.rows += 1;
-        let cell = row
-            .fields
-            .get(email_index)
-            .map(String::as_str)
-            .unwrap_or("");
-        let at = format!("{file}: row {} (line {})", row.number, row.line);
-        let recipient = match parse_address(cell) {
+        let at = row_place(reader.path(), &row);
+        let recipient = match pipeline.recipient(&row.fields) {
             Ok(r) => r,
             Err(why) => {
-                scan.warnings.push(format!(
-                    "{at}: invalid address {:?}: {why}; skipped",
-                    cell.trim()
-                ));
-                import
-                    .invalid_row(row.number, cell.trim(), &row.fields)
-                    .await?;
+                scan.warnings.push(format!("{at}: {why}; skipped"));
+                let cell = pipeline.address_cell(&row.fields).trim();
+                import.invalid_row(row.number, cell, &row.fields).await?;
                 continue;
             }
         };
@@ -144,21 +128,17 @@ pub async fn scan(
                 recipient.written
             )),
             RowStatus::ToSend { id } => {
-                let data = row_data(
-                    &scan.columns,
-                    &row.fields,
+                let built = pipeline.message(
+                    &recipient,
                     &recipient.written,
-                    &campaign.name,
+                    &row.fields,
+                    Variant::default(),
                 );
-                let built = loaded
-                    .templates
-                    .render(&data)
-                    .and_then(|r| loaded.composer.build(&r, &recipient, Variant::default()));
                 if let Err(why) = built {
                     if skip_invalid {
                         scan.warnings
                             .push(format!("{at} ({}): {why}; skipped", recipient.written));
-                        import.skip_invalid_message(id, &why).await?;
+                        import.skip_invalid_message(id, &why.to_string()).await?;
                     } else {
                         scan.problems
                             .push(format!("{at} ({}): {why}", recipient.written));
@@ -184,7 +164,7 @@ pub fn fingerprint(loaded: &Loaded) -> Result<BTreeMap<String, String>> {
         "[recipients] email_column".to_string(),
         hash(campaign.recipients.email_column.as_bytes()),
     );
-    for file in loaded.templates.files() {
+    for file in loaded.pipeline.template_files() {
         let bytes = std::fs::read(file)?;
         let shown = file
             .strip_prefix(&campaign.dir)

@@ -8,8 +8,8 @@ use anyhow::Result;
 use super::{load, output};
 use crate::error::{input_error, Exit};
 use crate::message::Variant;
+use crate::personalize::row_place;
 use crate::recipients::{parse_address, RecipientReader};
-use crate::template::row_data;
 
 /// Which row to show.
 #[derive(Debug, Clone)]
@@ -22,9 +22,8 @@ pub enum PreviewTarget {
 pub fn preview(path: &Path, target: &PreviewTarget) -> Result<Exit> {
     let loaded = load(path)?;
     let campaign = &loaded.campaign;
+    let pipeline = &loaded.pipeline;
     let mut reader = RecipientReader::open(&campaign.recipients)?;
-    let columns = reader.headers().to_vec();
-    let email_index = reader.email_index();
     let wanted_key = match target {
         PreviewTarget::Email(e) => Some(
             parse_address(e)
@@ -39,32 +38,18 @@ pub fn preview(path: &Path, target: &PreviewTarget) -> Result<Exit> {
         PreviewTarget::Row(_) => None,
     };
     while let Some(row) = reader.next_row()? {
-        let cell = row
-            .fields
-            .get(email_index)
-            .map(String::as_str)
-            .unwrap_or("");
         let hit = match target {
             PreviewTarget::Row(n) => row.number == *n,
-            PreviewTarget::Email(_) => parse_address(cell).ok().map(|r| r.key) == wanted_key,
+            PreviewTarget::Email(_) => {
+                pipeline.recipient(&row.fields).ok().map(|r| r.key) == wanted_key
+            }
         };
         if !hit {
             continue;
         }
-        let at = format!(
-            "{}: row {} (line {})",
-            reader.path().display(),
-            row.number,
-            row.line
-        );
-        let recipient = parse_address(cell)
-            .map_err(|why| input_error(format!("{at}: invalid address {cell:?}: {why}")))?;
-        let data = row_data(&columns, &row.fields, &recipient.written, &campaign.name);
-        let out = loaded
-            .templates
-            .render(&data)
-            .and_then(|r| loaded.composer.build(&r, &recipient, Variant::default()))
-            .map_err(|why| input_error(format!("{at}: {why}")))?;
+        let (_, out) = pipeline
+            .build(&row.fields, Variant::default())
+            .map_err(|why| input_error(format!("{}: {why}", row_place(reader.path(), &row))))?;
         output::stdout().write_all(&out.bytes)?;
         return Ok(Exit::Done);
     }

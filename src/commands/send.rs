@@ -10,12 +10,12 @@ use tokio::sync::{mpsc, watch};
 use super::progress::Progress;
 use super::status::{local_time, outlook};
 use super::{fingerprint, fingerprint_changes, load, output, scan, Global, Loaded};
-use crate::engine::{self, Renderer, RunConfig, RunEnd};
+use crate::engine::{self, RunConfig, RunEnd};
 use crate::error::{input_error, Exit};
 use crate::message::Variant;
+use crate::personalize::{row_place, RowError};
 use crate::recipients::{parse_address, RecipientReader};
 use crate::store::now_ms;
-use crate::template::row_data;
 use crate::transport::{AnyTransport, Transport};
 
 /// The flags of `hikyaku send` (SPEC §9), parsed by clap in `main`.
@@ -160,12 +160,7 @@ async fn send_locked(
     let to_send = u64::try_from(counts["pending"] + counts["deferred"]).unwrap_or(0);
 
     let transport = Arc::new(AnyTransport::new(campaign).await?);
-    let renderer = Arc::new(Renderer {
-        templates: loaded.templates,
-        columns: found.columns,
-        campaign_name: campaign.name.clone(),
-        composer: loaded.composer,
-    });
+    let pipeline = Arc::new(loaded.pipeline);
     let config = RunConfig {
         campaign_id: record.id,
         account: campaign.account(),
@@ -186,7 +181,7 @@ async fn send_locked(
         store.clone(),
         transport.clone(),
         Arc::new(engine::SystemClock),
-        renderer,
+        pipeline,
         config,
         events_tx,
         stop,
@@ -261,40 +256,27 @@ async fn send_test(loaded: &Loaded, test_to: &str, limit: u64, dry_run: bool) ->
     } else {
         Some(AnyTransport::new(campaign).await?)
     };
+    let pipeline = &loaded.pipeline;
     let mut reader = RecipientReader::open(&campaign.recipients)?;
-    let columns = reader.headers().to_vec();
-    let email_index = reader.email_index();
     let mut sent = 0;
+    let variant = Variant {
+        test_to: Some(&tester),
+    };
     while sent < limit {
         let Some(row) = reader.next_row()? else { break };
-        let cell = row
-            .fields
-            .get(email_index)
-            .map(String::as_str)
-            .unwrap_or("");
-        let Ok(recipient) = parse_address(cell) else {
-            continue;
+        let (recipient, out) = match pipeline.build(&row.fields, variant) {
+            Ok(built) => built,
+            Err(RowError::Address { .. }) => continue,
+            Err(why) => {
+                if let Some(transport) = &transport {
+                    transport.shutdown().await;
+                }
+                return Err(input_error(format!(
+                    "{}: {why}",
+                    row_place(reader.path(), &row)
+                )));
+            }
         };
-        let data = row_data(&columns, &row.fields, &recipient.written, &campaign.name);
-        let at = format!(
-            "{}: row {} (line {})",
-            reader.path().display(),
-            row.number,
-            row.line
-        );
-        let out = loaded
-            .templates
-            .render(&data)
-            .and_then(|r| {
-                loaded.composer.build(
-                    &r,
-                    &recipient,
-                    Variant {
-                        test_to: Some(&tester),
-                    },
-                )
-            })
-            .map_err(|why| input_error(format!("{at}: {why}")))?;
         let Some(transport) = &transport else {
             writeln!(
                 output::stdout(),
