@@ -7,13 +7,14 @@ use std::path::{Component, Path, PathBuf};
 use std::str::FromStr;
 
 use lettre::address::Envelope;
-use lettre::message::dkim::{
-    DkimCanonicalization, DkimCanonicalizationType, DkimConfig, DkimSigningAlgorithm,
-    DkimSigningKey,
-};
 use lettre::message::header::{ContentType, HeaderName, HeaderValue};
 use lettre::message::{Attachment, Mailbox, Mailboxes, MultiPart, SinglePart};
 use lettre::Message;
+use mail_auth::common::crypto::{DkimKey, Ed25519Key, RsaKey, Sha256};
+use mail_auth::common::headers::HeaderWriter;
+use mail_auth::dkim::{Canonicalization, DkimSigner, Done};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::PrivateKeyDer;
 
 use crate::campaign::Campaign;
 use crate::error::input_error;
@@ -129,6 +130,8 @@ pub enum ComposeError {
     NoBody,
     #[error("building the message: {0}")]
     Build(String),
+    #[error("DKIM signing failed: {0}")]
+    Sign(String),
 }
 
 /// Refuses a header value with CR, LF or another control character: a CSV
@@ -179,13 +182,13 @@ fn mailboxes(what: &str, value: &str) -> Result<Vec<Mailbox>, HeaderError> {
 /// live, and the DKIM key when messages are signed.
 pub struct Composer {
     campaign_dir: PathBuf,
-    dkim: Option<DkimConfig>,
+    dkim: Option<DkimSigner<DkimKey, Done>>,
 }
 
 /// Headers the DKIM signature covers. Listing optional ones that a message
 /// lacks is deliberate: a verifier then refuses a copy to which they were
-/// added. Content-Type is not listed: lettre keeps it with the body part and
-/// signs only the message's own headers.
+/// added. Content-Type and Content-Transfer-Encoding are signed so that the
+/// MIME structure cannot be rewritten under a valid signature.
 const SIGNED_HEADERS: &[&str] = &[
     "From",
     "Reply-To",
@@ -195,8 +198,11 @@ const SIGNED_HEADERS: &[&str] = &[
     "Date",
     "Message-ID",
     "MIME-Version",
+    "Content-Type",
+    "Content-Transfer-Encoding",
     "List-Unsubscribe",
     "List-Unsubscribe-Post",
+    "Precedence",
 ];
 
 impl Composer {
@@ -212,19 +218,14 @@ impl Composer {
                         cfg.private_key_file.display()
                     ))
                 })?;
-                Some(DkimConfig::new(
-                    cfg.selector.clone(),
-                    cfg.domain.clone(),
-                    key,
-                    SIGNED_HEADERS
-                        .iter()
-                        .map(|h| HeaderName::new_from_ascii_str(h))
-                        .collect(),
-                    DkimCanonicalization {
-                        header: DkimCanonicalizationType::Relaxed,
-                        body: DkimCanonicalizationType::Relaxed,
-                    },
-                ))
+                Some(
+                    DkimSigner::from_key(key)
+                        .domain(cfg.domain.clone())
+                        .selector(cfg.selector.clone())
+                        .headers(SIGNED_HEADERS.iter().copied())
+                        .header_canonicalization(Canonicalization::Relaxed)
+                        .body_canonicalization(Canonicalization::Relaxed),
+                )
             }
         };
         Ok(Composer {
@@ -249,49 +250,65 @@ impl Composer {
         to: &Recipient,
         variant: Variant<'_>,
     ) -> Result<Outgoing, ComposeError> {
-        let mut message = compose(rendered, to, &self.campaign_dir, variant)?;
+        let message = compose(rendered, to, &self.campaign_dir, variant)?;
+        let mut bytes = message.message.formatted();
         if let Some(dkim) = &self.dkim {
-            message.message.sign(dkim);
+            // Signed last, over the exact bytes that are sent, so that every
+            // header the message carries is what the signature covers.
+            let signature = dkim
+                .sign(&bytes)
+                .map_err(|e| ComposeError::Sign(e.to_string()))?;
+            let mut signed = Vec::with_capacity(bytes.len() + 512);
+            signature.write_header(&mut signed);
+            signed.extend_from_slice(&bytes);
+            bytes = signed;
         }
         Ok(Outgoing {
             envelope: message.message.envelope().clone(),
-            bytes: message.message.formatted(),
+            bytes,
             message_id: message.message_id,
             recipient_count: message.recipient_count,
         })
     }
 }
 
-/// Loads a DKIM signing key: RSA as PKCS#1 PEM, Ed25519 as PKCS#8 PEM (what
-/// `openssl genpkey -algorithm ed25519` writes) or as the base64 of its
-/// 32-byte seed.
-fn dkim_key(path: &Path) -> Result<DkimSigningKey, String> {
+/// Loads a DKIM signing key: RSA as PKCS#1 or PKCS#8 PEM (signed
+/// rsa-sha256), Ed25519 as PKCS#8 PEM (what `openssl genpkey -algorithm
+/// ed25519` writes) or as the base64 of its 32-byte seed (signed
+/// ed25519-sha256).
+fn dkim_key(path: &Path) -> Result<DkimKey, String> {
     use base64::Engine as _;
     let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
-    if text.contains("BEGIN RSA PRIVATE KEY") {
-        return DkimSigningKey::new(&text, DkimSigningAlgorithm::Rsa)
-            .map_err(|e| format!("not a usable RSA key: {e}"));
+    if !text.contains("-----BEGIN") {
+        let seed = base64::engine::general_purpose::STANDARD
+            .decode(text.trim())
+            .ok()
+            .filter(|seed| seed.len() == 32)
+            .ok_or("neither a PEM file nor the base64 of a 32-byte Ed25519 seed")?;
+        // PKCS#8 v1 for Ed25519 (RFC 8410): this fixed prefix, then the seed.
+        let mut der = vec![
+            0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22,
+            0x04, 0x20,
+        ];
+        der.extend_from_slice(&seed);
+        return Ed25519Key::from_pkcs8_der(&der)
+            .map(DkimKey::from)
+            .map_err(|e| format!("not a usable Ed25519 seed: {e}"));
     }
-    let seed = if text.contains("BEGIN PRIVATE KEY") {
-        let body: String = text.lines().filter(|l| !l.starts_with("-----")).collect();
-        let der = base64::engine::general_purpose::STANDARD
-            .decode(body.trim())
-            .map_err(|e| format!("not a PEM file: {e}"))?;
-        // PKCS#8 for Ed25519 (RFC 8410): OID 1.3.101.112, then the 32-byte seed last.
-        let ed25519_oid = [0x06, 0x03, 0x2b, 0x65, 0x70];
-        if der.len() != 48 || !der.windows(5).any(|w| w == ed25519_oid) {
-            return Err(
-                "a PKCS#8 key that is not Ed25519; give RSA keys as PKCS#1 PEM \
-                        (openssl rsa -in key.pem -traditional -out rsa.pem)"
-                    .to_string(),
-            );
-        }
-        base64::engine::general_purpose::STANDARD.encode(&der[16..])
-    } else {
-        text.trim().to_string()
-    };
-    DkimSigningKey::new(&seed, DkimSigningAlgorithm::Ed25519)
-        .map_err(|e| format!("not an RSA (PKCS#1 PEM) or Ed25519 key: {e}"))
+    let key = PrivateKeyDer::from_pem_slice(text.as_bytes())
+        .map_err(|e| format!("not a private key in PEM form: {e}"))?;
+    match key {
+        PrivateKeyDer::Pkcs8(der) => Ed25519Key::from_pkcs8_der(der.secret_pkcs8_der())
+            .map(DkimKey::from)
+            .or_else(|_| {
+                RsaKey::<Sha256>::from_key_der(PrivateKeyDer::Pkcs8(der)).map(DkimKey::from)
+            })
+            .map_err(|_| "a PKCS#8 key that is neither RSA nor Ed25519".to_string()),
+        PrivateKeyDer::Pkcs1(_) => RsaKey::<Sha256>::from_key_der(key)
+            .map(DkimKey::from)
+            .map_err(|e| format!("not a usable RSA key: {e}")),
+        _ => Err("an EC key; DKIM signs with RSA or Ed25519".to_string()),
+    }
 }
 
 /// A built message before it is signed and serialised.
@@ -730,5 +747,47 @@ mod tests {
         assert!(Composer::plain(Path::new("."))
             .build(&r, &to, Variant::default())
             .is_err());
+    }
+
+    fn key_file(dir: &Path, text: &str) -> PathBuf {
+        let path = dir.join("key.pem");
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    #[test]
+    fn ed25519_keys_load_as_pkcs8_pem_or_as_a_base64_seed() {
+        use base64::Engine as _;
+        let dir = tempfile::tempdir().unwrap();
+        let der = Ed25519Key::generate_pkcs8().unwrap();
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let pem = format!(
+            "-----BEGIN PRIVATE KEY-----\n{}\n-----END PRIVATE KEY-----\n",
+            b64.encode(&der)
+        );
+        let seed = b64.encode(&der[der.len() - 32..]);
+        for text in [pem, seed] {
+            let key = dkim_key(&key_file(dir.path(), &text)).unwrap();
+            assert!(matches!(key, DkimKey::Ed25519(_)), "{text}");
+        }
+    }
+
+    #[test]
+    fn unusable_keys_say_why() {
+        let dir = tempfile::tempdir().unwrap();
+        for (text, why) in [
+            ("not a key", "neither a PEM file"),
+            (
+                "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+                "neither RSA nor Ed25519",
+            ),
+            (
+                "-----BEGIN RSA PRIVATE KEY-----\nAAAA\n-----END RSA PRIVATE KEY-----\n",
+                "not a usable RSA key",
+            ),
+        ] {
+            let err = dkim_key(&key_file(dir.path(), text)).err().unwrap();
+            assert!(err.contains(why), "{text:?}: {err}");
+        }
     }
 }

@@ -68,6 +68,9 @@ fn signed_campaign(kind: &str) {
             "subject",
             "date",
             "message-id",
+            "mime-version",
+            "content-type",
+            "content-transfer-encoding",
             "list-unsubscribe",
             "list-unsubscribe-post",
         ] {
@@ -85,12 +88,30 @@ fn signed_campaign(kind: &str) {
             verify(&record, tampered.as_bytes()).is_err(),
             "a tampered message verified"
         );
+        // Regression: Content-Type was left out of h=, so the MIME structure
+        // of a signed message could be rewritten (here both alternatives
+        // shown one after the other) under a signature that still verified.
+        let restructured = data.replacen(
+            "Content-Type: multipart/alternative",
+            "Content-Type: multipart/mixed",
+            1,
+        );
+        assert_ne!(restructured, data, "not multipart/alternative:\n{data}");
+        assert!(
+            verify(&record, restructured.as_bytes()).is_err(),
+            "a message with a rewritten Content-Type verified"
+        );
     }
 }
 
 #[test]
 fn rsa_signatures_verify_independently() {
     signed_campaign("rsa");
+}
+
+#[test]
+fn rsa_pkcs8_signatures_verify_independently() {
+    signed_campaign("rsa-pkcs8");
 }
 
 #[test]

@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
 """DKIM keys and an independent verifier for hikyaku's end-to-end tests.
 
-hikyaku signs with lettre; this checks the signatures with dkimpy, a separate
+hikyaku signs with mail-auth; this checks the signatures with dkimpy, a separate
 implementation, against a DNS record the test supplies (no DNS lookup).
 
-    dkim_tool.py keygen rsa|ed25519 KEY_FILE RECORD_FILE
-        writes the private key as hikyaku reads it (RSA: PKCS#1 PEM,
-        Ed25519: PKCS#8 PEM) and the TXT record value of its public key.
+    dkim_tool.py keygen rsa|rsa-pkcs8|ed25519 KEY_FILE RECORD_FILE
+        writes the private key as hikyaku reads it (RSA: PKCS#1 PEM, or
+        PKCS#8 PEM with rsa-pkcs8; Ed25519: PKCS#8 PEM) and the TXT record
+        value of its public key.
     dkim_tool.py verify RECORD_FILE MESSAGE_FILE
         exits 0 and prints the signed header list when the message's
         DKIM-Signature verifies against the record, exits 1 otherwise.
@@ -21,10 +22,11 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 
 def keygen(kind, key_file, record_file):
-    if kind == "rsa":
+    if kind in ("rsa", "rsa-pkcs8"):
         key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        pem = key.private_bytes(serialization.Encoding.PEM,
-                                serialization.PrivateFormat.TraditionalOpenSSL,
+        form = (serialization.PrivateFormat.TraditionalOpenSSL if kind == "rsa"
+                else serialization.PrivateFormat.PKCS8)
+        pem = key.private_bytes(serialization.Encoding.PEM, form,
                                 serialization.NoEncryption())
         public = key.public_key().public_bytes(serialization.Encoding.DER,
                                                serialization.PublicFormat.SubjectPublicKeyInfo)
