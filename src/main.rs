@@ -65,6 +65,12 @@ enum Command {
         /// The row of this address.
         #[arg(long, value_name = "EMAIL")]
         to: Option<String>,
+        /// Print the RFC 5322 source as it is sent instead of the decoded message.
+        #[arg(long)]
+        raw: bool,
+        /// Also write the HTML part to FILE, to open in a browser.
+        #[arg(long, value_name = "FILE")]
+        html: Option<PathBuf>,
     },
     /// Send the campaign, or resume it where it stopped.
     Send {
@@ -165,12 +171,18 @@ async fn run(command: Command, global: Global) -> anyhow::Result<Exit> {
     match command {
         Command::Init { dir } => commands::init(&dir),
         Command::Check { campaign } => commands::check(&global, &campaign).await,
-        Command::Preview { campaign, row, to } => {
+        Command::Preview {
+            campaign,
+            row,
+            to,
+            raw,
+            html,
+        } => {
             let target = match to {
                 Some(email) => PreviewTarget::Email(email),
                 None => PreviewTarget::Row(row.unwrap_or(1)),
             };
-            commands::preview(&campaign, &target)
+            commands::preview(&campaign, &target, raw, html.as_deref())
         }
         Command::Send { campaign, options } => {
             commands::send(&global, &campaign, &options, stop_on_signals()).await

@@ -608,7 +608,7 @@ fn preview_prints_the_message_of_a_row_or_an_address() {
     let campaign = dir.campaign();
     let campaign = campaign.to_str().unwrap();
 
-    let out = dir.run(&["preview", "--row", "2", campaign]);
+    let out = dir.run(&["preview", "--raw", "--row", "2", campaign]);
     assert_exit(&out, 0);
     assert!(
         out.stdout.windows(4).any(|w| w == b"\r\n\r\n"),
@@ -631,7 +631,7 @@ fn preview_prints_the_message_of_a_row_or_an_address() {
         .unwrap()
         .contains("Hello Name2 from City2!"));
 
-    let out = dir.run(&["preview", "--to", "USER3@Example.com", campaign]);
+    let out = dir.run(&["preview", "--raw", "--to", "USER3@Example.com", campaign]);
     assert_exit(&out, 0);
     let msg = mail_parser::MessageParser::default()
         .parse(&out.stdout)
@@ -649,6 +649,91 @@ fn preview_prints_the_message_of_a_row_or_an_address() {
         assert!(text(&out.stderr).contains(args[1]), "{}", text(&out.stderr));
     }
     assert!(!dir.path().join("outbox").exists(), "preview sends nothing");
+}
+
+/// Regression: `preview` printed the RFC 5322 source, where a Japanese
+/// subject is an `=?utf-8?b?…?=` word nobody can read and the HTML part is
+/// markup; it now prints the decoded message, `--raw` the source.
+#[test]
+fn preview_decodes_the_message_and_writes_the_html_part() {
+    let dir = CampaignDir::new();
+    dir.write("recipients.csv", "email,name\ntaro@example.com,太郎\n")
+        .write("t.txt.hbs", "{{name}}さん、こんにちは。\n")
+        .write("t.html.hbs", "<p>{{name}}さん、<b>ようこそ</b></p>\n");
+    write_campaign(
+        &dir,
+        "",
+        "subject = \"{{name}}さん、11月のお知らせ\"\nto_name = \"山田 {{name}}\"\n\
+         text = \"t.txt.hbs\"\nhtml = \"t.html.hbs\"",
+        FILE_TRANSPORT,
+    );
+    let campaign = dir.campaign();
+    let campaign = campaign.to_str().unwrap();
+
+    let out = dir.run(&["preview", campaign]);
+    assert_exit(&out, 0);
+    let view = text(&out.stdout);
+    for needle in [
+        "Subject: 太郎さん、11月のお知らせ\n",
+        "To: 山田 太郎 <taro@example.com>\n",
+        "From: Acme <news@acme.example>\n",
+        "--- text part ---\n太郎さん、こんにちは。\n",
+        "--- HTML part, as text ---\n太郎さん、ようこそ\n",
+    ] {
+        assert!(view.contains(needle), "{needle:?} not in\n{view}");
+    }
+    assert!(!view.contains("=?utf-8?"), "{view}");
+
+    let out = dir.run(&["preview", "--raw", campaign]);
+    assert_exit(&out, 0);
+    let source = text(&out.stdout);
+    assert!(source.contains("Subject: =?utf-8?b?"), "{source}");
+    let msg = mail_parser::MessageParser::default()
+        .parse(&out.stdout)
+        .expect("--raw prints an RFC 5322 message");
+    assert_eq!(msg.subject(), Some("太郎さん、11月のお知らせ"));
+
+    let html = dir.path().join("preview.html");
+    let out = dir.run(&["preview", "--html", html.to_str().unwrap(), campaign]);
+    assert_exit(&out, 0);
+    assert_eq!(
+        std::fs::read_to_string(&html)
+            .unwrap()
+            .replace("\r\n", "\n"),
+        "<p>太郎さん、<b>ようこそ</b></p>\n"
+    );
+    assert!(text(&out.stdout).contains("Subject: 太郎さん"));
+    assert!(!dir.path().join("outbox").exists(), "preview sends nothing");
+}
+
+/// `--html` on a message without an HTML part says so (exit 2) and writes
+/// nothing.
+#[test]
+fn preview_html_of_a_text_only_message_is_an_input_error() {
+    let dir = CampaignDir::new();
+    dir.write("recipients.csv", "email\nann@example.com\n")
+        .write("t.txt.hbs", "Hi\n");
+    write_campaign(
+        &dir,
+        "",
+        "subject = \"s\"\ntext = \"t.txt.hbs\"",
+        FILE_TRANSPORT,
+    );
+    let html = dir.path().join("preview.html");
+    let campaign = dir.campaign();
+    let out = dir.run(&[
+        "preview",
+        "--html",
+        html.to_str().unwrap(),
+        campaign.to_str().unwrap(),
+    ]);
+    assert_exit(&out, 2);
+    assert!(
+        text(&out.stderr).contains("no HTML part"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(!html.exists());
 }
 
 #[test]
