@@ -6,7 +6,8 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::builder::{PossibleValuesParser, TypedValueParser};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use hikyaku::commands::{self, Global, PreviewTarget, SendOptions, SuppressAction};
 use hikyaku::error::{exit_for, Exit};
 use hikyaku::store::State;
@@ -17,7 +18,7 @@ use tracing_subscriber::util::SubscriberInitExt;
 /// Bulk campaign mailer: CSV + Handlebars + SMTP, paced under the account's
 /// limits, resumable without sending anyone a message twice.
 #[derive(Parser)]
-#[command(name = "hikyaku", version, about)]
+#[command(name = "hikyaku", version, about, next_help_heading = "Global options")]
 struct Cli {
     /// State database: a file path, sqlite://PATH (default: hikyaku.db in the platform data directory).
     #[arg(long, global = true, env = "HIKYAKU_DB", value_name = "PATH|URL")]
@@ -55,7 +56,7 @@ enum Command {
         /// The campaign file (TOML).
         campaign: PathBuf,
     },
-    /// Print one rendered message, headers included.
+    /// Print one rendered message, decoded for reading (--raw: its RFC 5322 source).
     Preview {
         /// The campaign file (TOML).
         campaign: PathBuf,
@@ -92,7 +93,7 @@ enum Command {
         /// The campaign file (TOML).
         campaign: PathBuf,
         /// Only rows in this state.
-        #[arg(long, value_name = "STATE", value_parser = parse_state)]
+        #[arg(long, value_name = "STATE", value_parser = state_parser())]
         state: Option<State>,
         /// Write to FILE instead of standard output.
         #[arg(short, long, value_name = "FILE")]
@@ -109,26 +110,55 @@ enum Command {
 enum Suppress {
     /// Add addresses.
     Add {
-        #[arg(required = true)]
+        /// The addresses to add.
+        #[arg(required = true, value_name = "EMAIL")]
         emails: Vec<String>,
     },
     /// Remove addresses.
     Remove {
-        #[arg(required = true)]
+        /// The addresses to remove.
+        #[arg(required = true, value_name = "EMAIL")]
         emails: Vec<String>,
     },
     /// Print the list as CSV.
     List,
     /// Add every address of a file (a CSV with an email column, or one per line).
-    Import { file: PathBuf },
+    Import {
+        /// The file to read.
+        file: PathBuf,
+    },
 }
 
-fn parse_state(s: &str) -> Result<State, String> {
-    s.parse()
+/// The states `export --state` accepts, listed in its help.
+fn state_parser() -> impl TypedValueParser<Value = State> {
+    PossibleValuesParser::new(State::ALL.map(State::as_str)).try_map(|s| s.parse::<State>())
+}
+
+/// Shown under every command's help: scripts branch on these.
+const EXIT_CODES: &str = "\
+Exit codes:
+  0    nothing left to do (failed and unknown rows, if any, are in the summary);
+       a check or --dry-run that found no problem
+  1    fatal error; the state is kept and the campaign can be resumed
+  2    bad usage or input; nothing sent
+  75   stopped with work left (--no-wait, --limit)
+  130  interrupted";
+
+/// The command line with the exit codes under every command's help.
+fn command_line() -> clap::Command {
+    fn with_exit_codes(command: clap::Command) -> clap::Command {
+        command
+            .after_help(EXIT_CODES)
+            .mut_subcommands(with_exit_codes)
+    }
+    with_exit_codes(Cli::command())
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::from_arg_matches(&command_line().get_matches()) {
+        Ok(cli) => cli,
+        Err(err) => err.exit(),
+    };
     let stderr_tty = std::io::stderr().is_terminal();
     let color = match cli.color {
         Color::Always => true,

@@ -362,3 +362,80 @@ fn a_dry_run_with_test_to_sends_nothing() {
     assert!(server.received().is_empty(), "a dry run sent a message");
     assert_eq!(dir.status()["total"], 0);
 }
+
+/// The lines of one `--help` section (`Arguments:`, `Options:`, ...).
+fn help_section<'a>(help: &'a str, heading: &str) -> Vec<&'a str> {
+    help.lines()
+        .skip_while(|l| *l != heading)
+        .skip(1)
+        .take_while(|l| !l.is_empty())
+        .collect()
+}
+
+/// Each argument's first line in a section.
+fn help_entries<'a>(help: &'a str, heading: &str) -> Vec<&'a str> {
+    help_section(help, heading)
+        .into_iter()
+        .filter(|l| l.trim_start().starts_with(['-', '<']))
+        .collect()
+}
+
+/// Regression: `--help` mixed the global options into each command's own,
+/// `suppress` arguments had no description, the exit codes were nowhere and
+/// `export --state` did not say which states exist.
+#[test]
+fn help_sets_global_options_apart_describes_every_argument_and_lists_exit_codes() {
+    let dir = CampaignDir::new();
+    let help = |path: &[String]| {
+        let mut args: Vec<&str> = path.iter().map(String::as_str).collect();
+        args.push("--help");
+        let out = dir.run(&args);
+        assert_eq!(out.status.code(), Some(0), "{path:?}");
+        text(&out.stdout)
+    };
+    let mut pending: Vec<Vec<String>> = vec![vec![]];
+    let mut seen = 0;
+    while let Some(path) = pending.pop() {
+        let page = help(&path);
+        for line in help_section(&page, "Commands:") {
+            let name = line.split_whitespace().next().unwrap_or("help");
+            if name != "help" {
+                pending.push([path.clone(), vec![name.to_string()]].concat());
+            }
+        }
+        let global = help_entries(&page, "Global options:");
+        assert!(
+            global.iter().any(|l| l.contains("--db"))
+                && global.iter().any(|l| l.contains("--quiet")),
+            "{path:?}: no Global options section\n{page}"
+        );
+        let own = help_entries(&page, "Options:");
+        assert!(
+            !own.iter()
+                .any(|l| l.contains("--db") || l.contains("--verbose")),
+            "{path:?}: global options among the command's own\n{page}"
+        );
+        for heading in ["Arguments:", "Options:", "Global options:"] {
+            for entry in help_entries(&page, heading) {
+                let described = entry
+                    .trim_start()
+                    .split_once("  ")
+                    .is_some_and(|(_, about)| !about.trim().is_empty());
+                assert!(described, "{path:?}: {entry:?} has no description\n{page}");
+            }
+        }
+        assert!(
+            page.contains("Exit codes:\n  0 ") && page.contains("\n  75 "),
+            "{path:?}: no exit codes\n{page}"
+        );
+        seen += 1;
+    }
+    assert!(seen >= 10, "only {seen} help pages");
+    let export = help(&["export".to_string()]);
+    assert!(
+        export.contains(
+            "[possible values: pending, sending, sent, deferred, failed, unknown, skipped"
+        ),
+        "{export}"
+    );
+}
