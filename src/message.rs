@@ -165,6 +165,18 @@ fn wire_mailbox(what: &str, mbox: Mailbox) -> Result<Mailbox, HeaderError> {
     Ok(Mailbox::new(mbox.name, address))
 }
 
+/// One mailbox (`Name <addr>` or `addr`), in its wire form.
+pub fn mailbox(what: &str, value: &str) -> Result<Mailbox, HeaderError> {
+    check_header_value(what, value)?;
+    Mailbox::from_str(value)
+        .map_err(|e| HeaderError::NotMailbox {
+            what: what.to_string(),
+            value: value.to_string(),
+            why: e.to_string(),
+        })
+        .and_then(|mbox| wire_mailbox(what, mbox))
+}
+
 fn mailboxes(what: &str, value: &str) -> Result<Vec<Mailbox>, HeaderError> {
     check_header_value(what, value)?;
     Mailboxes::from_str(value)
@@ -324,14 +336,7 @@ fn compose(
     campaign_dir: &Path,
     variant: Variant<'_>,
 ) -> Result<Composed, ComposeError> {
-    check_header_value("from", &rendered.from)?;
-    let from = Mailbox::from_str(&rendered.from)
-        .map_err(|e| HeaderError::NotMailbox {
-            what: "from".to_string(),
-            value: rendered.from.clone(),
-            why: e.to_string(),
-        })
-        .and_then(|mbox| wire_mailbox("from", mbox))?;
+    let from = mailbox("from", &rendered.from)?;
     let subject = match variant.test_to {
         Some(_) => format!("[TEST] {}", rendered.subject),
         None => rendered.subject.clone(),

@@ -2,16 +2,23 @@
 //! rendered parts, the message — written once, so that what `check` and
 //! `preview` accept is exactly what `send`, `--test-to` and the engine build.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 use serde_json::{Map, Value};
 
 use crate::campaign::Campaign;
-use crate::message::{AttachmentError, ComposeError, Composer, HeaderError, Outgoing, Variant};
+use crate::error::input_error;
+use crate::message::{
+    mailbox, AttachmentError, ComposeError, Composer, HeaderError, Outgoing, Variant,
+};
 use crate::recipients::{parse_address, AddressError, Recipient, RecipientReader, Row};
 use crate::store::Candidate;
-use crate::template::{RenderError, Templates};
+use crate::template::{Place, RenderError, Templates};
+
+/// Missing variables reported per probe: enough to fix a template in one go.
+const MAX_REPORTED: usize = 50;
 
 /// Why one row's message cannot be built, by kind, so that callers can tell
 /// data noise (an address) from a campaign defect (the rest) and group the
@@ -64,10 +71,70 @@ impl Pipeline {
         })
     }
 
-    /// The pipeline of a campaign, for the header its recipients file has now.
+    /// The pipeline of a campaign, for the header its recipients file has
+    /// now. A problem that would fail every row the same way (a variable
+    /// that is not a column, a constant `from` that is not a mailbox) is an
+    /// input error here, said once, before any row is read (SPEC §4).
     pub fn load(campaign: &Campaign) -> Result<Pipeline> {
         let reader = RecipientReader::open(&campaign.recipients)?;
-        Pipeline::new(campaign, reader.headers().to_vec(), reader.email_index())
+        let pipeline = Pipeline::new(campaign, reader.headers().to_vec(), reader.email_index())?;
+        let problems = pipeline.constant_problems(campaign);
+        if problems.is_empty() {
+            Ok(pipeline)
+        } else {
+            Err(input_error(problems.join("\nerror: ")))
+        }
+    }
+
+    /// What fails every row alike, in words: each variable the templates
+    /// reach that the file has no column for, and a `from` without any
+    /// variable that is not a mailbox.
+    fn constant_problems(&self, campaign: &Campaign) -> Vec<String> {
+        let file = campaign
+            .recipients
+            .file
+            .file_name()
+            .map(|f| f.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let mut problems = Vec::new();
+        let mut named = HashSet::new();
+        // With every cell filled and with every cell empty, so that both
+        // sides of an `{{#if column}}` are reached.
+        for (cell, email) in [("x", "a@example.com"), ("", "b@example.com")] {
+            for (at, name) in self.missing_variables(cell, email) {
+                if named.insert(name.clone()) {
+                    problems.push(format!(
+                        "{at}: {{{{{name}}}}} is not a column of {file} (its columns: {}; built-ins: email, campaign)",
+                        self.columns.join(", ")
+                    ));
+                }
+            }
+        }
+        let from = &campaign.message.from;
+        if !from.contains("{{") {
+            if let Err(why) = mailbox("from", from) {
+                problems.push(format!("{}: [message] {why}", campaign.path.display()));
+            }
+        }
+        problems
+    }
+
+    /// Renders a row whose cells all hold `cell` until no variable is
+    /// missing; each missing one is then given a value to find the next.
+    fn missing_variables(&self, cell: &str, email: &str) -> Vec<(Place, String)> {
+        let fields = vec![cell.to_string(); self.columns.len()];
+        let mut data = self.variables(&fields, email);
+        let mut missing = Vec::new();
+        while missing.len() < MAX_REPORTED {
+            match self.templates.render(&data) {
+                Err(RenderError::MissingVariable { at, name }) if !data.contains_key(&name) => {
+                    data.insert(name.clone(), Value::String(cell.to_string()));
+                    missing.push((at, name));
+                }
+                _ => break,
+            }
+        }
+        missing
     }
 
     pub fn columns(&self) -> &[String] {
@@ -191,9 +258,19 @@ mod tests {
     }
 
     #[test]
-    fn a_missing_variable_is_a_render_error_naming_it() {
+    fn a_missing_variable_is_found_before_any_row_and_named_once() {
         let dir = tempfile::tempdir().unwrap();
-        let p = pipeline(dir.path(), "to_name = \"{{default last_name 'x'}}\"");
+        let campaign = |message: &str| {
+            pipeline(dir.path(), "");
+            let text = std::fs::read_to_string(dir.path().join("c.toml")).unwrap();
+            let text = text.replace("[transport]", &format!("{message}\n[transport]"));
+            std::fs::write(dir.path().join("c.toml"), text).unwrap();
+            Campaign::load(&dir.path().join("c.toml")).unwrap()
+        };
+        let c = campaign(
+            "to_name = \"{{default last_name 'x'}} {{last_name}} {{#if name}}{{nick}}{{/if}}\"",
+        );
+        let p = Pipeline::new(&c, vec!["email".into(), "name".into()], 0).unwrap();
         let err = p
             .build(&row(&["ann@example.com", "ann"]), Variant::default())
             .unwrap_err();
@@ -201,5 +278,17 @@ mod tests {
             panic!("{err:?}")
         };
         assert_eq!(name, "last_name");
+        let problems = p.constant_problems(&c);
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(problems[0].starts_with("[message] to_name:1:1: {{last_name}} is not a column of r.csv (its columns: email, name;"), "{problems:?}");
+        assert!(problems[1].contains("{{nick}}"), "{problems:?}");
+
+        let c = campaign("to_name = \"{{#unless name}}{{nick}}{{/unless}}\"");
+        let p = Pipeline::new(&c, vec!["email".into(), "name".into()], 0).unwrap();
+        assert_eq!(
+            p.constant_problems(&c).len(),
+            1,
+            "the empty side of an if is reached too"
+        );
     }
 }

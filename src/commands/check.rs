@@ -31,11 +31,10 @@ pub async fn check(global: &Global, path: &Path) -> Result<Exit> {
         );
     }
     if !found.problems.is_empty() {
-        found.problems.print(200, "error: ");
-        eprintln!(
-            "{} row(s) cannot be sent; fix them, or send with --skip-invalid to skip them",
-            found.problems.len()
-        );
+        for line in found.problems.lines(found.checked, 200) {
+            eprintln!("error: {line}");
+        }
+        eprintln!("{}", found.problems.advice(found.checked));
         return Ok(Exit::Usage);
     }
     writeln!(

@@ -12,7 +12,7 @@ mod send;
 mod status;
 mod suppress;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use anyhow::Result;
@@ -28,7 +28,7 @@ pub use suppress::{suppress, SuppressAction};
 
 use crate::campaign::Campaign;
 use crate::message::Variant;
-use crate::personalize::{row_place, Pipeline};
+use crate::personalize::{row_place, Pipeline, RowError};
 use crate::recipients::RecipientReader;
 use crate::store::{self, CampaignRecord, Import, RowStatus, Store};
 
@@ -63,10 +63,12 @@ pub fn load(path: &Path) -> Result<Loaded> {
 #[derive(Debug, Default)]
 pub struct Scan {
     /// Rows whose message cannot be built: they block a send.
-    pub problems: Lines,
+    pub problems: Problems,
     /// Data noise (invalid, duplicate, suppressed addresses): skipped.
     pub warnings: Lines,
     pub rows: u64,
+    /// Rows whose message was built to check it: the ones still to send.
+    pub checked: u64,
     /// The file's header row: the names the templates see.
     pub columns: Vec<String>,
 }
@@ -128,6 +130,7 @@ pub async fn scan(
                 recipient.written
             )),
             RowStatus::ToSend { id } => {
+                scan.checked += 1;
                 let built = pipeline.message(
                     &recipient,
                     &recipient.written,
@@ -141,7 +144,7 @@ pub async fn scan(
                         import.skip_invalid_message(id, &why.to_string()).await?;
                     } else {
                         scan.problems
-                            .push(format!("{at} ({}): {why}", recipient.written));
+                            .push(format!("{at} ({})", recipient.written), &why);
                     }
                 }
             }
@@ -235,6 +238,117 @@ impl Lines {
     }
 }
 
+/// Rows whose message cannot be built, grouped by cause: a cause many rows
+/// share is said once with a count, and one that every row to send shares
+/// is said once without rows, so that one defect reads as one message.
+/// Memory stays flat: a few rows per cause and a bounded number of causes.
+#[derive(Debug, Default)]
+pub struct Problems {
+    causes: Vec<Cause>,
+    index: HashMap<String, usize>,
+    /// Rows whose cause was not kept, there being too many causes.
+    others: usize,
+    total: u64,
+}
+
+#[derive(Debug)]
+struct Cause {
+    text: String,
+    rows: Vec<String>,
+    count: u64,
+}
+
+impl Problems {
+    const CAUSES: usize = 200;
+    const ROWS_PER_CAUSE: usize = 3;
+
+    /// One row (`at`: where it is) that fails for `why`.
+    pub fn push(&mut self, at: String, why: &RowError) {
+        self.total += 1;
+        let text = why.to_string();
+        let i = match self.index.get(&text) {
+            Some(&i) => i,
+            None if self.causes.len() < Self::CAUSES => {
+                self.index.insert(text.clone(), self.causes.len());
+                self.causes.push(Cause {
+                    text,
+                    rows: Vec::new(),
+                    count: 0,
+                });
+                self.causes.len() - 1
+            }
+            None => {
+                self.others += 1;
+                return;
+            }
+        };
+        let cause = &mut self.causes[i];
+        cause.count += 1;
+        if cause.rows.len() < Self::ROWS_PER_CAUSE {
+            cause.rows.push(at);
+        }
+    }
+
+    pub fn len(&self) -> u64 {
+        self.total
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.total == 0
+    }
+
+    /// The cause of every failure when all `checked` rows fail alike.
+    pub fn same_for_all(&self, checked: u64) -> Option<&str> {
+        match self.causes.as_slice() {
+            // One row is better shown with its row number.
+            [only] if checked > 1 && only.count == checked && self.others == 0 => Some(&only.text),
+            _ => None,
+        }
+    }
+
+    /// The lines that describe the problems of `checked` rows, at most
+    /// about `max` of them, each meant to follow `error: `.
+    pub fn lines(&self, checked: u64, max: usize) -> Vec<String> {
+        if let Some(text) = self.same_for_all(checked) {
+            return vec![format!("{text} (the same for all {checked} rows to send)")];
+        }
+        let mut out = Vec::new();
+        let mut shown = 0u64;
+        for cause in &self.causes {
+            if out.len() >= max {
+                break;
+            }
+            for at in &cause.rows {
+                out.push(format!("{at}: {}", cause.text));
+            }
+            let more = cause.count - cause.rows.len() as u64;
+            if more > 0 {
+                out.push(format!(
+                    "... and {more} more row(s) with the same problem: {}",
+                    cause.text
+                ));
+            }
+            shown += cause.count;
+        }
+        if self.total > shown {
+            out.push(format!("... and {} more row(s)", self.total - shown));
+        }
+        out
+    }
+
+    /// What to do about them, said after the lines.
+    pub fn advice(&self, checked: u64) -> String {
+        if self.total >= checked {
+            "no row can be sent as the campaign stands; fix the problem above".to_string()
+        } else {
+            format!(
+                "{} of {checked} row(s) cannot be sent; fix them, or send with --skip-invalid to skip them",
+                self.total
+            )
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -248,6 +362,53 @@ mod tests {
         assert_eq!(lines.len(), 500);
         assert_eq!(lines.kept.len(), Lines::KEPT);
         assert_eq!(lines.kept[0], "row 0");
+    }
+
+    fn header_error() -> RowError {
+        RowError::Header(crate::message::HeaderError::LineBreak {
+            what: "subject".into(),
+        })
+    }
+
+    #[test]
+    fn a_cause_of_every_row_is_said_once_without_rows() {
+        let mut p = Problems::default();
+        for i in 0..5000 {
+            p.push(format!("row {i}"), &header_error());
+        }
+        let lines = p.lines(5000, 200);
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert!(lines[0].contains("all 5000 rows"), "{lines:?}");
+        assert!(!p.advice(5000).contains("--skip-invalid"));
+    }
+
+    #[test]
+    fn a_cause_of_some_rows_lists_a_few_and_counts_the_rest() {
+        let mut p = Problems::default();
+        for i in 0..10 {
+            p.push(format!("row {i}"), &header_error());
+        }
+        let lines = p.lines(20, 200);
+        assert_eq!(lines.len(), 4, "{lines:?}");
+        assert!(lines[0].starts_with("row 0: subject"), "{lines:?}");
+        assert!(lines[3].contains("7 more row(s)"), "{lines:?}");
+        assert!(p.advice(20).contains("--skip-invalid"));
+    }
+
+    #[test]
+    fn distinct_causes_are_bounded() {
+        let mut p = Problems::default();
+        for i in 0..1000 {
+            let why = RowError::Header(crate::message::HeaderError::BadName {
+                name: format!("h{i}"),
+            });
+            p.push(format!("row {i}"), &why);
+        }
+        assert_eq!(p.causes.len(), Problems::CAUSES);
+        assert_eq!(p.len(), 1000);
+        let lines = p.lines(1000, 200);
+        assert!(lines.len() <= 201);
+        assert_eq!(lines.last().unwrap(), "... and 800 more row(s)");
     }
 
     #[test]

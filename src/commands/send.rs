@@ -115,10 +115,19 @@ async fn send_locked(
     found.warnings.print(20, "warning: ");
     if !found.problems.is_empty() {
         import.rollback().await?;
-        found.problems.print(200, "error: ");
+        let mut lines = found.problems.lines(found.checked, 200);
+        if lines.len() == 1 && found.problems.same_for_all(found.checked).is_some() {
+            return Err(input_error(format!(
+                "{}; nothing was sent",
+                lines.remove(0)
+            )));
+        }
+        for line in lines {
+            eprintln!("error: {line}");
+        }
         return Err(input_error(format!(
-            "{} row(s) cannot be sent and nothing was sent; fix them or use --skip-invalid",
-            found.problems.len()
+            "nothing was sent: {}",
+            found.problems.advice(found.checked)
         )));
     }
     if opts.dry_run {
