@@ -6,6 +6,7 @@
 
 pub mod campaign;
 pub mod commands;
+pub mod csv_lines;
 pub mod engine;
 pub mod error;
 pub mod limits;

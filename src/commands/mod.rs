@@ -89,6 +89,9 @@ pub async fn scan(
         columns: reader.headers().to_vec(),
         ..Scan::default()
     };
+    for note in reader.notes() {
+        scan.warnings.push(note.clone());
+    }
     let mut import = store.import(record, &scan.columns).await?;
     loop {
         let row = match reader.next_row() {
@@ -149,6 +152,12 @@ pub async fn scan(
                 }
             }
         }
+    }
+    if scan.rows == 0 {
+        scan.warnings.push(format!(
+            "{}: there are no rows under the header",
+            reader.path().display()
+        ));
     }
     Ok((import, scan))
 }

@@ -68,10 +68,12 @@ pub async fn send(
         store.lock(record.id, &token).await?;
     }
     let result = send_locked(global, loaded, &store, &record, opts, stop).await;
-    if opts.dry_run {
-        store.forget_if_empty(record.id).await?;
-    } else {
+    if !opts.dry_run {
         store.unlock(record.id, &token).await?;
+    }
+    // A run that sent nothing leaves no trace of a campaign new to the database.
+    if opts.dry_run || result.is_err() {
+        store.forget_if_empty(record.id).await?;
     }
     store.close().await;
     result
