@@ -12,8 +12,6 @@ use hikyaku::commands::{self, Global, PreviewTarget, SendOptions, SuppressAction
 use hikyaku::error::{exit_for, Exit};
 use hikyaku::store::State;
 use tokio::sync::watch;
-use tracing_subscriber::layer::SubscriberExt;
-use tracing_subscriber::util::SubscriberInitExt;
 
 /// Bulk campaign mailer: CSV + Handlebars + SMTP, paced under the account's
 /// limits, resumable without sending anyone a message twice.
@@ -26,7 +24,7 @@ struct Cli {
     /// More log output (repeat for more).
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     verbose: u8,
-    /// Only warnings and errors.
+    /// Only warnings, errors and the line that says how the command ended.
     #[arg(short, long, global = true, conflicts_with = "verbose")]
     quiet: bool,
     /// Colour in terminal output.
@@ -169,7 +167,7 @@ fn main() -> ExitCode {
     let term_ok = std::env::var("TERM").is_ok_and(|t| !t.is_empty() && t != "dumb");
     let progress_bar =
         stderr_tty && term_ok && std::env::var_os("NO_COLOR").is_none() && !cli.quiet;
-    init_logging(cli.verbose, cli.quiet, color);
+    commands::log::init(cli.verbose, cli.quiet, color);
     let global = Global {
         db: cli.db.clone(),
         progress_bar,
@@ -180,7 +178,7 @@ fn main() -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
+            tracing::error!("cannot start the async runtime: {e}");
             return ExitCode::from(Exit::Fatal.code());
         }
     };
@@ -190,7 +188,7 @@ fn main() -> ExitCode {
         // `status | head`: the reader has all it wanted; not an error.
         Err(_) if commands::output::closed() => Exit::Done,
         Err(err) => {
-            eprintln!("error: {err:#}");
+            tracing::error!("{err:#}");
             exit_for(&err)
         }
     };
@@ -243,12 +241,12 @@ fn stop_on_signals() -> watch::Receiver<bool> {
         for round in 0..2 {
             interrupt().await;
             if round == 0 {
-                eprintln!(
+                tracing::warn!(
                     "stopping after the messages in flight (press Ctrl-C again to stop at once)"
                 );
                 let _ = tx.send(true);
             } else {
-                eprintln!("stopped at once; messages in flight will show as unknown");
+                tracing::warn!("stopped at once; messages in flight will show as unknown");
                 std::process::exit(i32::from(Exit::Interrupted.code()));
             }
         }
@@ -275,31 +273,4 @@ async fn interrupt() {
     {
         let _ = tokio::signal::ctrl_c().await;
     }
-}
-
-fn init_logging(verbose: u8, quiet: bool, color: bool) {
-    let level = match (quiet, verbose) {
-        (true, _) => "warn",
-        (false, 0) => "info",
-        (false, 1) => "debug",
-        (false, _) => "trace",
-    };
-    // Our own crate at the chosen level; dependencies only when very verbose,
-    // and never lettre's wire traces, which could carry AUTH data.
-    let filter = if verbose >= 2 {
-        format!("{level},lettre=info")
-    } else {
-        format!("warn,hikyaku={level}")
-    };
-    let indicatif = tracing_indicatif::IndicatifLayer::new();
-    let fmt = tracing_subscriber::fmt::layer()
-        .with_writer(indicatif.get_stderr_writer())
-        .with_target(false)
-        .without_time()
-        .with_ansi(color);
-    tracing_subscriber::registry()
-        .with(tracing_subscriber::EnvFilter::new(filter))
-        .with(fmt)
-        .with(indicatif)
-        .init();
 }

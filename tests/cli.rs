@@ -439,3 +439,61 @@ fn help_sets_global_options_apart_describes_every_argument_and_lists_exit_codes(
         "{export}"
     );
 }
+
+/// Regression: stderr mixed `warning:` lines with tracing's ` WARN` and
+/// `INFO send: sent …`, and counts read "1 address(es)". Every line now is
+/// `error: …`, `warning: …` or plain text, with nouns in the right number.
+#[test]
+fn every_stderr_line_follows_one_scheme_with_correct_plurals() {
+    let dir = CampaignDir::new();
+    let csv = "email,first_name,city\nuser1@example.com,A,X\nnot-an-address,B,Y\n\
+               USER1@example.com,C,Z\nuser2@example.com,D,W\n";
+    standard_campaign(&dir, csv, FILE_TRANSPORT, "");
+    dir.write("suppressed.txt", "x@example.com\nnot an address\n");
+    let campaign = dir.campaign();
+    let campaign = campaign.to_str().unwrap();
+    let mut stderr = String::new();
+    let mut run = |args: &[&str], code: i32| {
+        let out = dir.run(args);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(code), "{args:?}: {err}");
+        stderr.push_str(&err);
+    };
+    run(&["check", campaign], 0);
+    run(&["send", "--limit", "1", campaign], 75);
+    // user2 leaves the file unsent: a warning from the send itself.
+    dir.write(
+        "recipients.csv",
+        "email,first_name,city\nuser1@example.com,A,X\nnot-an-address,B,Y\n",
+    );
+    run(&["send", campaign], 0);
+    run(
+        &["send", "--dry-run", "--test-to", "me@example.com", campaign],
+        0,
+    );
+    run(&["suppress", "add", "a@example.com"], 0);
+    run(&["suppress", "add", "b@example.com", "c@example.com"], 0);
+    let list = dir.path().join("suppressed.txt");
+    run(&["suppress", "import", list.to_str().unwrap()], 0);
+    run(&["send", "missing.toml"], 2);
+
+    for needle in [
+        "warning: ",
+        "error: ",
+        "1 unsent recipient left the file",
+        "1 address added",
+        "2 addresses added",
+        "1 test message would be sent",
+    ] {
+        assert!(stderr.contains(needle), "{needle:?} not in\n{stderr}");
+    }
+    for line in stderr.lines() {
+        let level = line.split([' ', ':']).next().unwrap_or("");
+        assert!(
+            !["INFO", "WARN", "ERROR", "DEBUG", "TRACE", "send"].contains(&level)
+                && !line.starts_with(char::is_whitespace),
+            "off-scheme line {line:?} in\n{stderr}"
+        );
+        assert!(!line.contains("(s)") && !line.contains("(es)"), "{line:?}");
+    }
+}

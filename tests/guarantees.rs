@@ -368,7 +368,7 @@ fn a_second_sigint_stops_at_once_and_the_message_in_flight_becomes_unknown() {
         dir.campaign().to_str().unwrap(),
     ]);
     assert!(
-        text(&out.stderr).contains("1 recipient(s) were in flight"),
+        text(&out.stderr).contains("1 recipient in flight when an earlier run stopped"),
         "{}",
         text(&out.stderr)
     );

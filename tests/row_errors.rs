@@ -129,7 +129,7 @@ fn rows_that_fail_among_good_ones_are_listed_with_the_advice_to_skip_them() {
                 "row {row} not listed:\n{err}"
             );
         }
-        assert!(err.contains("2 more row(s) with the same problem"), "{err}");
+        assert!(err.contains("2 more rows with the same problem"), "{err}");
         assert!(
             err.contains("5 of 50") && err.contains("--skip-invalid"),
             "{err}"

@@ -5,6 +5,7 @@ use std::path::Path;
 
 use anyhow::Result;
 
+use super::log::OUTCOME;
 use super::{load, output, scan, Global};
 use crate::error::Exit;
 
@@ -23,18 +24,18 @@ pub async fn check(global: &Global, path: &Path) -> Result<Exit> {
     };
     store.forget_if_empty(record.id).await?;
     let (counts, found) = counted?;
-    found.warnings.print(50, "warning: ");
+    found.warnings.warn(50);
     if loaded.campaign.message.list_unsubscribe.is_none() {
-        eprintln!(
-            "warning: {}: [message] has no list_unsubscribe; Gmail expects bulk mail to offer one-click unsubscribe",
+        tracing::warn!(
+            "{}: [message] has no list_unsubscribe; Gmail expects bulk mail to offer one-click unsubscribe",
             path.display()
         );
     }
     if !found.problems.is_empty() {
         for line in found.problems.lines(found.checked, 200) {
-            eprintln!("error: {line}");
+            tracing::error!("{line}");
         }
-        eprintln!("{}", found.problems.advice(found.checked));
+        tracing::info!(target: OUTCOME, "{}", found.problems.advice(found.checked));
         return Ok(Exit::Usage);
     }
     writeln!(

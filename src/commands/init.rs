@@ -5,6 +5,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 
+use super::log::OUTCOME;
 use crate::error::{input_error, Exit};
 
 /// The files `init` writes, from the repository's `templates/` folder.
@@ -47,8 +48,9 @@ pub fn init(dir: &Path) -> Result<Exit> {
         std::fs::write(&path, content).with_context(|| format!("writing {}", path.display()))?;
     }
     let campaign = dir.join("campaign.toml");
-    eprintln!("wrote a campaign in {}", dir.display());
-    eprintln!(
+    tracing::info!(target: OUTCOME, "wrote a campaign in {}", dir.display());
+    tracing::info!(
+        target: OUTCOME,
         "next: hikyaku check {0}  then  hikyaku send {0}",
         campaign.display()
     );

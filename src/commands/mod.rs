@@ -5,6 +5,7 @@
 mod check;
 mod export;
 mod init;
+pub mod log;
 pub mod output;
 mod preview;
 mod progress;
@@ -233,16 +234,25 @@ impl Lines {
         self.total == 0
     }
 
-    /// Prints at most `max` lines to stderr, then how many more there were.
-    pub fn print(&self, max: usize, prefix: &str) {
+    /// Logs at most `max` lines as warnings, then how many more there were.
+    pub fn warn(&self, max: usize) {
+        self.log(max, |line| tracing::warn!("{line}"));
+    }
+
+    /// Logs at most `max` lines as errors, then how many more there were.
+    pub fn error(&self, max: usize) {
+        self.log(max, |line| tracing::error!("{line}"));
+    }
+
+    fn log(&self, max: usize, emit: impl Fn(&str)) {
         for line in self.kept.iter().take(max) {
-            eprintln!("{prefix}{line}");
+            emit(line);
         }
         if self.total > max {
-            eprintln!(
-                "{prefix}... and {} more",
+            emit(&format!(
+                "... and {} more",
                 self.total - max.min(self.kept.len())
-            );
+            ));
         }
     }
 }
@@ -333,14 +343,18 @@ impl Problems {
             let more = cause.count - cause.rows.len() as u64;
             if more > 0 {
                 out.push(format!(
-                    "... and {more} more row(s) with the same problem: {}",
+                    "... and {} with the same problem: {}",
+                    log::plural(more, "more row"),
                     cause.text
                 ));
             }
             shown += cause.count;
         }
         if self.total > shown {
-            out.push(format!("... and {} more row(s)", self.total - shown));
+            out.push(format!(
+                "... and {}",
+                log::plural(self.total - shown, "more row")
+            ));
         }
         out
     }
@@ -351,7 +365,7 @@ impl Problems {
             "no row can be sent as the campaign stands; fix the problem above".to_string()
         } else {
             format!(
-                "{} of {checked} row(s) cannot be sent; fix them, or send with --skip-invalid to skip them",
+                "{} of {checked} rows cannot be sent; fix them, or send with --skip-invalid to skip them",
                 self.total
             )
         }
@@ -400,7 +414,7 @@ mod tests {
         let lines = p.lines(20, 200);
         assert_eq!(lines.len(), 4, "{lines:?}");
         assert!(lines[0].starts_with("row 0: subject"), "{lines:?}");
-        assert!(lines[3].contains("7 more row(s)"), "{lines:?}");
+        assert!(lines[3].contains("7 more rows"), "{lines:?}");
         assert!(p.advice(20).contains("--skip-invalid"));
     }
 
@@ -417,7 +431,7 @@ mod tests {
         assert_eq!(p.len(), 1000);
         let lines = p.lines(1000, 200);
         assert!(lines.len() <= 201);
-        assert_eq!(lines.last().unwrap(), "... and 800 more row(s)");
+        assert_eq!(lines.last().unwrap(), "... and 800 more rows");
     }
 
     #[test]

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use anyhow::Result;
 use tokio::sync::{mpsc, watch};
 
+use super::log::{plural, OUTCOME};
 use super::progress::Progress;
 use super::status::{local_time, outlook};
 use super::{fingerprint, fingerprint_changes, load, output, scan, Global, Loaded};
@@ -104,17 +105,21 @@ async fn send_locked(
         let unknown = store.settle_interrupted(record.id).await?;
         if unknown > 0 {
             tracing::warn!(
-                "{unknown} recipient(s) were in flight when an earlier run stopped; they are now `unknown` \
-                 (see hikyaku export --state unknown; --resend-unknown sends them again)"
+                "{} in flight when an earlier run stopped: now `unknown` \
+                 (see hikyaku export --state unknown; --resend-unknown sends them again)",
+                plural(unknown, "recipient")
             );
         }
         if opts.resend_unknown {
             let n = store.requeue_unknown(record.id).await?;
-            tracing::info!("{n} unknown recipient(s) will be sent again (--resend-unknown)");
+            tracing::info!(
+                "{} to send again (--resend-unknown)",
+                plural(n, "unknown recipient")
+            );
         }
     }
     let (mut import, found) = scan(&loaded, store, record, opts.skip_invalid).await?;
-    found.warnings.print(20, "warning: ");
+    found.warnings.warn(20);
     if !found.problems.is_empty() {
         import.rollback().await?;
         let mut lines = found.problems.lines(found.checked, 200);
@@ -125,7 +130,7 @@ async fn send_locked(
             )));
         }
         for line in lines {
-            eprintln!("error: {line}");
+            tracing::error!("{line}");
         }
         return Err(input_error(format!(
             "nothing was sent: {}",
@@ -160,7 +165,10 @@ async fn send_locked(
     }
     let removed = import.commit().await?;
     if removed > 0 {
-        tracing::warn!("{removed} unsent recipient(s) left the file: skipped (removed)");
+        tracing::warn!(
+            "{} left the file: skipped (removed)",
+            plural(removed, "unsent recipient")
+        );
     }
     if record.fingerprint.is_none() || opts.force {
         store
@@ -205,7 +213,8 @@ async fn send_locked(
     let counts = store.counts(record.id).await?;
     let left = counts["pending"] + counts["deferred"];
     let secs = (now_ms() - started).max(1) as f64 / 1000.0;
-    eprintln!(
+    tracing::info!(
+        target: OUTCOME,
         "{}: sent {} in this run ({:.1}/s); total: {} sent, {} failed, {} unknown, {} skipped, {} left",
         campaign.name,
         stats.sent,
@@ -220,21 +229,26 @@ async fn send_locked(
         RunEnd::Done => Exit::Done,
         RunEnd::LimitReached if left == 0 => Exit::Done,
         RunEnd::LimitReached => {
-            eprintln!(
+            tracing::info!(
+                target: OUTCOME,
                 "stopped after --limit {}; run send again to go on",
                 opts.limit.unwrap_or(0)
             );
             Exit::WorkLeft
         }
         RunEnd::WouldWait { until_ms, why } => {
-            eprintln!(
+            tracing::info!(
+                target: OUTCOME,
                 "stopped (--no-wait): {why}; next send possible at {}",
                 local_time(until_ms)
             );
             Exit::WorkLeft
         }
         RunEnd::Interrupted => {
-            eprintln!("interrupted; in-flight messages were recorded. Run send again to resume");
+            tracing::info!(
+                target: OUTCOME,
+                "interrupted; in-flight messages were recorded. Run send again to resume"
+            );
             Exit::Interrupted
         }
         RunEnd::Fatal(reply) if reply.is_authentication() => {
@@ -300,7 +314,8 @@ async fn send_test(loaded: &Loaded, test_to: &str, limit: u64, dry_run: bool) ->
             continue;
         };
         match transport.send(&out).await {
-            Ok(reply) => eprintln!(
+            Ok(reply) => tracing::info!(
+                target: OUTCOME,
                 "test message for row {} ({}) sent to {}: {reply}",
                 row.number, recipient.written, tester.ascii
             ),
@@ -312,15 +327,19 @@ async fn send_test(loaded: &Loaded, test_to: &str, limit: u64, dry_run: bool) ->
         sent += 1;
     }
     let Some(transport) = transport else {
-        eprintln!(
-            "dry run: {sent} test message(s) would be sent to {}; nothing was sent or recorded",
+        tracing::info!(
+            target: OUTCOME,
+            "dry run: {} would be sent to {}; nothing was sent or recorded",
+            plural(sent, "test message"),
             tester.ascii
         );
         return Ok(Exit::Done);
     };
     transport.shutdown().await;
-    eprintln!(
-        "{sent} test message(s) sent to {}; nothing was recorded",
+    tracing::info!(
+        target: OUTCOME,
+        "{} sent to {}; nothing was recorded",
+        plural(sent, "test message"),
         tester.ascii
     );
     Ok(Exit::Done)

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 
+use super::log::{plural, OUTCOME};
 use super::{output, Global};
 use crate::error::{input_error, Exit};
 use crate::recipients::parse_address;
@@ -29,7 +30,11 @@ pub async fn suppress(global: &Global, action: &SuppressAction) -> Result<Exit> 
                     .map_err(|why| input_error(format!("{a:?} is not a valid address: {why}")))?;
                 added += usize::from(store.suppress(&r.ascii, "added by hand").await?);
             }
-            eprintln!("{added} address(es) added to the suppression list");
+            tracing::info!(
+                target: OUTCOME,
+                "{} added to the suppression list",
+                plural(added as u64, "address")
+            );
         }
         SuppressAction::Remove(addresses) => {
             let mut removed = 0;
@@ -39,7 +44,11 @@ pub async fn suppress(global: &Global, action: &SuppressAction) -> Result<Exit> 
                     .unwrap_or_else(|_| a.trim().to_lowercase());
                 removed += usize::from(store.unsuppress(&key).await?);
             }
-            eprintln!("{removed} address(es) removed from the suppression list");
+            tracing::info!(
+                target: OUTCOME,
+                "{} removed from the suppression list",
+                plural(removed as u64, "address")
+            );
         }
         SuppressAction::List => {
             let mut out = csv::Writer::from_writer(std::io::BufWriter::new(output::stdout()));
@@ -85,13 +94,17 @@ pub async fn suppress(global: &Global, action: &SuppressAction) -> Result<Exit> 
                                 .await?,
                         )
                     }
-                    Err(why) => eprintln!(
-                        "warning: {}: line {line}: {cell:?} is not a valid address: {why}",
+                    Err(why) => tracing::warn!(
+                        "{}: line {line}: {cell:?} is not a valid address: {why}",
                         file.display()
                     ),
                 }
             }
-            eprintln!("{added} address(es) added to the suppression list");
+            tracing::info!(
+                target: OUTCOME,
+                "{} added to the suppression list",
+                plural(added as u64, "address")
+            );
         }
     }
     Ok(Exit::Done)
