@@ -497,3 +497,38 @@ fn every_stderr_line_follows_one_scheme_with_correct_plurals() {
         assert!(!line.contains("(s)") && !line.contains("(es)"), "{line:?}");
     }
 }
+
+/// Regression: times were printed in local time without a zone, so that
+/// "09:14" on a server in UTC and on a laptop in Tokyo read the same.
+#[test]
+fn printed_times_carry_their_utc_offset() {
+    let dir = CampaignDir::new();
+    standard_campaign(
+        &dir,
+        &recipients_csv(3),
+        FILE_TRANSPORT,
+        "[limits]\nper_minute = 1\n",
+    );
+    let campaign = dir.campaign();
+    let campaign = campaign.to_str().unwrap();
+    let run = |args: &[&str], code: i32| {
+        let out = common::output(dir.command(args).env("TZ", "Asia/Tokyo"));
+        assert_eq!(out.status.code(), Some(code), "{}", text(&out.stderr));
+        text(&out.stdout) + &text(&out.stderr)
+    };
+    let mut printed = run(&["send", "--dry-run", campaign], 0);
+    printed += &run(&["send", "--no-wait", campaign], 75);
+    printed += &run(&["status", campaign], 0);
+    let timed: Vec<&str> = printed
+        .lines()
+        .filter(|l| {
+            l.starts_with("eta")
+                || l.starts_with("next send")
+                || l.contains("next send possible at")
+        })
+        .collect();
+    assert!(timed.len() >= 4, "{printed}");
+    for line in timed {
+        assert!(line.ends_with(" +09:00"), "no zone in {line:?}");
+    }
+}

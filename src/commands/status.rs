@@ -169,12 +169,13 @@ pub async fn status(global: &Global, path: &Path, json: bool) -> Result<Exit> {
     Ok(Exit::Done)
 }
 
-/// A time for people: local, to the second.
+/// A time for people: local, to the second, with its UTC offset, so that
+/// it means the same to a reader in another zone (or on a server in UTC).
 pub fn local_time(ms: i64) -> String {
     chrono::DateTime::from_timestamp_millis(ms)
         .map(|t| {
             t.with_timezone(&chrono::Local)
-                .format("%Y-%m-%d %H:%M:%S")
+                .format("%Y-%m-%d %H:%M:%S %:z")
                 .to_string()
         })
         .unwrap_or_default()
