@@ -6,13 +6,22 @@ use std::path::Path;
 use anyhow::Result;
 
 use super::log::OUTCOME;
-use super::{load, output, scan, Global};
+use super::{content_changed, fingerprint, load, output, scan, Global};
+use crate::campaign::{Campaign, PasswordSource, TransportConfig};
 use crate::error::Exit;
+use crate::message::mailbox;
 
 pub async fn check(global: &Global, path: &Path) -> Result<Exit> {
     let loaded = load(path)?;
+    let campaign = &loaded.campaign;
+    let mut errors = Vec::new();
+    errors.extend(missing_password(campaign));
+    let mut notes = Vec::new();
+    notes.extend(no_limits(campaign));
+    notes.extend(dkim_misaligned(campaign));
     let store = global.store().await?;
-    let record = store.campaign(&loaded.campaign.name).await?;
+    let record = store.campaign(&campaign.name).await?;
+    errors.extend(content_changed(&record, &fingerprint(&loaded)?)?);
     let scanned = scan(&loaded, &store, &record, false).await;
     let counted = match scanned {
         Ok((mut import, found)) => {
@@ -25,17 +34,22 @@ pub async fn check(global: &Global, path: &Path) -> Result<Exit> {
     store.forget_if_empty(record.id).await?;
     let (counts, found) = counted?;
     found.warnings.warn(50);
-    if loaded.campaign.message.list_unsubscribe.is_none() {
-        tracing::warn!(
-            "{}: [message] has no list_unsubscribe; Gmail expects bulk mail to offer one-click unsubscribe",
-            path.display()
-        );
+    if campaign.message.list_unsubscribe.is_none() {
+        notes.push("[message] has no list_unsubscribe; Gmail expects bulk mail to offer one-click unsubscribe".to_string());
+    }
+    for note in notes {
+        tracing::warn!("{}: {note}", path.display());
+    }
+    for error in &errors {
+        tracing::error!("{}: {error}", path.display());
     }
     if !found.problems.is_empty() {
         for line in found.problems.lines(found.checked, 200) {
             tracing::error!("{line}");
         }
         tracing::info!(target: OUTCOME, "{}", found.problems.advice(found.checked));
+    }
+    if !errors.is_empty() || !found.problems.is_empty() {
         return Ok(Exit::Usage);
     }
     writeln!(
@@ -48,4 +62,82 @@ pub async fn check(global: &Global, path: &Path) -> Result<Exit> {
         counts["skipped"],
     )?;
     Ok(Exit::Done)
+}
+
+/// The password source `send` would read, when it cannot be read: an unset
+/// variable, a missing file. Read and dropped at once, never shown. A
+/// `password_command` is not run here: it may ask the user for something.
+fn missing_password(campaign: &Campaign) -> Option<String> {
+    let TransportConfig::Smtp(smtp) = &campaign.transport else {
+        return None;
+    };
+    smtp.username.as_ref()?;
+    if matches!(smtp.password, PasswordSource::Command { .. }) {
+        return None;
+    }
+    smtp.password.read().err().map(|e| format!("{e:#}"))
+}
+
+/// An SMTP account without any window is sent to as fast as it accepts,
+/// which providers take for abuse.
+fn no_limits(campaign: &Campaign) -> Option<String> {
+    match &campaign.transport {
+        TransportConfig::Smtp(smtp) if campaign.windows.is_empty() => Some(format!(
+            "[limits] sets no window for {}: messages go out as fast as the server takes them; \
+             set per_minute and per_day (or a preset) to stay under the account's limits",
+            smtp.host
+        )),
+        _ => None,
+    }
+}
+
+/// A DKIM signature for a domain that does not align with the From domain
+/// does not make DMARC pass (RFC 7489 §3.1.1, relaxed alignment).
+fn dkim_misaligned(campaign: &Campaign) -> Option<String> {
+    let dkim = campaign.dkim.as_ref()?;
+    let from = &campaign.message.from;
+    if from.contains("{{") {
+        return None;
+    }
+    let from_domain = mailbox("from", from)
+        .ok()?
+        .email
+        .domain()
+        .to_ascii_lowercase();
+    let signing = idna::domain_to_ascii(dkim.domain.trim())
+        .ok()?
+        .to_ascii_lowercase();
+    if aligned(&signing, &from_domain) {
+        return None;
+    }
+    Some(format!(
+        "[dkim] domain {signing} does not align with the From domain {from_domain}: \
+         receivers will not count the signature for DMARC; sign with {from_domain} (or a domain it belongs to)"
+    ))
+}
+
+/// Relaxed alignment, without the public suffix list: one domain is the
+/// other or a subdomain of it. Two sibling subdomains of one organisation
+/// (`mail.acme.example`, `news.acme.example`) also align for receivers, so a
+/// warning for them may be too cautious, never too lax.
+fn aligned(signing: &str, from: &str) -> bool {
+    let below = |sub: &str, parent: &str| {
+        sub.strip_suffix(parent)
+            .is_some_and(|rest| rest.is_empty() || rest.ends_with('.'))
+    };
+    below(from, signing) || below(signing, from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn alignment_is_the_same_domain_or_a_subdomain() {
+        assert!(aligned("acme.example", "acme.example"));
+        assert!(aligned("acme.example", "news.acme.example"));
+        assert!(aligned("mail.acme.example", "acme.example"));
+        assert!(!aligned("acme.example", "notacme.example"));
+        assert!(!aligned("esp.example", "acme.example"));
+    }
 }

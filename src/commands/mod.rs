@@ -189,6 +189,26 @@ pub fn fingerprint(loaded: &Loaded) -> Result<BTreeMap<String, String>> {
     Ok(parts)
 }
 
+/// What changed since the campaign started sending, in words, if anything
+/// did (SPEC §7.7); `parts` is the fingerprint of the campaign as it is now.
+pub fn content_changed(
+    record: &CampaignRecord,
+    parts: &BTreeMap<String, String>,
+) -> Result<Option<String>> {
+    let Some(before) = &record.fingerprint else {
+        return Ok(None);
+    };
+    let changes = fingerprint_changes(&serde_json::from_str(before)?, parts);
+    if changes.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(format!(
+        "what recipients receive changed since this campaign started sending: {}. \
+         Recipients already sent got the old version; send again with --force to send the new one to the rest",
+        changes.join("; ")
+    )))
+}
+
 /// The parts that differ between two fingerprints, in words.
 pub fn fingerprint_changes(
     before: &BTreeMap<String, String>,

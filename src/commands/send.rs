@@ -10,7 +10,7 @@ use tokio::sync::{mpsc, watch};
 use super::log::{plural, OUTCOME};
 use super::progress::Progress;
 use super::status::{local_time, outlook};
-use super::{fingerprint, fingerprint_changes, load, output, scan, Global, Loaded};
+use super::{content_changed, fingerprint, load, output, scan, Global, Loaded};
 use crate::engine::{self, RunConfig, RunEnd};
 use crate::error::{input_error, Exit};
 use crate::message::Variant;
@@ -90,15 +90,9 @@ async fn send_locked(
 ) -> Result<Exit> {
     let campaign = &loaded.campaign;
     let parts = fingerprint(&loaded)?;
-    if let Some(before) = &record.fingerprint {
-        let before = serde_json::from_str(before)?;
-        let changes = fingerprint_changes(&before, &parts);
-        if !changes.is_empty() && !opts.force {
-            return Err(input_error(format!(
-                "what recipients receive changed since this campaign started sending: {}. \
-                 Recipients already sent got the old version; send again with --force to send the new one to the rest",
-                changes.join("; ")
-            )));
+    if let Some(changed) = content_changed(record, &parts)? {
+        if !opts.force {
+            return Err(input_error(changed));
         }
     }
     if !opts.dry_run {
