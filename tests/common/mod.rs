@@ -41,6 +41,9 @@ pub fn ensure_python_packages() {
                     "install",
                     "--quiet",
                     "--disable-pip-version-check",
+                    // CI containers run as root; pip's advice against it
+                    // would read as a failure in the test output.
+                    "--root-user-action=ignore",
                     "-r",
                 ])
                 .arg(requirements)
@@ -61,6 +64,9 @@ pub struct SmtpServer {
     pub port: u16,
     pub ca: Option<PathBuf>,
     record: PathBuf,
+    /// The server's standard error, shown with the output of a test that
+    /// fails and kept out of the suite's output otherwise.
+    log: PathBuf,
 }
 
 /// One message the server accepted.
@@ -93,6 +99,7 @@ impl SmtpServer {
         let dir = tempfile::tempdir().unwrap();
         let ready = dir.path().join("ready.json");
         let record = dir.path().join("record.jsonl");
+        let log = dir.path().join("stderr.log");
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/smtp_server.py");
         let mut child = Command::new("python3")
             .arg(&script)
@@ -103,6 +110,7 @@ impl SmtpServer {
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .expect("python3 must be installed to run the SMTP test server");
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -129,8 +137,14 @@ impl SmtpServer {
             port: info["port"].as_u64().unwrap() as u16,
             ca: info["ca"].as_str().map(PathBuf::from),
             record,
+            log,
             _dir: dir,
         }
+    }
+
+    /// What the server printed on standard error so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     /// Every message accepted so far, in order.
@@ -184,6 +198,11 @@ impl Drop for SmtpServer {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // Captured by the test harness: printed only if the test failed.
+        let log = self.log();
+        if !log.is_empty() {
+            eprint!("SMTP test server's stderr:\n{log}");
+        }
     }
 }
 
