@@ -165,6 +165,23 @@ fn wire_mailbox(what: &str, mbox: Mailbox) -> Result<Mailbox, HeaderError> {
     Ok(Mailbox::new(mbox.name, address))
 }
 
+/// What to write instead of a display name with a bare comma, which reads
+/// as the end of one address and the start of another.
+fn quoting_hint(what: &str, value: &str) -> String {
+    let Some((name, rest)) = value.split_once('<') else {
+        return String::new();
+    };
+    let name = name.trim();
+    if !name.contains(',') || name.starts_with('"') {
+        return String::new();
+    }
+    format!(
+        "; a name with a comma must be quoted: {what} = '\"{}\" <{}'",
+        name.replace('"', "\\\""),
+        rest.trim()
+    )
+}
+
 /// One mailbox (`Name <addr>` or `addr`), in its wire form.
 pub fn mailbox(what: &str, value: &str) -> Result<Mailbox, HeaderError> {
     check_header_value(what, value)?;
@@ -172,7 +189,7 @@ pub fn mailbox(what: &str, value: &str) -> Result<Mailbox, HeaderError> {
         .map_err(|e| HeaderError::NotMailbox {
             what: what.to_string(),
             value: value.to_string(),
-            why: e.to_string(),
+            why: format!("{e}{}", quoting_hint(what, value)),
         })
         .and_then(|mbox| wire_mailbox(what, mbox))
 }
@@ -544,6 +561,19 @@ fn read_attachment(campaign_dir: &Path, rel: &str) -> Result<(String, Vec<u8>), 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_from_name_with_a_comma_is_shown_quoted() {
+        let err = mailbox("from", "Acme, Inc <news@acme.example>")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.ends_with("must be quoted: from = '\"Acme, Inc\" <news@acme.example>'"),
+            "{err}"
+        );
+        assert!(mailbox("from", "\"Acme, Inc\" <news@acme.example>").is_ok());
+        assert_eq!(quoting_hint("from", "Acme <news@acme.example>"), "");
+    }
 
     fn rendered() -> Rendered {
         Rendered {

@@ -498,6 +498,35 @@ fn every_stderr_line_follows_one_scheme_with_correct_plurals() {
     }
 }
 
+/// Before: "is not a valid mailbox: Invalid input", and nothing more.
+#[test]
+fn a_from_name_with_a_comma_is_shown_quoted() {
+    let dir = CampaignDir::new();
+    standard_campaign(&dir, &recipients_csv(1), FILE_TRANSPORT, "");
+    let toml = std::fs::read_to_string(dir.campaign()).unwrap();
+    let bare = toml.replace(
+        "from = \"Acme <news@acme.example>\"",
+        "from = \"Acme, Inc <news@acme.example>\"",
+    );
+    dir.write("campaign.toml", &bare);
+    let out = dir.check();
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains(
+            "a name with a comma must be quoted: from = '\"Acme, Inc\" <news@acme.example>'"
+        ),
+        "{err}"
+    );
+    let quoted = toml.replace(
+        "from = \"Acme <news@acme.example>\"",
+        "from = '\"Acme, Inc\" <news@acme.example>'",
+    );
+    dir.write("campaign.toml", quoted);
+    let out = dir.check();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+}
+
 /// Regression: times were printed in local time without a zone, so that
 /// "09:14" on a server in UTC and on a laptop in Tokyo read the same.
 #[test]
