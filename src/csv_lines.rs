@@ -5,7 +5,9 @@
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
+use std::fs::File;
 use std::io::{self, Read};
+use std::path::Path;
 use std::rc::Rc;
 
 /// The longest record read; longer is a file without line ends (or not a
@@ -63,6 +65,17 @@ pub enum CsvError {
 }
 
 impl CsvError {
+    /// For the command line: a fault of the file is bad input (exit 2), a
+    /// failing read is not.
+    pub fn at(self, path: &Path) -> anyhow::Error {
+        match self {
+            CsvError::Io(e) => {
+                anyhow::Error::new(e).context(format!("cannot read {}", path.display()))
+            }
+            other => crate::error::input_error(format!("{}: {other}", path.display())),
+        }
+    }
+
     /// The line the problem starts on, when it has one.
     pub fn line(&self) -> Option<u64> {
         match self {
@@ -74,6 +87,39 @@ impl CsvError {
     }
 }
 
+/// Why a file cannot be read as CSV at all.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    #[error("is a folder")]
+    Folder,
+    #[error("is not a regular file (a device or a pipe?)")]
+    NotRegular,
+}
+
+/// Opens a file to read, refusing what is not a regular file: a pipe would
+/// block until a writer comes, a device like /dev/zero never ends.
+pub fn open_regular(path: &Path) -> Result<File, OpenError> {
+    let meta = std::fs::metadata(path)?;
+    if meta.is_dir() {
+        return Err(OpenError::Folder);
+    }
+    if !meta.is_file() {
+        return Err(OpenError::NotRegular);
+    }
+    Ok(File::open(path)?)
+}
+
+/// Whether records may differ in their number of fields.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fields {
+    /// As many as the first record (a table with a header).
+    Same,
+    /// Any number (a list, one address a line).
+    Any,
+}
+
 /// Reads CSV records from UTF-8 bytes. An optional UTF-8 byte-order mark
 /// and Excel's `sep=X` first line are taken off before the first record.
 pub struct LineReader {
@@ -83,9 +129,12 @@ pub struct LineReader {
 }
 
 impl LineReader {
-    /// `delimiter` is used unless the file opens with a `sep=` line. Every
-    /// record must have as many fields as the first one.
-    pub fn new(source: Box<dyn Read>, delimiter: u8) -> Result<LineReader, CsvError> {
+    /// `delimiter` is used unless the file opens with a `sep=` line.
+    pub fn new(
+        source: Box<dyn Read>,
+        delimiter: u8,
+        fields: Fields,
+    ) -> Result<LineReader, CsvError> {
         let (source, sep) = preamble(source).map_err(CsvError::Io)?;
         let delimiter = sep.unwrap_or(delimiter);
         let first_line = if sep.is_some() { 2 } else { 1 };
@@ -93,7 +142,7 @@ impl LineReader {
         let csv = csv::ReaderBuilder::new()
             .delimiter(delimiter)
             .has_headers(false)
-            .flexible(false)
+            .flexible(fields == Fields::Any)
             .from_reader(Tap {
                 inner: source,
                 tracker: Rc::clone(&tracker),
@@ -359,7 +408,11 @@ mod tests {
     use super::*;
 
     fn records(input: &[u8]) -> Result<Vec<(u64, Vec<String>)>, CsvError> {
-        let mut r = LineReader::new(Box::new(io::Cursor::new(input.to_vec())), b',')?;
+        let mut r = LineReader::new(
+            Box::new(io::Cursor::new(input.to_vec())),
+            b',',
+            Fields::Same,
+        )?;
         let mut record = csv::StringRecord::new();
         let mut out = Vec::new();
         while let Some(line) = r.read(&mut record)? {
@@ -433,6 +486,7 @@ mod tests {
                 b"\xEF\xBB\xBFsep=;\r\na;b\r\nc;d\r\n".to_vec(),
             )),
             b',',
+            Fields::Same,
         )
         .unwrap();
         assert_eq!(r.delimiter(), b';');

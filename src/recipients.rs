@@ -13,7 +13,7 @@ use encoding_rs::Encoding;
 use encoding_rs_io::DecodeReaderBytesBuilder;
 
 use crate::campaign::RecipientsConfig;
-use crate::csv_lines::{line_breaks, CsvError, Fault, LineReader};
+use crate::csv_lines::{self, line_breaks, CsvError, Fault, Fields, LineReader, OpenError};
 use crate::error::input_error;
 
 /// One data row of the file.
@@ -56,7 +56,7 @@ impl RecipientReader {
                     .build(BufReader::with_capacity(64 * 1024, file)),
             )
         };
-        let lines = LineReader::new(source, cfg.delimiter)
+        let lines = LineReader::new(source, cfg.delimiter, Fields::Same)
             .map_err(|e| file_error(&path, cfg.encoding, e))?;
         let mut reader = RecipientReader {
             path,
@@ -220,28 +220,17 @@ impl RecipientReader {
     }
 }
 
-/// Opens the recipients file, refusing what is not a regular file: a pipe
-/// would block until a writer comes, a device never ends.
 fn open_regular(path: &Path) -> Result<File> {
-    let cannot = |e: std::io::Error| {
-        input_error(format!(
+    csv_lines::open_regular(path).map_err(|e| match e {
+        OpenError::Io(e) => input_error(format!(
             "cannot open recipients file {}: {e}",
             path.display()
-        ))
-    };
-    let meta = std::fs::metadata(path).map_err(cannot)?;
-    if !meta.is_file() {
-        let what = if meta.is_dir() {
-            "a folder"
-        } else {
-            "not a regular file (a device or a pipe?)"
-        };
-        return Err(input_error(format!(
-            "recipients file {} is {what}; [recipients] file must name a CSV file",
+        )),
+        other => input_error(format!(
+            "recipients file {} {other}; [recipients] file must name a CSV file",
             path.display()
-        )));
-    }
-    File::open(path).map_err(cannot)
+        )),
+    })
 }
 
 fn file_error(path: &Path, encoding: &'static Encoding, err: CsvError) -> anyhow::Error {
@@ -256,8 +245,7 @@ fn file_error(path: &Path, encoding: &'static Encoding, err: CsvError) -> anyhow
             Fault::Nul,
             encoding_hint(path, encoding)
         )),
-        CsvError::Io(e) => anyhow::Error::new(e).context(format!("cannot read {}", path.display())),
-        other => input_error(format!("{}: {other}", path.display())),
+        other => other.at(path),
     }
 }
 

@@ -473,3 +473,35 @@ fn a_tab_separated_file_gets_the_tab_hint() {
         "the header is one column holding tabs: set delimiter = \"\\t\" in [recipients]",
     );
 }
+
+/// Before: "line 2" for the third line of a CRLF file, and /dev/zero read
+/// until memory ran out.
+#[test]
+fn a_suppression_import_names_physical_lines_and_refuses_devices() {
+    let dir = CampaignDir::new();
+    dir.write(
+        "unsubscribed.csv",
+        crlf(&[
+            "email",
+            "ann@example.com",
+            "not an address",
+            "bob@example.com",
+        ]),
+    );
+    let list = dir.path().join("unsubscribed.csv");
+    let out = run(&dir, &["suppress", "import", list.to_str().unwrap()]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("unsubscribed.csv: line 3: \"not an address\" is not a valid address"),
+        "{err}"
+    );
+    assert!(err.contains("2 addresses added"), "{err}");
+    #[cfg(unix)]
+    {
+        let out = run(&dir, &["suppress", "import", "/dev/zero"]);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(err.contains("/dev/zero: is not a regular file"), "{err}");
+    }
+}

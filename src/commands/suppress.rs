@@ -1,12 +1,14 @@
 //! `hikyaku suppress`: the suppression list shared by every campaign of a
 //! state database. Addresses on it are skipped (`suppressed`).
 
+use std::io::BufReader;
 use std::path::PathBuf;
 
 use anyhow::Result;
 
 use super::log::{plural, OUTCOME};
 use super::{output, Global};
+use crate::csv_lines::{open_regular, Fields, LineReader};
 use crate::error::{input_error, Exit};
 use crate::recipients::parse_address;
 use crate::store::rfc3339;
@@ -59,20 +61,15 @@ pub async fn suppress(global: &Global, action: &SuppressAction) -> Result<Exit> 
             out.flush()?;
         }
         SuppressAction::Import(file) => {
-            let mut reader = csv::ReaderBuilder::new()
-                .has_headers(false)
-                .flexible(true)
-                .from_path(file)
+            let source = open_regular(file)
                 .map_err(|e| input_error(format!("cannot read {}: {e}", file.display())))?;
+            let mut reader = LineReader::new(Box::new(BufReader::new(source)), b',', Fields::Any)
+                .map_err(|e| e.at(file))?;
             let mut column = 0;
             let mut added = 0;
             let mut record = csv::StringRecord::new();
             let mut first = true;
-            while reader
-                .read_record(&mut record)
-                .map_err(|e| input_error(format!("{}: {e}", file.display())))?
-            {
-                let line = record.position().map(|p| p.line()).unwrap_or(0);
+            while let Some(line) = reader.read(&mut record).map_err(|e| e.at(file))? {
                 if std::mem::take(&mut first) {
                     if let Some(i) = record
                         .iter()
