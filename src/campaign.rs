@@ -7,10 +7,11 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use serde::Deserialize;
 
-use crate::error::input_error;
+use crate::bounded;
+use crate::error::{cut, excerpt, input_error, quote};
 use crate::limits::Window;
 
 /// Environment variable read for the SMTP password when none is named.
@@ -18,6 +19,18 @@ pub const DEFAULT_PASSWORD_ENV: &str = "HIKYAKU_SMTP_PASSWORD";
 /// More connections could leave more than 16 recipients `unknown` after a
 /// crash, which SPEC §7.3 forbids.
 pub const MAX_CONNECTIONS: usize = 16;
+/// A campaign file is a page of settings; anything bigger is a mistake
+/// (a CSV or a log given as the campaign) and is refused unread.
+const MAX_CAMPAIGN_FILE_BYTES: u64 = 1024 * 1024;
+/// A password, or a password file, is a line; a source that yields more
+/// is not a password source.
+const MAX_SECRET_BYTES: u64 = 64 * 1024;
+/// How long `password_command` may take unless `password_command_timeout`
+/// says otherwise: enough for a password manager to ask for an unlock.
+const DEFAULT_PASSWORD_COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
+/// The longest duration any key accepts: nothing a campaign waits for is
+/// longer than a year, and anything longer overflows the times shown.
+pub const MAX_DURATION: Duration = Window::MAX_PERIOD;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -75,6 +88,7 @@ struct RawTransport {
     password_env: Option<String>,
     password_file: Option<PathBuf>,
     password_command: Option<String>,
+    password_command_timeout: Option<String>,
     ca_file: Option<PathBuf>,
     connections: Option<usize>,
     timeout: Option<String>,
@@ -192,10 +206,12 @@ pub struct SmtpConfig {
 pub enum PasswordSource {
     Env(String),
     File(PathBuf),
-    /// A shell command, run in the campaign file's folder.
+    /// A shell command, run in the campaign file's folder, stopped after
+    /// `timeout`.
     Command {
         command: String,
         dir: PathBuf,
+        timeout: Duration,
     },
 }
 
@@ -216,35 +232,26 @@ impl fmt::Debug for Secret {
 }
 
 impl PasswordSource {
-    /// Reads the password; errors name the source, never the value.
-    pub fn read(&self) -> Result<Secret> {
+    /// Reads the password; errors name the source, never the value, and
+    /// never a setting that may be the password pasted in the wrong place.
+    pub async fn read(&self) -> Result<Secret> {
         let value = match self {
-            PasswordSource::Env(var) => std::env::var(var).map_err(|_| {
-                input_error(format!(
-                    "the SMTP password is read from the environment variable {var}, which is not set \
-                     (for Gmail, create an app password and export {var}=...)"
-                ))
-            })?,
-            PasswordSource::File(path) => std::fs::read_to_string(path)
-                .with_context(|| format!("reading password_file {}", path.display()))
-                .map_err(|e| input_error(format!("{e:#}")))?,
-            PasswordSource::Command { command, dir } => {
-                let out = std::process::Command::new("sh")
-                    .arg("-c")
-                    .arg(command)
-                    .current_dir(dir)
-                    .stderr(std::process::Stdio::inherit())
-                    .output()
-                    .map_err(|e| input_error(format!("running password_command: {e}")))?;
-                if !out.status.success() {
-                    return Err(input_error(format!(
-                        "password_command exited with {}",
-                        out.status
-                    )));
-                }
-                String::from_utf8(out.stdout)
-                    .map_err(|_| input_error("password_command printed bytes that are not UTF-8"))?
+            PasswordSource::Env(var) => {
+                std::env::var(var).map_err(|_| input_error(unset_variable(var)))?
             }
+            PasswordSource::File(path) => {
+                bounded::read_to_string(path, MAX_SECRET_BYTES).map_err(|e| {
+                    input_error(format!(
+                        "[transport] password_file {}",
+                        file_problem(path, &e)
+                    ))
+                })?
+            }
+            PasswordSource::Command {
+                command,
+                dir,
+                timeout,
+            } => run_password_command(command, dir, *timeout).await?,
         };
         let value = value.trim_end_matches(['\r', '\n']).to_string();
         if value.is_empty() {
@@ -252,6 +259,171 @@ impl PasswordSource {
         }
         Ok(Secret(value))
     }
+}
+
+/// A name as environment variables are written by convention: a value
+/// with lower-case letters that names no variable is more likely a
+/// password pasted into `password_env` than a name.
+fn conventional_variable_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_uppercase() || c == '_')
+        && chars.all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_')
+}
+
+/// Whether `name` can name an environment variable at all.
+fn valid_variable_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+fn unset_variable(var: &str) -> String {
+    if conventional_variable_name(var) {
+        format!(
+            "the SMTP password is read from the environment variable {var}, which is not set \
+             (for Gmail, create an app password and export {var}=...)"
+        )
+    } else {
+        "[transport] password_env names an environment variable that is not set; the name is not \
+         shown because it does not look like one (upper-case letters, digits and _) and may be \
+         the password itself: put the name of the variable there, and the password in that variable"
+            .to_string()
+    }
+}
+
+/// What is wrong with `password_file`. A file that does not exist and
+/// whose name has no extension is not named: the value may be the
+/// password, pasted into the wrong key.
+fn file_problem(path: &Path, err: &bounded::FileError) -> String {
+    let missing =
+        matches!(err, bounded::FileError::Io(e) if e.kind() == std::io::ErrorKind::NotFound);
+    let plain_name = path
+        .file_name()
+        .is_some_and(|n| !n.to_string_lossy().contains('.'));
+    if missing && plain_name {
+        "names a file that does not exist; the name is not shown because it may be the \
+         password itself: put the path of a file holding the password there"
+            .to_string()
+    } else {
+        format!("{}: {err}", path.display())
+    }
+}
+
+/// Kills a command's whole process group when dropped, so that a shell's
+/// children stop with it (on a time-out, or when the run is stopped).
+struct KillGroup(Option<u32>);
+
+impl KillGroup {
+    fn disarm(&mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for KillGroup {
+    fn drop(&mut self) {
+        #[cfg(unix)]
+        if let Some(pid) = self
+            .0
+            .and_then(|id| i32::try_from(id).ok())
+            .and_then(rustix::process::Pid::from_raw)
+        {
+            let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
+        }
+    }
+}
+
+/// Reads at most `max` bytes; `None` when there were more.
+async fn read_at_most(
+    stream: Option<impl tokio::io::AsyncRead + Unpin>,
+    max: u64,
+) -> std::io::Result<Option<Vec<u8>>> {
+    use tokio::io::AsyncReadExt;
+    let mut bytes = Vec::new();
+    if let Some(stream) = stream {
+        stream.take(max + 1).read_to_end(&mut bytes).await?;
+    }
+    Ok((bytes.len() as u64 <= max).then_some(bytes))
+}
+
+/// Runs `password_command` with a time-out and a bound on what it prints.
+/// Its stderr is shown only when it fails, and never when the shell could
+/// not find the command: the command may then be the password itself.
+async fn run_password_command(command: &str, dir: &Path, timeout: Duration) -> Result<String> {
+    let mut cmd = tokio::process::Command::new("sh");
+    cmd.arg("-c")
+        .arg(command)
+        .current_dir(dir)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    #[cfg(unix)]
+    cmd.process_group(0);
+    let mut child = cmd.spawn().map_err(|e| {
+        input_error(format!(
+            "[transport] password_command: cannot start sh: {e}"
+        ))
+    })?;
+    let mut group = KillGroup(child.id());
+    let stdout = child.stdout.take();
+    let stderr = child.stderr.take();
+    let run = async {
+        let (out, err) = tokio::try_join!(
+            read_at_most(stdout, MAX_SECRET_BYTES),
+            read_at_most(stderr, MAX_SECRET_BYTES)
+        )?;
+        let status = match out {
+            Some(_) => Some(child.wait().await?),
+            None => None,
+        };
+        Ok::<_, std::io::Error>((status, out, err.unwrap_or_default()))
+    };
+    let (status, out, err) = tokio::time::timeout(timeout, run)
+        .await
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "[transport] password_command did not finish within {}; it was stopped \
+                 (a slower command needs a longer password_command_timeout)",
+                humantime::format_duration(timeout)
+            )
+        })?
+        .map_err(|e| anyhow::anyhow!("[transport] password_command: {e}"))?;
+    if status.is_some() {
+        // It has ended and been reaped: its group id may soon be reused.
+        group.disarm();
+    }
+    let (Some(status), Some(out)) = (status, out) else {
+        // Still running, and killed with its group when `group` drops.
+        return Err(input_error(format!(
+            "[transport] password_command printed more than {}, which is no password",
+            bounded::human_size(MAX_SECRET_BYTES)
+        )));
+    };
+    if !status.success() {
+        return Err(input_error(match status.code() {
+            Some(code @ (126 | 127)) => format!(
+                "[transport] password_command could not be run (exit status {code}: command not \
+                 found or not executable); its text is not shown because it may be the password itself"
+            ),
+            _ => {
+                let said = String::from_utf8_lossy(&err).replace(command, "***");
+                let said = said.lines().map(str::trim).find(|l| !l.is_empty());
+                match said {
+                    Some(line) => format!(
+                        "[transport] password_command failed ({status}): {}",
+                        cut(line, 2 * crate::error::QUOTE_MAX)
+                    ),
+                    None => format!("[transport] password_command failed ({status})"),
+                }
+            }
+        }));
+    }
+    String::from_utf8(out)
+        .map_err(|_| input_error("[transport] password_command printed bytes that are not UTF-8"))
 }
 
 impl SmtpConfig {
@@ -288,12 +460,11 @@ impl Campaign {
         // about a path mean the same whatever folder hikyaku runs from.
         let path = &std::path::absolute(path)
             .map_err(|e| input_error(format!("campaign file {}: {e}", path.display())))?;
-        let text = std::fs::read_to_string(path).map_err(|e| {
+        let text = bounded::read_to_string(path, MAX_CAMPAIGN_FILE_BYTES).map_err(|e| {
             input_error(format!("cannot read campaign file {}: {e}", path.display()))
         })?;
-        let raw: RawCampaign = toml::from_str(&text).map_err(|e| {
-            input_error(format!("{}: {}", path.display(), e.to_string().trim_end()))
-        })?;
+        let raw: RawCampaign = toml::from_str(&text)
+            .map_err(|e| input_error(format!("{}: {}", path.display(), toml_problem(&text, &e))))?;
         let dir = path
             .parent()
             .map(|p| {
@@ -324,7 +495,8 @@ impl Campaign {
                 Some(label) => encoding_rs::Encoding::for_label(label.trim().as_bytes())
                     .ok_or_else(|| {
                         anyhow::anyhow!(
-                            "[recipients] encoding {label:?} is not a known encoding label"
+                            "[recipients] encoding {} is not a known encoding label",
+                            quote(label)
                         )
                     })?,
             },
@@ -333,7 +505,10 @@ impl Campaign {
                 Some("\\t") | Some("\t") => b'\t',
                 Some(d) if d.len() == 1 => d.as_bytes()[0],
                 Some(d) => {
-                    anyhow::bail!("[recipients] delimiter must be one ASCII character, not {d:?}")
+                    anyhow::bail!(
+                        "[recipients] delimiter must be one ASCII character, not {}",
+                        quote(d)
+                    )
                 }
             },
         };
@@ -349,7 +524,10 @@ impl Campaign {
         let preset = match raw.transport.preset.as_deref() {
             None => None,
             Some(name) => Some(Preset::named(name).ok_or_else(|| {
-                anyhow::anyhow!("[transport] unknown preset {name:?} (known: gmail, workspace, workspace-relay)")
+                anyhow::anyhow!(
+                    "[transport] unknown preset {} (known: gmail, workspace, workspace-relay)",
+                    quote(name)
+                )
             })?),
         };
         let transport = transport_config(raw.transport, preset.as_ref(), &dir)?;
@@ -380,6 +558,48 @@ impl Campaign {
     }
 }
 
+/// A TOML error on one line: where, what, and the text there, cut short.
+/// toml's own rendering quotes the whole offending line, which may be
+/// hundreds of kilobytes, or a password typed without quotes.
+fn toml_problem(text: &str, err: &toml::de::Error) -> String {
+    let what: Vec<&str> = err
+        .message()
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    let what = cut(&what.join("; "), 2 * crate::error::QUOTE_MAX).into_owned();
+    let Some(span) = err.span() else {
+        return what;
+    };
+    let start = span.start.min(text.len());
+    let before = text.get(..start).unwrap_or("");
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let line_no = before.matches('\n').count() + 1;
+    let column = before[line_start..].chars().count() + 1;
+    let line = text[line_start..].lines().next().unwrap_or("").trim_end();
+    let key = line
+        .split('=')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    let secret = ["password", "token", "secret"]
+        .iter()
+        .any(|word| key.contains(word));
+    if secret || line.trim().is_empty() {
+        return format!("line {line_no}, column {column}: {what}");
+    }
+    // The part of the line around the error, as the error is where to look.
+    let skip = column.saturating_sub(crate::error::QUOTE_MAX / 2 + 1);
+    let shown: String = line.chars().skip(skip).collect();
+    let lead = if skip > 0 { "…" } else { "" };
+    format!(
+        "line {line_no}, column {column}: {what}: {lead}{}",
+        excerpt(&shown)
+    )
+}
+
 /// A named account profile of SPEC §5.
 struct Preset {
     host: &'static str,
@@ -407,14 +627,22 @@ impl Preset {
     }
 }
 
+/// A duration key's value, from more than zero up to [`MAX_DURATION`].
 pub fn parse_duration(what: &str, text: &str) -> Result<Duration> {
     let d = humantime::parse_duration(text.trim()).map_err(|e| {
         anyhow::anyhow!(
-            "{what}: {text:?} is not a duration like \"500ms\", \"6s\", \"1m\", \"24h\" ({e})"
+            "{what}: {} is not a duration like \"500ms\", \"6s\", \"1m\", \"24h\" ({e})",
+            quote(text)
         )
     })?;
     if d.is_zero() {
         anyhow::bail!("{what}: the duration must be greater than zero");
+    }
+    if d > MAX_DURATION {
+        anyhow::bail!(
+            "{what}: {} is longer than the longest duration hikyaku accepts, 366 days",
+            quote(text)
+        );
     }
     Ok(d)
 }
@@ -449,7 +677,8 @@ fn transport_config(
                 Some("tls") => TlsMode::Implicit,
                 Some("none") => TlsMode::None,
                 Some(other) => anyhow::bail!(
-                    "[transport] tls = {other:?}: use \"starttls\", \"tls\" or \"none\""
+                    "[transport] tls = {}: use \"starttls\", \"tls\" or \"none\"",
+                    quote(other)
                 ),
             };
             let port = raw.port.or(preset.map(|p| p.port)).unwrap_or(match tls {
@@ -467,23 +696,40 @@ fn transport_config(
                     "[transport] give only one of password_env, password_file, password_command"
                 );
             }
+            if raw.password_command_timeout.is_some() && raw.password_command.is_none() {
+                anyhow::bail!(
+                    "[transport] password_command_timeout is for password_command, which is not set"
+                );
+            }
             let password = if let Some(file) = raw.password_file {
                 PasswordSource::File(dir.join(file))
             } else if let Some(cmd) = raw.password_command {
                 PasswordSource::Command {
                     command: cmd,
                     dir: dir.to_path_buf(),
+                    timeout: match raw.password_command_timeout {
+                        None => DEFAULT_PASSWORD_COMMAND_TIMEOUT,
+                        Some(t) => parse_duration("[transport] password_command_timeout", &t)?,
+                    },
                 }
             } else {
-                PasswordSource::Env(
-                    raw.password_env
-                        .unwrap_or_else(|| DEFAULT_PASSWORD_ENV.to_string()),
-                )
+                let var = raw
+                    .password_env
+                    .unwrap_or_else(|| DEFAULT_PASSWORD_ENV.to_string());
+                if !valid_variable_name(&var) {
+                    anyhow::bail!(
+                        "[transport] password_env must be the name of an environment variable \
+                         (letters, digits and _, such as {DEFAULT_PASSWORD_ENV}); the value is not \
+                         shown because it may be the password itself"
+                    );
+                }
+                PasswordSource::Env(var)
             };
             if tls == TlsMode::None && raw.username.is_some() && !is_loopback(&host) {
                 anyhow::bail!(
-                    "[transport] tls = \"none\" with a username would send the password in clear text to {host}; \
-                     that is allowed only for a loopback host"
+                    "[transport] tls = \"none\" with a username would send the password in clear text to {}; \
+                     that is allowed only for a loopback host",
+                    excerpt(&host)
                 );
             }
             let connections = raw.connections.unwrap_or(1);
@@ -506,7 +752,10 @@ fn transport_config(
             }))
         }
         "" => anyhow::bail!("[transport] needs `kind` (\"smtp\" or \"file\") or a `preset`"),
-        other => anyhow::bail!("[transport] kind = {other:?}: use \"smtp\" or \"file\""),
+        other => anyhow::bail!(
+            "[transport] kind = {}: use \"smtp\" or \"file\"",
+            quote(other)
+        ),
     }
 }
 

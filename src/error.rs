@@ -56,3 +56,46 @@ pub fn exit_for(err: &anyhow::Error) -> Exit {
         Exit::Fatal
     }
 }
+
+/// At most this many characters of a value are quoted in a message: a line
+/// of 200 KB or a pasted file helps nobody and floods the terminal.
+pub const QUOTE_MAX: usize = 200;
+
+/// A value for an error message: quoted, cut after [`QUOTE_MAX`]
+/// characters with an ellipsis.
+pub fn quote(value: &str) -> String {
+    match value.char_indices().nth(QUOTE_MAX) {
+        None => format!("{value:?}"),
+        Some((cut, _)) => format!("{:?}…", &value[..cut]),
+    }
+}
+
+/// A text for an error message, cut after [`QUOTE_MAX`] characters with an
+/// ellipsis.
+pub fn excerpt(text: &str) -> std::borrow::Cow<'_, str> {
+    cut(text, QUOTE_MAX)
+}
+
+/// `text` cut after `max` characters with an ellipsis.
+pub fn cut(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    match text.char_indices().nth(max) {
+        None => text.into(),
+        Some((at, _)) => format!("{}…", &text[..at]).into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quotes_are_cut_with_an_ellipsis() {
+        assert_eq!(quote("abc"), "\"abc\"");
+        let long = "é".repeat(QUOTE_MAX + 50);
+        let q = quote(&long);
+        assert_eq!(q.chars().count(), QUOTE_MAX + 3, "{q}");
+        assert!(q.ends_with("\"…"), "{q}");
+        assert_eq!(excerpt(&long).chars().count(), QUOTE_MAX + 1);
+        assert_eq!(excerpt("short"), "short");
+    }
+}

@@ -18,12 +18,24 @@ pub struct Window {
 }
 
 impl Window {
+    /// The longest period a window may have: a year and a day covers every
+    /// published sending limit, and longer ones push the times a window
+    /// computes beyond any calendar.
+    pub const MAX_PERIOD: Duration = Duration::from_secs(366 * 86_400);
+
     pub fn new(max: u32, period: Duration) -> Result<Window> {
         if max == 0 {
             anyhow::bail!("[limits] a window's max must be at least 1");
         }
-        if period.is_zero() {
-            anyhow::bail!("[limits] a window's period must be greater than zero");
+        // Windows count in milliseconds: a shorter period would count nothing.
+        if period < Duration::from_millis(1) {
+            anyhow::bail!("[limits] a window's period must be at least 1ms");
+        }
+        if period > Self::MAX_PERIOD {
+            anyhow::bail!(
+                "[limits] a window's period may be at most 366 days, not {}",
+                humantime::format_duration(period)
+            );
         }
         Ok(Window { max, period })
     }
@@ -252,6 +264,14 @@ mod tests {
                 .sum::<u64>()
                 <= u64::from(win.max)
         })
+    }
+
+    #[test]
+    fn periods_beyond_a_year_or_below_a_millisecond_are_refused() {
+        assert!(Window::new(1, Window::MAX_PERIOD).is_ok());
+        let err = Window::new(1, Window::MAX_PERIOD + Duration::from_secs(1)).unwrap_err();
+        assert!(err.to_string().contains("366 days"), "{err}");
+        assert!(Window::new(1, Duration::from_nanos(1)).is_err());
     }
 
     #[test]

@@ -36,7 +36,11 @@ pub enum AnyTransport {
 impl AnyTransport {
     pub async fn new(campaign: &Campaign) -> Result<AnyTransport> {
         Ok(match &campaign.transport {
-            TransportConfig::Smtp(cfg) => AnyTransport::Smtp(Smtp::new(cfg)?),
+            TransportConfig::Smtp(cfg) => AnyTransport::Smtp(
+                Smtp::new(cfg)
+                    .await
+                    .with_context(|| campaign.path.display().to_string())?,
+            ),
             TransportConfig::File { dir } => AnyTransport::File(FileOut::new(dir.clone()).await?),
         })
     }
@@ -82,13 +86,14 @@ pub struct Smtp {
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl Smtp {
-    pub fn new(cfg: &SmtpConfig) -> Result<Smtp> {
+    pub async fn new(cfg: &SmtpConfig) -> Result<Smtp> {
         let tls = if cfg.tls == TlsMode::None {
             None
         } else {
             let mut params = TlsParameters::builder(cfg.host.clone());
             if let Some(ca) = &cfg.ca_file {
-                let pem = std::fs::read(ca).map_err(|e| {
+                // A certificate bundle is a few hundred kilobytes at most.
+                let pem = crate::bounded::read(ca, 4 * 1024 * 1024).map_err(|e| {
                     input_error(format!("cannot read ca_file {}: {e}", ca.display()))
                 })?;
                 let cert = Certificate::from_pem(&pem).map_err(|e| {
@@ -104,7 +109,7 @@ impl Smtp {
         let credentials = match &cfg.username {
             Some(user) => Some(Credentials::new(
                 user.clone(),
-                cfg.password.read()?.expose().to_string(),
+                cfg.password.read().await?.expose().to_string(),
             )),
             None => None,
         };

@@ -172,7 +172,12 @@ async fn send_locked(
     let counts = store.counts(record.id).await?;
     let to_send = u64::try_from(counts["pending"] + counts["deferred"]).unwrap_or(0);
 
-    let transport = Arc::new(AnyTransport::new(campaign).await?);
+    // Reading the password may run a command: a stop request ends it too.
+    let mut stopped = stop.clone();
+    let transport = tokio::select! {
+        transport = AnyTransport::new(campaign) => Arc::new(transport?),
+        Ok(_) = stopped.wait_for(|stop| *stop) => return Ok(Exit::Interrupted),
+    };
     let pipeline = Arc::new(loaded.pipeline);
     let config = RunConfig {
         campaign_id: record.id,

@@ -1,0 +1,314 @@
+//! Hostile input (SPEC §11): campaign files, templates, attachments and
+//! password sources built to crash, hang or mislead. Every case runs
+//! through `check` and `send` under a deadline and must end with a clear
+//! one-line cause naming the file, row or key: exit 2 (or 1 for a runtime
+//! fault), never a panic, never a signal, never a hang, nothing sent, and
+//! no file touched that is not hikyaku's.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant, SystemTime};
+
+use common::{text, CampaignDir, FILE_TRANSPORT};
+
+/// Longer than any case needs once it is bounded; a hang is killed here.
+const DEADLINE: Duration = Duration::from_secs(20);
+
+/// An SMTP transport to a closed loopback port with a login, so that the
+/// password source is read and nothing can ever be delivered.
+const SMTP_NOWHERE: &str = "[transport]\nkind = \"smtp\"\nhost = \"127.0.0.1\"\nport = 9\n\
+                            tls = \"none\"\nusername = \"me@acme.example\"\ntimeout = \"2s\"\n";
+
+struct Case {
+    /// `[message]` keys after `from`.
+    message: &'static str,
+    /// `[transport]` and any further sections.
+    rest: &'static str,
+    /// Files besides campaign.toml and recipients.csv, and anything odd.
+    setup: fn(&CampaignDir),
+    /// What `check` may answer: some cases are found only when sending
+    /// (the password is read then).
+    check_may_pass: bool,
+    /// Words the one-line cause must hold.
+    cause: &'static [&'static str],
+    /// Text that must never be printed (a password in the wrong key).
+    secret: Option<&'static str>,
+}
+
+const CASE: Case = Case {
+    message: "subject = \"Hello\"\ntext = \"templates/body.txt.hbs\"",
+    rest: FILE_TRANSPORT,
+    setup: |_| {},
+    check_may_pass: false,
+    cause: &[],
+    secret: None,
+};
+
+/// One run of the binary, killed at the deadline.
+struct Run {
+    code: Option<i32>,
+    signal: Option<i32>,
+    stdout: String,
+    stderr: String,
+    timed_out: bool,
+}
+
+fn run_bounded(mut cmd: Command) -> Run {
+    let out = tempfile::tempdir().unwrap();
+    let (stdout, stderr) = (out.path().join("stdout"), out.path().join("stderr"));
+    cmd.stdout(std::fs::File::create(&stdout).unwrap())
+        .stderr(std::fs::File::create(&stderr).unwrap());
+    #[cfg(unix)]
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    let mut child = cmd.spawn().unwrap();
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if started.elapsed() > DEADLINE {
+            // The whole group: a password command hikyaku left behind too.
+            let _ = Command::new("kill")
+                .args(["-KILL", "--", &format!("-{}", child.id())])
+                .status();
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    #[cfg(unix)]
+    let signal = status.and_then(|s| std::os::unix::process::ExitStatusExt::signal(&s));
+    #[cfg(not(unix))]
+    let signal = None;
+    Run {
+        code: status.and_then(|s| s.code()),
+        signal,
+        stdout: text(&std::fs::read(stdout).unwrap()),
+        stderr: text(&std::fs::read(stderr).unwrap()),
+        timed_out: status.is_none(),
+    }
+}
+
+/// Every file under `dir` that is not hikyaku's (the state database and
+/// the outbox), with its size and modification time.
+fn snapshot(dir: &Path) -> BTreeMap<PathBuf, (u64, Option<SystemTime>)> {
+    let mut files = BTreeMap::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(folder) = todo.pop() {
+        for entry in std::fs::read_dir(&folder).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            if name.starts_with("state.db") || name == "outbox" {
+                continue;
+            }
+            let meta = std::fs::symlink_metadata(&path).unwrap();
+            if meta.is_dir() {
+                todo.push(path.clone());
+            }
+            files.insert(path, (meta.len(), meta.modified().ok()));
+        }
+    }
+    files
+}
+
+fn hostile(case: Case) {
+    let dir = CampaignDir::new();
+    dir.write("recipients.csv", "email,name\nada@example.com,Ada\n")
+        .write("templates/body.txt.hbs", "Hello {{name}}\n")
+        .write(
+            "campaign.toml",
+            format!(
+                "name = \"hostile\"\n[recipients]\nfile = \"recipients.csv\"\n\n[message]\n\
+                 from = \"Acme <news@acme.example>\"\n{}\n\n{}",
+                case.message, case.rest
+            ),
+        );
+    (case.setup)(&dir);
+    let before = snapshot(dir.path());
+    let campaign = dir.campaign();
+    let campaign = campaign.to_str().unwrap();
+    for command in ["check", "send"] {
+        let run = run_bounded(dir.command(&[command, campaign]));
+        let said = format!(
+            "hikyaku {command}: exit {:?}, signal {:?}\nstdout: {}\nstderr: {}",
+            run.code, run.signal, run.stdout, run.stderr
+        );
+        assert!(!run.timed_out, "still running after {DEADLINE:?}: {said}");
+        assert_eq!(run.signal, None, "{said}");
+        assert!(!run.stderr.contains("panicked"), "{said}");
+        let passed = command == "check" && case.check_may_pass && run.code == Some(0);
+        if !passed {
+            assert!(matches!(run.code, Some(1 | 2)), "{said}");
+            assert!(
+                run.stderr
+                    .lines()
+                    .any(|l| case.cause.iter().all(|word| l.contains(word))),
+                "no line names {:?}: {said}",
+                case.cause
+            );
+        }
+        assert!(
+            run.stderr.lines().all(|l| l.chars().count() < 1000),
+            "an endless line: {said}"
+        );
+        if let Some(secret) = case.secret {
+            assert!(
+                !run.stderr.contains(secret) && !run.stdout.contains(secret),
+                "the secret was printed: {said}"
+            );
+        }
+        let outbox = dir.path().join("outbox");
+        assert!(
+            std::fs::read_dir(&outbox).map_or(true, |mut d| d.next().is_none()),
+            "something was sent: {said}"
+        );
+        assert_eq!(snapshot(dir.path()), before, "a file was touched: {said}");
+    }
+}
+
+/// The table: one test per hostile input.
+macro_rules! hostile {
+    ($($(#[$attr:meta])* $name:ident: $case:expr;)*) => {$(
+        $(#[$attr])*
+        #[test]
+        fn $name() {
+            hostile($case);
+        }
+    )*};
+}
+
+fn sparse(dir: &CampaignDir, name: &str, len: u64) {
+    let path = dir.path().join(name);
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::File::create(path).unwrap().set_len(len).unwrap();
+}
+
+#[cfg(unix)]
+fn fifo(dir: &CampaignDir, name: &str) {
+    let path = dir.path().join(name);
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let status = Command::new("mkfifo").arg(&path).status().unwrap();
+    assert!(status.success());
+}
+
+hostile! {
+    // Secrets pasted into the wrong key are never echoed.
+    a_password_pasted_into_password_env: Case {
+        rest: "[transport]\nkind = \"smtp\"\nhost = \"127.0.0.1\"\nport = 9\ntls = \"none\"\n\
+               username = \"me@acme.example\"\npassword_env = \"abcd efgh ijkl mnop\"\n",
+        cause: &["campaign.toml", "password_env"],
+        secret: Some("abcd"),
+        ..CASE
+    };
+    a_password_that_is_a_valid_variable_name: Case {
+        rest: "[transport]\nkind = \"smtp\"\nhost = \"127.0.0.1\"\nport = 9\ntls = \"none\"\n\
+               username = \"me@acme.example\"\npassword_env = \"qwertyuiopasdfgh\"\n",
+        check_may_pass: true,
+        cause: &["campaign.toml", "password_env"],
+        secret: Some("qwertyuiopasdfgh"),
+        ..CASE
+    };
+    a_password_pasted_into_password_file: Case {
+        rest: "[transport]\nkind = \"smtp\"\nhost = \"127.0.0.1\"\nport = 9\ntls = \"none\"\n\
+               username = \"me@acme.example\"\npassword_file = \"qwertyuiopasdfgh\"\n",
+        check_may_pass: true,
+        cause: &["campaign.toml", "password_file"],
+        secret: Some("qwertyuiopasdfgh"),
+        ..CASE
+    };
+    a_password_pasted_into_password_command: Case {
+        rest: "[transport]\nkind = \"smtp\"\nhost = \"127.0.0.1\"\nport = 9\ntls = \"none\"\n\
+               username = \"me@acme.example\"\npassword_command = \"qwertyuiopasdfgh\"\n",
+        check_may_pass: true,
+        cause: &["campaign.toml", "password_command"],
+        secret: Some("qwertyuiopasdfgh"),
+        ..CASE
+    };
+    a_toml_syntax_error_on_a_password_line: Case {
+        rest: "[transport]\nkind = \"smtp\"\nhost = \"127.0.0.1\"\npassword_env = qwerty uiop\n",
+        cause: &["campaign.toml", "line 13"],
+        secret: Some("qwerty"),
+        ..CASE
+    };
+
+    // Password sources that never end, or never stop talking.
+    a_password_command_that_never_ends: Case {
+        rest: concat!(
+            "[transport]\nkind = \"smtp\"\nhost = \"127.0.0.1\"\nport = 9\ntls = \"none\"\n",
+            "username = \"me@acme.example\"\npassword_command = \"sleep 1000\"\n",
+            "password_command_timeout = \"1s\"\n"
+        ),
+        check_may_pass: true,
+        cause: &["campaign.toml", "password_command", "1s"],
+        ..CASE
+    };
+    a_password_command_with_endless_output: Case {
+        rest: concat!(
+            "[transport]\nkind = \"smtp\"\nhost = \"127.0.0.1\"\nport = 9\ntls = \"none\"\n",
+            "username = \"me@acme.example\"\npassword_command = \"yes\"\n"
+        ),
+        check_may_pass: true,
+        cause: &["campaign.toml", "password_command"],
+        ..CASE
+    };
+    a_password_file_without_end: Case {
+        rest: concat!(
+            "[transport]\nkind = \"smtp\"\nhost = \"127.0.0.1\"\nport = 9\ntls = \"none\"\n",
+            "username = \"me@acme.example\"\npassword_file = \"/dev/zero\"\n"
+        ),
+        check_may_pass: true,
+        cause: &["campaign.toml", "password_file", "/dev/zero"],
+        ..CASE
+    };
+
+    // Durations beyond any calendar.
+    an_absurd_window_period: Case {
+        rest: "[transport]\nkind = \"file\"\n[limits]\nwindows = [{ max = 1, period = \"999999999d\" }]\n",
+        cause: &["campaign.toml", "[limits]", "period"],
+        ..CASE
+    };
+    an_absurd_timeout: Case {
+        rest: "[transport]\nkind = \"smtp\"\nhost = \"127.0.0.1\"\ntimeout = \"999999999d\"\n",
+        cause: &["campaign.toml", "[transport] timeout"],
+        ..CASE
+    };
+
+    // The campaign file itself.
+    a_toml_line_of_200_kb: Case {
+        setup: |dir| {
+            let nested = format!("name = \"x\"\njunk = {}\n", "[".repeat(200_000));
+            dir.write("campaign.toml", nested);
+        },
+        cause: &["campaign.toml", "line 2"],
+        ..CASE
+    };
+    an_unknown_key_of_200_kb: Case {
+        rest: "[transport]\nkind = \"file\"\n",
+        setup: |dir| {
+            let path = dir.path().join("campaign.toml");
+            let mut toml = std::fs::read_to_string(&path).unwrap();
+            toml.push_str(&format!("{} = 1\n", "k".repeat(200_000)));
+            std::fs::write(path, toml).unwrap();
+        },
+        cause: &["campaign.toml", "unknown field"],
+        ..CASE
+    };
+    a_campaign_file_of_gigabytes: Case {
+        setup: |dir| sparse(dir, "campaign.toml", 4 << 30),
+        cause: &["campaign.toml", "4.0 GB"],
+        ..CASE
+    };
+    #[cfg(unix)]
+    a_campaign_file_that_is_a_named_pipe: Case {
+        setup: |dir| {
+            std::fs::remove_file(dir.campaign()).unwrap();
+            fifo(dir, "campaign.toml");
+        },
+        cause: &["campaign.toml", "named pipe"],
+        ..CASE
+    };
+}
