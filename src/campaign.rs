@@ -885,6 +885,72 @@ text = "t.hbs"
     }
 
     #[test]
+    fn toml_errors_are_one_short_line_and_never_quote_a_password() {
+        let err = load_str(&format!("name = \"x\"\njunk = {}\n", "[".repeat(100_000))).unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(!msg.contains('\n') && msg.len() < 700, "{msg}");
+        assert!(msg.contains("line 2, column"), "{msg}");
+        let err = load_str(&format!(
+            "{BASE}[transport]\nkind = \"smtp\"\npassword_env = abcd efgh\n"
+        ))
+        .unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(msg.contains("line 11") && !msg.contains("abcd"), "{msg}");
+    }
+
+    #[test]
+    fn a_password_env_that_names_no_variable_is_refused_unshown() {
+        let err = load_str(&format!(
+            "{BASE}[transport]\nkind = \"smtp\"\nhost = \"h\"\npassword_env = \"abcd efgh ijkl\"\n"
+        ))
+        .unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(
+            msg.contains("password_env") && !msg.contains("abcd"),
+            "{msg}"
+        );
+        assert!(conventional_variable_name("HIKYAKU_SMTP_PASSWORD2"));
+        assert!(!conventional_variable_name("abcdefghijklmnop"));
+        assert!(valid_variable_name("smtp_pass") && !valid_variable_name("1abc"));
+    }
+
+    #[tokio::test]
+    async fn an_unset_variable_with_a_password_like_name_is_not_named() {
+        let err = PasswordSource::Env("qwertyuiopasdfgh".into())
+            .read()
+            .await
+            .unwrap_err();
+        assert!(!err.to_string().contains("qwerty"), "{err}");
+        let err = PasswordSource::Env("HIKYAKU_TEST_UNSET_VARIABLE".into())
+            .read()
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("HIKYAKU_TEST_UNSET_VARIABLE"),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_password_command_is_stopped_at_its_time_out() {
+        let source = PasswordSource::Command {
+            command: "sleep 30".into(),
+            dir: PathBuf::from("."),
+            timeout: Duration::from_millis(200),
+        };
+        let started = std::time::Instant::now();
+        let err = source.read().await.unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert!(err.to_string().contains("200ms"), "{err}");
+        let source = PasswordSource::Command {
+            command: "printf 'pw\\n'".into(),
+            dir: PathBuf::from("."),
+            timeout: Duration::from_secs(10),
+        };
+        assert_eq!(source.read().await.unwrap().expose(), "pw");
+    }
+
+    #[test]
     fn secret_debug_hides_value() {
         assert_eq!(format!("{:?}", Secret("hunter2".into())), "***");
     }

@@ -19,8 +19,12 @@ const DEADLINE: Duration = Duration::from_secs(20);
 
 /// An SMTP transport to a closed loopback port with a login, so that the
 /// password source is read and nothing can ever be delivered.
-const SMTP_NOWHERE: &str = "[transport]\nkind = \"smtp\"\nhost = \"127.0.0.1\"\nport = 9\n\
-                            tls = \"none\"\nusername = \"me@acme.example\"\ntimeout = \"2s\"\n";
+macro_rules! smtp_nowhere {
+    () => {
+        "[transport]\nkind = \"smtp\"\nhost = \"127.0.0.1\"\nport = 9\ntls = \"none\"\n\
+         username = \"me@acme.example\"\ntimeout = \"2s\"\n"
+    };
+}
 
 struct Case {
     /// `[message]` keys after `from`.
@@ -198,31 +202,27 @@ fn fifo(dir: &CampaignDir, name: &str) {
 hostile! {
     // Secrets pasted into the wrong key are never echoed.
     a_password_pasted_into_password_env: Case {
-        rest: "[transport]\nkind = \"smtp\"\nhost = \"127.0.0.1\"\nport = 9\ntls = \"none\"\n\
-               username = \"me@acme.example\"\npassword_env = \"abcd efgh ijkl mnop\"\n",
+        rest: concat!(smtp_nowhere!(), "password_env = \"abcd efgh ijkl mnop\"\n"),
         cause: &["campaign.toml", "password_env"],
         secret: Some("abcd"),
         ..CASE
     };
     a_password_that_is_a_valid_variable_name: Case {
-        rest: "[transport]\nkind = \"smtp\"\nhost = \"127.0.0.1\"\nport = 9\ntls = \"none\"\n\
-               username = \"me@acme.example\"\npassword_env = \"qwertyuiopasdfgh\"\n",
+        rest: concat!(smtp_nowhere!(), "password_env = \"qwertyuiopasdfgh\"\n"),
         check_may_pass: true,
         cause: &["campaign.toml", "password_env"],
         secret: Some("qwertyuiopasdfgh"),
         ..CASE
     };
     a_password_pasted_into_password_file: Case {
-        rest: "[transport]\nkind = \"smtp\"\nhost = \"127.0.0.1\"\nport = 9\ntls = \"none\"\n\
-               username = \"me@acme.example\"\npassword_file = \"qwertyuiopasdfgh\"\n",
+        rest: concat!(smtp_nowhere!(), "password_file = \"qwertyuiopasdfgh\"\n"),
         check_may_pass: true,
         cause: &["campaign.toml", "password_file"],
         secret: Some("qwertyuiopasdfgh"),
         ..CASE
     };
     a_password_pasted_into_password_command: Case {
-        rest: "[transport]\nkind = \"smtp\"\nhost = \"127.0.0.1\"\nport = 9\ntls = \"none\"\n\
-               username = \"me@acme.example\"\npassword_command = \"qwertyuiopasdfgh\"\n",
+        rest: concat!(smtp_nowhere!(), "password_command = \"qwertyuiopasdfgh\"\n"),
         check_may_pass: true,
         cause: &["campaign.toml", "password_command"],
         secret: Some("qwertyuiopasdfgh"),
@@ -238,8 +238,8 @@ hostile! {
     // Password sources that never end, or never stop talking.
     a_password_command_that_never_ends: Case {
         rest: concat!(
-            "[transport]\nkind = \"smtp\"\nhost = \"127.0.0.1\"\nport = 9\ntls = \"none\"\n",
-            "username = \"me@acme.example\"\npassword_command = \"sleep 1000\"\n",
+            smtp_nowhere!(),
+            "password_command = \"sleep 1000\"\n",
             "password_command_timeout = \"1s\"\n"
         ),
         check_may_pass: true,
@@ -248,8 +248,8 @@ hostile! {
     };
     a_password_command_with_endless_output: Case {
         rest: concat!(
-            "[transport]\nkind = \"smtp\"\nhost = \"127.0.0.1\"\nport = 9\ntls = \"none\"\n",
-            "username = \"me@acme.example\"\npassword_command = \"yes\"\n"
+            smtp_nowhere!(),
+            "password_command = \"yes\"\n"
         ),
         check_may_pass: true,
         cause: &["campaign.toml", "password_command"],
@@ -257,8 +257,8 @@ hostile! {
     };
     a_password_file_without_end: Case {
         rest: concat!(
-            "[transport]\nkind = \"smtp\"\nhost = \"127.0.0.1\"\nport = 9\ntls = \"none\"\n",
-            "username = \"me@acme.example\"\npassword_file = \"/dev/zero\"\n"
+            smtp_nowhere!(),
+            "password_file = \"/dev/zero\"\n"
         ),
         check_may_pass: true,
         cause: &["campaign.toml", "password_file", "/dev/zero"],
@@ -311,4 +311,82 @@ hostile! {
         cause: &["campaign.toml", "named pipe"],
         ..CASE
     };
+}
+
+/// The first SIGTERM stops a run that waits for its password, and the
+/// password command's children with it.
+#[cfg(target_os = "linux")]
+#[test]
+fn one_sigterm_stops_a_password_command_and_its_children() {
+    let dir = CampaignDir::new();
+    dir.write("recipients.csv", "email\nada@example.com\n")
+        .write("templates/body.txt.hbs", "Hello\n")
+        .write(
+            "campaign.toml",
+            format!(
+                "name = \"hostile\"\n[recipients]\nfile = \"recipients.csv\"\n[message]\n\
+                 from = \"news@acme.example\"\nsubject = \"Hi\"\ntext = \"templates/body.txt.hbs\"\n\
+                 {}password_command = \"sleep 1000 & echo $! > sleeper.pid; wait\"\n",
+                smtp_nowhere!()
+            ),
+        );
+    let mut child = dir
+        .send_command(&[])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid_file = dir.path().join("sleeper.pid");
+    let started = Instant::now();
+    let sleeper = loop {
+        if let Some(pid) = std::fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|p| p.trim().parse::<u32>().ok())
+        {
+            break pid;
+        }
+        assert!(
+            started.elapsed() < DEADLINE,
+            "the password command never ran"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let alive = |pid: u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+            !stat
+                .rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with('Z')
+        })
+    };
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let stopped = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if stopped.elapsed() > Duration::from_secs(10) {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let sleeper_left = alive(sleeper);
+    if sleeper_left {
+        let _ = Command::new("kill")
+            .args(["-KILL", &sleeper.to_string()])
+            .status();
+    }
+    let status = status.expect("send still waited for its password 10 s after SIGTERM");
+    assert_eq!(status.code(), Some(130), "{status:?}");
+    assert!(
+        !sleeper_left,
+        "the password command's child outlived the run"
+    );
 }
