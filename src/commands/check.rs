@@ -15,7 +15,7 @@ pub async fn check(global: &Global, path: &Path) -> Result<Exit> {
     let loaded = load(path)?;
     let campaign = &loaded.campaign;
     let mut errors = Vec::new();
-    errors.extend(missing_password(campaign));
+    errors.extend(missing_password(campaign).await);
     let mut notes = Vec::new();
     notes.extend(no_limits(campaign));
     notes.extend(dkim_misaligned(campaign));
@@ -67,7 +67,7 @@ pub async fn check(global: &Global, path: &Path) -> Result<Exit> {
 /// The password source `send` would read, when it cannot be read: an unset
 /// variable, a missing file. Read and dropped at once, never shown. A
 /// `password_command` is not run here: it may ask the user for something.
-fn missing_password(campaign: &Campaign) -> Option<String> {
+async fn missing_password(campaign: &Campaign) -> Option<String> {
     let TransportConfig::Smtp(smtp) = &campaign.transport else {
         return None;
     };
@@ -75,7 +75,7 @@ fn missing_password(campaign: &Campaign) -> Option<String> {
     if matches!(smtp.password, PasswordSource::Command { .. }) {
         return None;
     }
-    smtp.password.read().err().map(|e| format!("{e:#}"))
+    smtp.password.read().await.err().map(|e| format!("{e:#}"))
 }
 
 /// An SMTP account without any window is sent to as fast as it accepts,
