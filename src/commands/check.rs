@@ -22,7 +22,7 @@ pub async fn check(global: &Global, path: &Path) -> Result<Exit> {
     let store = global.store().await?;
     let record = store.campaign(&campaign.name).await?;
     errors.extend(content_changed(&record, &fingerprint(&loaded)?)?);
-    let scanned = scan(&loaded, &store, &record, false).await;
+    let scanned = scan(&loaded, &store, &record, false, global.progress_bar).await;
     let counted = match scanned {
         Ok((mut import, found)) => {
             let counts = import.counts().await;

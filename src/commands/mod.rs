@@ -82,6 +82,7 @@ pub async fn scan(
     store: &Store,
     record: &CampaignRecord,
     skip_invalid: bool,
+    progress_bar: bool,
 ) -> Result<(Import, Scan)> {
     let campaign = &loaded.campaign;
     let pipeline = &loaded.pipeline;
@@ -94,6 +95,7 @@ pub async fn scan(
         scan.warnings.push(note.clone());
     }
     let mut import = store.import(record, &scan.columns).await?;
+    let mut checking = progress::Checking::start(progress_bar, reader.path());
     loop {
         let row = match reader.next_row() {
             Ok(Some(row)) => row,
@@ -104,6 +106,7 @@ pub async fn scan(
             }
         };
         scan.rows += 1;
+        checking.rows(scan.rows);
         let at = row_place(reader.path(), &row);
         let recipient = match pipeline.recipient(&row.fields) {
             Ok(r) => r,

@@ -8,7 +8,7 @@ use anyhow::Result;
 use tokio::sync::{mpsc, watch};
 
 use super::log::{plural, OUTCOME};
-use super::progress::Progress;
+use super::progress::{self, Progress};
 use super::status::{local_time, outlook};
 use super::{content_changed, fingerprint, load, output, scan, Global, Loaded};
 use crate::engine::{self, RunConfig, RunEnd};
@@ -112,7 +112,14 @@ async fn send_locked(
             );
         }
     }
-    let (mut import, found) = scan(&loaded, store, record, opts.skip_invalid).await?;
+    let (mut import, found) = scan(
+        &loaded,
+        store,
+        record,
+        opts.skip_invalid,
+        global.progress_bar,
+    )
+    .await?;
     found.warnings.warn(20);
     if !found.problems.is_empty() {
         import.rollback().await?;
@@ -170,7 +177,12 @@ async fn send_locked(
             .await?;
     }
     let counts = store.counts(record.id).await?;
-    let to_send = u64::try_from(counts["pending"] + counts["deferred"]).unwrap_or(0);
+    let total: i64 = counts.values().sum();
+    let to_do = counts["pending"] + counts["deferred"] + counts["sending"];
+    let progress_counts = progress::Counts {
+        total: u64::try_from(total).unwrap_or(0),
+        done: u64::try_from(total - to_do).unwrap_or(0),
+    };
 
     // Reading the password may run a command: a stop request ends it too.
     let mut stopped = stop.clone();
@@ -191,7 +203,12 @@ async fn send_locked(
     let (events_tx, events_rx) = mpsc::unbounded_channel();
     let progress = Progress::start(
         global.progress_bar,
-        to_send.min(opts.limit.unwrap_or(u64::MAX)),
+        progress_counts,
+        progress::EtaSource {
+            store: store.clone(),
+            campaign: campaign.clone(),
+            campaign_id: record.id,
+        },
         events_rx,
     );
     let started = now_ms();
@@ -214,10 +231,10 @@ async fn send_locked(
     let secs = (now_ms() - started).max(1) as f64 / 1000.0;
     tracing::info!(
         target: OUTCOME,
-        "{}: sent {} in this run ({:.1}/s); total: {} sent, {} failed, {} unknown, {} skipped, {} left",
+        "{}: sent {} in this run ({}); total: {} sent, {} failed, {} unknown, {} skipped, {} left",
         campaign.name,
         stats.sent,
-        stats.sent as f64 / secs,
+        progress::rate(stats.sent as f64 / secs),
         counts["sent"],
         counts["failed"],
         counts["unknown"],
