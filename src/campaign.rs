@@ -92,6 +92,7 @@ struct RawTransport {
     ca_file: Option<PathBuf>,
     connections: Option<usize>,
     timeout: Option<String>,
+    helo_name: Option<String>,
     dir: Option<PathBuf>,
 }
 
@@ -198,6 +199,9 @@ pub struct SmtpConfig {
     pub ca_file: Option<PathBuf>,
     pub connections: usize,
     pub timeout: Duration,
+    /// The EHLO name; `None`: the machine's fully qualified name, or an
+    /// address literal when it has none.
+    pub helo_name: Option<lettre::transport::smtp::extension::ClientId>,
 }
 
 /// Where the SMTP password comes from. The password itself is read only when
@@ -232,6 +236,15 @@ impl fmt::Debug for Secret {
 }
 
 impl PasswordSource {
+    /// Where the password comes from, in words, for messages.
+    pub fn describe(&self) -> String {
+        match self {
+            PasswordSource::Env(var) => format!("the environment variable {var} (password_env)"),
+            PasswordSource::File(path) => format!("the file {} (password_file)", path.display()),
+            PasswordSource::Command { .. } => "the output of password_command".to_string(),
+        }
+    }
+
     /// Reads the password; errors name the source, never the value, and
     /// never a setting that may be the password pasted in the wrong place.
     pub async fn read(&self) -> Result<Secret> {
@@ -435,6 +448,15 @@ impl SmtpConfig {
             None => format!("{}:{}", self.host, self.port),
         }
     }
+
+    /// What an account pause is kept under: the account and the server's
+    /// port, so that a pause met on one server never holds another.
+    pub fn pause_key(&self) -> String {
+        match &self.username {
+            Some(user) => format!("{user}@{}:{}", self.host, self.port),
+            None => format!("{}:{}", self.host, self.port),
+        }
+    }
 }
 
 impl Campaign {
@@ -443,6 +465,14 @@ impl Campaign {
         match &self.transport {
             TransportConfig::Smtp(smtp) => smtp.account(),
             TransportConfig::File { dir } => format!("file:{}", dir.display()),
+        }
+    }
+
+    /// The key of account pauses (see [`SmtpConfig::pause_key`]).
+    pub fn pause_key(&self) -> String {
+        match &self.transport {
+            TransportConfig::Smtp(smtp) => smtp.pause_key(),
+            TransportConfig::File { .. } => self.account(),
         }
     }
 
@@ -740,6 +770,7 @@ fn transport_config(
                 None => Duration::from_secs(30),
                 Some(t) => parse_duration("[transport] timeout", &t)?,
             };
+            let helo_name = raw.helo_name.as_deref().map(helo_name).transpose()?;
             Ok(TransportConfig::Smtp(SmtpConfig {
                 host,
                 port,
@@ -749,6 +780,7 @@ fn transport_config(
                 ca_file: raw.ca_file.map(|f| dir.join(f)),
                 connections,
                 timeout,
+                helo_name,
             }))
         }
         "" => anyhow::bail!("[transport] needs `kind` (\"smtp\" or \"file\") or a `preset`"),
@@ -757,6 +789,36 @@ fn transport_config(
             quote(other)
         ),
     }
+}
+
+/// `helo_name`: a domain name, or an address literal such as `[192.0.2.1]`.
+fn helo_name(name: &str) -> Result<lettre::transport::smtp::extension::ClientId> {
+    use lettre::transport::smtp::extension::ClientId;
+    let name = name.trim();
+    if let Some(inner) = name.strip_prefix('[').and_then(|n| n.strip_suffix(']')) {
+        let ip = inner.strip_prefix("IPv6:").unwrap_or(inner);
+        return match ip.parse::<std::net::IpAddr>() {
+            Ok(std::net::IpAddr::V4(v4)) => Ok(ClientId::Ipv4(v4)),
+            Ok(std::net::IpAddr::V6(v6)) => Ok(ClientId::Ipv6(v6)),
+            Err(_) => anyhow::bail!(
+                "[transport] helo_name {name:?} is not an address literal like \"[192.0.2.1]\""
+            ),
+        };
+    }
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    };
+    if name.len() > 253 || !name.split('.').all(label_ok) {
+        anyhow::bail!(
+            "[transport] helo_name {name:?} is not a domain name like \"mail.acme.example\" \
+             (letters, digits, hyphens and dots)"
+        );
+    }
+    Ok(ClientId::Domain(name.to_string()))
 }
 
 fn is_loopback(host: &str) -> bool {
@@ -948,6 +1010,32 @@ text = "t.hbs"
             timeout: Duration::from_secs(10),
         };
         assert_eq!(source.read().await.unwrap().expose(), "pw");
+    }
+
+    #[test]
+    fn helo_name_is_a_domain_or_an_address_literal() {
+        assert_eq!(
+            helo_name("mail.acme.example").unwrap().to_string(),
+            "mail.acme.example"
+        );
+        assert_eq!(helo_name("[192.0.2.1]").unwrap().to_string(), "[192.0.2.1]");
+        assert_eq!(
+            helo_name("[IPv6:2001:db8::1]").unwrap().to_string(),
+            "[IPv6:2001:db8::1]"
+        );
+        for bad in ["", "mail acme", "a..b", "[nope]", "x\r\nMAIL FROM:<a@b>"] {
+            assert!(helo_name(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn pauses_are_kept_per_server_port() {
+        let c = load_str(&format!(
+            "{BASE}[transport]\nkind = \"smtp\"\nhost = \"127.0.0.1\"\nport = 2525\ntls = \"none\"\nusername = \"u\"\n"
+        ))
+        .unwrap();
+        assert_eq!(c.account(), "u@127.0.0.1");
+        assert_eq!(c.pause_key(), "u@127.0.0.1:2525");
     }
 
     #[test]

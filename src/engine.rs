@@ -65,6 +65,8 @@ pub fn claim_batch(config: &RunConfig) -> usize {
 pub struct RunConfig {
     pub campaign_id: i64,
     pub account: String,
+    /// What account pauses are kept under (the account and the server's port).
+    pub pause_key: String,
     pub windows: Vec<Window>,
     pub retry: RetryConfig,
     pub connections: usize,
@@ -88,6 +90,12 @@ pub enum Event {
         retry_at_ms: i64,
     },
     Failed {
+        row: i64,
+        email: String,
+        reply: String,
+    },
+    /// The connection was lost after the message was sent: `unknown`.
+    Unknown {
         row: i64,
         email: String,
         reply: String,
@@ -137,7 +145,48 @@ struct Shared {
     queue: VecDeque<Ready>,
     end: Option<RunEnd>,
     breaker: (String, u32),
-    pause_streak: u32,
+    /// The server cannot be reached: ends at the first connection made.
+    outage: Backoff,
+    /// The server paused the account (4xx): ends at the first message sent.
+    throttle: Backoff,
+}
+
+/// One pause that grows while it lasts: each failed attempt made after the
+/// current step ran out takes the next, longer step; failures of attempts
+/// that started before then (other connections, queued recipients) belong
+/// to the step already taken (SPEC §8: one outage is one backoff step).
+#[derive(Debug, Default, Clone, Copy)]
+struct Backoff {
+    step: u32,
+    until_ms: i64,
+}
+
+impl Backoff {
+    /// Takes the next step for a failure of an attempt that began at
+    /// `started`, unless the current step already covers it. Returns the
+    /// new end of the pause when a step was taken.
+    fn fail(&mut self, started: i64, now: i64, delay: impl Fn(u32) -> Duration) -> Option<i64> {
+        if self.step > 0 && started < self.until_ms {
+            return None;
+        }
+        self.step += 1;
+        let ms = i64::try_from(delay(self.step).as_millis()).unwrap_or(i64::MAX / 4);
+        self.until_ms = now.saturating_add(ms.max(1));
+        Some(self.until_ms)
+    }
+
+    fn active_until(&self, now: i64) -> Option<i64> {
+        (self.step > 0 && self.until_ms > now).then_some(self.until_ms)
+    }
+}
+
+/// The wait before reconnecting after the `step`th failed attempt of an
+/// outage: one second, doubling, never more than `[retry] backoff`.
+pub fn outage_delay(retry: &RetryConfig, step: u32) -> Duration {
+    let cap = retry.backoff.min(Duration::from_secs(3600));
+    Duration::from_secs(1)
+        .saturating_mul(1u32 << step.saturating_sub(1).min(20))
+        .min(cap)
 }
 
 /// Sends until nothing is left, the limit is reached, a stop is requested
@@ -157,7 +206,8 @@ pub async fn run<T: Transport, C: Clock>(
         queue: VecDeque::new(),
         end: None,
         breaker: (String::new(), 0),
-        pause_streak: 0,
+        outage: Backoff::default(),
+        throttle: Backoff::default(),
     }));
     let settled = Arc::new(Notify::new());
     let config = Arc::new(config);
@@ -173,6 +223,7 @@ pub async fn run<T: Transport, C: Clock>(
             stop: stop.clone(),
             shared: shared.clone(),
             settled: settled.clone(),
+            proven: false,
         };
         workers.push(tokio::spawn(worker.run()));
     }
@@ -216,10 +267,14 @@ struct Worker<T, C> {
     stop: watch::Receiver<bool>,
     shared: Arc<Mutex<Shared>>,
     settled: Arc<Notify>,
+    /// A connection was made (or found ready) since this worker last
+    /// claimed: recipients are claimed only once the server took us.
+    proven: bool,
 }
 
 enum Next {
     Send(Ready),
+    Connect,
     Sleep(i64),
     AwaitOthers,
     Finish,
@@ -234,10 +289,23 @@ impl<T: Transport, C: Clock> Worker<T, C> {
             }
             match self.next(&mut last_wait).await? {
                 Next::Finish => return Ok(()),
+                Next::Connect => {
+                    let started = self.clock.now_ms();
+                    match self.transport.connect().await {
+                        Ok(()) => {
+                            self.proven = true;
+                            self.shared.lock().await.outage = Backoff::default();
+                        }
+                        Err(reply) => self.refused(reply, started).await?,
+                    }
+                }
                 Next::Send(ready) => {
                     last_wait = None;
-                    let result = self.transport.send(&ready.message).await;
-                    self.settle(&ready.candidate, ready.log_id, result).await?;
+                    let started = self.clock.now_ms();
+                    let row = u64::try_from(ready.candidate.row_number).unwrap_or(0);
+                    let result = self.transport.send(row, &ready.message).await;
+                    self.settle(&ready.candidate, ready.log_id, result, started)
+                        .await?;
                     self.shared.lock().await.in_flight -= 1;
                     self.settled.notify_waiters();
                 }
@@ -270,6 +338,17 @@ impl<T: Transport, C: Clock> Worker<T, C> {
             shared.in_flight += 1;
             return Ok(Next::Send(ready));
         }
+        let now = self.clock.now_ms();
+        if let Some(until) = shared.outage.active_until(now) {
+            if let Some(end) = self.no_wait_end(until, "the server cannot be reached") {
+                shared.end.get_or_insert(end);
+                return Ok(Next::Finish);
+            }
+            return Ok(Next::Sleep(until));
+        }
+        if let Some(until) = shared.throttle.active_until(now) {
+            return Ok(Next::Sleep(until));
+        }
         let mut max = claim_batch(&self.config);
         if let Some(limit) = self.config.limit {
             if shared.claimed >= limit {
@@ -280,6 +359,10 @@ impl<T: Transport, C: Clock> Worker<T, C> {
             }
             max = max.min(usize::try_from(limit - shared.claimed).unwrap_or(usize::MAX));
         }
+        if !self.proven {
+            return Ok(Next::Connect);
+        }
+        self.proven = false;
         let cfg = &self.config;
         let pipeline = self.pipeline.clone();
         let claim = self
@@ -287,6 +370,7 @@ impl<T: Transport, C: Clock> Worker<T, C> {
             .claim(
                 cfg.campaign_id,
                 &cfg.account,
+                &cfg.pause_key,
                 &cfg.windows,
                 self.clock.now_ms(),
                 max,
@@ -366,12 +450,14 @@ impl<T: Transport, C: Clock> Worker<T, C> {
             .await
     }
 
-    /// Classifies the transport's answer and records it.
+    /// Classifies the transport's answer and records it. `started`: when
+    /// the attempt began (a pause counts each outage once).
     async fn settle(
         &self,
         c: &Candidate,
         log_id: i64,
         result: std::result::Result<Reply, Reply>,
+        started: i64,
     ) -> Result<()> {
         let reply = match result {
             Ok(reply) => {
@@ -385,7 +471,8 @@ impl<T: Transport, C: Clock> Worker<T, C> {
                 .await?;
                 let mut shared = self.shared.lock().await;
                 shared.breaker = (String::new(), 0);
-                shared.pause_streak = 0;
+                shared.throttle = Backoff::default();
+                shared.outage = Backoff::default();
                 drop(shared);
                 let _ = self.events.send(Event::Sent {
                     row: c.row_number,
@@ -395,6 +482,12 @@ impl<T: Transport, C: Clock> Worker<T, C> {
             }
             Err(reply) => reply,
         };
+        if !reply.offered() {
+            // No transaction started: the row goes back as it was, and the
+            // failure is the connection's, not the recipient's.
+            self.record(c, log_id, &Outcome::Unclaimed).await?;
+            return self.refused(reply, started).await;
+        }
         let text = reply.to_string();
         let attempts = u32::try_from(c.attempts + 1).unwrap_or(u32::MAX);
         match reply.class() {
@@ -404,6 +497,21 @@ impl<T: Transport, C: Clock> Worker<T, C> {
                 let _ = self.events.send(Event::Sent {
                     row: c.row_number,
                     email: c.email.clone(),
+                });
+            }
+            ReplyClass::Unknown => {
+                self.record(
+                    c,
+                    log_id,
+                    &Outcome::Unknown {
+                        reply: text.clone(),
+                    },
+                )
+                .await?;
+                let _ = self.events.send(Event::Unknown {
+                    row: c.row_number,
+                    email: c.email.clone(),
+                    reply: text,
                 });
             }
             ReplyClass::Transient if attempts < self.config.retry.max_attempts => {
@@ -451,64 +559,108 @@ impl<T: Transport, C: Clock> Worker<T, C> {
                     )));
                 }
             }
-            ReplyClass::AccountPaused(kind) => {
-                // Unreachable: no transaction started, so nothing to count.
-                let unreachable = reply.origin == Origin::Unreachable;
+            ReplyClass::AccountPaused(_) => {
                 self.record(
                     c,
                     log_id,
                     &Outcome::Returned {
                         reply: text.clone(),
-                        unlog: unreachable,
+                        unlog: false,
                     },
                 )
                 .await?;
-                let text = if unreachable {
-                    format!("cannot reach the server ({text}); reconnecting with backoff")
-                } else {
-                    format!("the server paused the account: {text}")
-                };
-                let mut shared = self.shared.lock().await;
-                shared.pause_streak += 1;
-                let now = self.clock.now_ms();
-                let until_ms = match kind {
-                    Pause::Daily => self.daily_window_frees(now).await?,
-                    Pause::Backoff => {
-                        now + self
-                            .config
-                            .retry
-                            .delay_after(shared.pause_streak)
-                            .as_millis() as i64
-                    }
-                };
-                self.store
-                    .pause_account(&self.config.account, until_ms, &text)
-                    .await?;
-                let _ = self.events.send(Event::AccountPaused {
-                    until_ms,
-                    why: text.clone(),
-                });
-                if self.config.no_wait {
-                    shared.end.get_or_insert(RunEnd::WouldWait {
-                        until_ms,
-                        why: text.clone(),
-                    });
-                }
+                self.refused(reply, started).await?;
             }
             ReplyClass::Fatal => {
-                self.record(
-                    c,
-                    log_id,
-                    &Outcome::Returned {
-                        reply: text.clone(),
-                        unlog: true,
-                    },
-                )
-                .await?;
+                // A transaction refused for the account (530 after MAIL):
+                // nobody's state changes.
+                self.record(c, log_id, &Outcome::Unclaimed).await?;
                 self.shared.lock().await.end = Some(RunEnd::Fatal(reply));
             }
         }
         Ok(())
+    }
+
+    /// The server could not be reached, refused the login, or paused the
+    /// account: no recipient is at fault. Pauses every connection (once per
+    /// outage, however many attempts failed together) or ends the run.
+    async fn refused(&self, reply: Reply, started: i64) -> Result<()> {
+        let text = reply.to_string();
+        let kind = match reply.class() {
+            ReplyClass::AccountPaused(kind) => kind,
+            _ => {
+                self.shared
+                    .lock()
+                    .await
+                    .end
+                    .get_or_insert(RunEnd::Fatal(reply));
+                return Ok(());
+            }
+        };
+        let unreachable = reply.origin == Origin::Unreachable;
+        let now = self.clock.now_ms();
+        let mut shared = self.shared.lock().await;
+        let (until_ms, why) = if unreachable {
+            let retry = &self.config.retry;
+            let Some(until) = shared
+                .outage
+                .fail(started, now, |step| outage_delay(retry, step))
+            else {
+                return Ok(());
+            };
+            // Kept in memory only: a new `send` tries the server at once.
+            (
+                until,
+                format!("cannot reach the server ({text}); reconnecting with backoff"),
+            )
+        } else {
+            let until = match kind {
+                Pause::Daily => Some(self.daily_window_frees(now).await?),
+                Pause::Backoff => {
+                    let retry = &self.config.retry;
+                    shared
+                        .throttle
+                        .fail(started, now, |step| retry.delay_after(step))
+                }
+            };
+            let Some(until) = until else {
+                return Ok(());
+            };
+            if kind == Pause::Daily {
+                shared.throttle = Backoff {
+                    step: shared.throttle.step.max(1),
+                    until_ms: until,
+                };
+            }
+            let why = format!("the server paused the account: {text}");
+            self.store
+                .pause_account(&self.config.pause_key, until, &why)
+                .await?;
+            (until, why)
+        };
+        // Recipients claimed but not yet offered wait for the pause as
+        // they were, not as `sending`.
+        for r in std::mem::take(&mut shared.queue) {
+            self.record(&r.candidate, r.log_id, &Outcome::Unclaimed)
+                .await?;
+            shared.claimed = shared.claimed.saturating_sub(1);
+        }
+        let _ = self.events.send(Event::AccountPaused {
+            until_ms,
+            why: why.clone(),
+        });
+        if let Some(end) = self.no_wait_end(until_ms, &why) {
+            shared.end.get_or_insert(end);
+        }
+        Ok(())
+    }
+
+    /// With `--no-wait`, how a run ends instead of waiting until `until_ms`.
+    fn no_wait_end(&self, until_ms: i64, why: &str) -> Option<RunEnd> {
+        self.config.no_wait.then(|| RunEnd::WouldWait {
+            until_ms,
+            why: why.to_string(),
+        })
     }
 
     /// When the longest window of a day or more lets a send through again;
@@ -577,17 +729,27 @@ mod tests {
     }
 
     type Script = Box<dyn FnMut(&str, usize) -> std::result::Result<Reply, Reply> + Send>;
+    type ConnectScript = Box<dyn FnMut(i64) -> std::result::Result<(), Reply> + Send>;
 
     /// A transport double that records who was sent to when, and answers
-    /// from a script given the recipient and the call number.
+    /// from a script given the recipient and the call number; connecting
+    /// answers from a script given the time.
     struct Recorder {
         clock: Arc<FakeClock>,
         script: StdMutex<Script>,
+        connect: StdMutex<ConnectScript>,
         calls: StdMutex<Vec<(i64, String)>>,
+        connects: StdMutex<Vec<i64>>,
     }
 
     impl Transport for Recorder {
-        async fn send(&self, message: &Outgoing) -> std::result::Result<Reply, Reply> {
+        async fn connect(&self) -> std::result::Result<(), Reply> {
+            let now = self.clock.now_ms();
+            self.connects.lock().unwrap().push(now);
+            (self.connect.lock().unwrap())(now)
+        }
+
+        async fn send(&self, _row: u64, message: &Outgoing) -> std::result::Result<Reply, Reply> {
             let rcpt = message.envelope.to()[0].to_string();
             let n = {
                 let mut calls = self.calls.lock().unwrap();
@@ -653,6 +815,7 @@ mod tests {
         RunConfig {
             campaign_id: s.record.id,
             account: "acct".into(),
+            pause_key: "acct:587".into(),
             windows,
             retry: RetryConfig {
                 max_attempts: 3,
@@ -665,11 +828,25 @@ mod tests {
     }
 
     async fn run_with(s: &Setup, cfg: RunConfig, script: Script) -> (RunEnd, Vec<(i64, String)>) {
+        let (end, calls, _) = run_connecting(s, cfg, script, Box::new(|_| Ok(()))).await;
+        (end, calls)
+    }
+
+    /// Runs with a script for connecting too; returns the connection
+    /// attempts' times as well.
+    async fn run_connecting(
+        s: &Setup,
+        cfg: RunConfig,
+        script: Script,
+        connect: ConnectScript,
+    ) -> (RunEnd, Vec<(i64, String)>, Vec<i64>) {
         let clock = Arc::new(FakeClock(AtomicI64::new(1_000_000)));
         let transport = Arc::new(Recorder {
             clock: clock.clone(),
             script: StdMutex::new(script),
+            connect: StdMutex::new(connect),
             calls: StdMutex::new(Vec::new()),
+            connects: StdMutex::new(Vec::new()),
         });
         let (tx, _rx) = mpsc::unbounded_channel();
         let (_stop_tx, stop) = watch::channel(false);
@@ -685,7 +862,8 @@ mod tests {
         .await
         .unwrap();
         let calls = transport.calls.lock().unwrap().clone();
-        (end, calls)
+        let connects = transport.connects.lock().unwrap().clone();
+        (end, calls, connects)
     }
 
     #[tokio::test]
@@ -747,25 +925,64 @@ mod tests {
         assert_eq!(s.store.counts(s.record.id).await.unwrap()["failed"], 1);
     }
 
+    /// Every row as `export` shows it, to compare before and after a run.
+    async fn rows(s: &Setup) -> Vec<String> {
+        let mut rows = Vec::new();
+        s.store
+            .export(s.record.id, None, |r| {
+                rows.push(format!(
+                    "{} {} {:?} {} {:?} {} {:?}",
+                    r.email,
+                    r.state,
+                    r.reason,
+                    r.attempts,
+                    r.last_reply,
+                    r.updated_at,
+                    r.message_id
+                ));
+                Ok(())
+            })
+            .await
+            .unwrap();
+        rows
+    }
+
+    fn login(code: u16, text: &str) -> Reply {
+        let mut r = Reply::new(Some(code), text);
+        r.origin = Origin::Login;
+        r
+    }
+
+    /// Regression: a refused login gave the first claimed row a
+    /// last_reply, a Message-ID and a new updated_at.
     #[tokio::test]
     async fn authentication_failure_stops_and_changes_nothing() {
         let s = setup(4).await;
         let window = Window::new(100, Duration::from_secs(60)).unwrap();
-        let (end, _) = run_with(
+        let before = rows(&s).await;
+        let refused = || Err(login(535, "5.7.8 Username and Password not accepted."));
+        let (end, calls, _) = run_connecting(
             &s,
-            config(&s, vec![window], 1),
-            Box::new(|_, _| {
-                Err(Reply::new(
-                    Some(535),
-                    "5.7.8 Username and Password not accepted.",
-                ))
-            }),
+            config(&s, vec![window], 2),
+            Box::new(move |_, _| refused().map(|()| Reply::new(Some(250), "ok"))),
+            Box::new(move |_| refused()),
         )
         .await;
         assert!(
             matches!(end, RunEnd::Fatal(ref r) if r.code == Some(535)),
             "{end:?}"
         );
+        assert!(calls.is_empty());
+        assert_eq!(rows(&s).await, before);
+        // Refused on a connection opened for a claimed recipient: the same.
+        let (end, _) = run_with(
+            &s,
+            config(&s, vec![window], 1),
+            Box::new(move |_, _| refused().map(|()| Reply::new(Some(250), "ok"))),
+        )
+        .await;
+        assert!(matches!(end, RunEnd::Fatal(_)), "{end:?}");
+        assert_eq!(rows(&s).await, before);
         let counts = s.store.counts(s.record.id).await.unwrap();
         assert_eq!(counts["pending"], 4);
         let usage = s
@@ -811,7 +1028,7 @@ mod tests {
         );
         assert!(s
             .store
-            .account_pause("acct", 1_000_000)
+            .account_pause("acct:587", 1_000_000)
             .await
             .unwrap()
             .is_some());
@@ -829,6 +1046,105 @@ mod tests {
         assert!(matches!(end, RunEnd::CircuitBreaker(_)), "{end:?}");
         assert_eq!(calls.len(), 10);
         assert_eq!(s.store.counts(s.record.id).await.unwrap()["pending"], 5);
+    }
+
+    /// Regression: a connection lost after the final "." was retried, so a
+    /// server that had stored the message delivered it again.
+    #[tokio::test]
+    async fn lost_after_the_final_dot_is_unknown_and_never_resent() {
+        let s = setup(3).await;
+        let (end, calls) = run_with(
+            &s,
+            config(&s, vec![], 1),
+            Box::new(|rcpt, _| {
+                if rcpt == "u2@example.com" {
+                    Err(Reply::local(Origin::AfterData, "connection reset"))
+                } else {
+                    ok()
+                }
+            }),
+        )
+        .await;
+        assert_eq!(end, RunEnd::Done);
+        assert_eq!(calls.iter().filter(|c| c.1 == "u2@example.com").count(), 1);
+        let counts = s.store.counts(s.record.id).await.unwrap();
+        assert_eq!((counts["sent"], counts["unknown"]), (2, 1));
+    }
+
+    /// Regression: every claimed recipient failing against an unreachable
+    /// server doubled the pause (9 doublings in a second, an hour's stall).
+    /// Four connections, a server down for 20 s: the waits between
+    /// attempts are 1, 2, 4, 8, 16 s (one step per round, not per
+    /// recipient), sending resumes at the first attempt after the server's
+    /// return, and every recipient is sent once.
+    #[tokio::test]
+    async fn one_outage_is_one_backoff_step_and_ends_at_the_first_connection() {
+        let s = setup(20).await;
+        let back_at = 1_000_000 + 20_000;
+        let (end, calls, connects) = run_connecting(
+            &s,
+            config(&s, vec![], 4),
+            Box::new(|_, _| ok()),
+            Box::new(move |now| {
+                if now < back_at {
+                    Err(Reply::local(Origin::Unreachable, "connection refused"))
+                } else {
+                    Ok(())
+                }
+            }),
+        )
+        .await;
+        assert_eq!(end, RunEnd::Done);
+        let mut rounds: Vec<i64> = connects.iter().copied().filter(|t| *t < back_at).collect();
+        rounds.dedup();
+        let gaps: Vec<i64> = rounds.windows(2).map(|w| w[1] - w[0]).collect();
+        assert_eq!(gaps, [1_000, 2_000, 4_000, 8_000], "{connects:?}");
+        let first_send = calls.iter().map(|c| c.0).min().unwrap();
+        assert_eq!(first_send, 1_000_000 + 31_000, "{connects:?}");
+        assert_eq!(calls.len(), 20);
+        let counts = s.store.counts(s.record.id).await.unwrap();
+        assert_eq!(counts["sent"], 20);
+        let attempts: i64 = {
+            let mut total = 0;
+            s.store
+                .export(s.record.id, None, |r| {
+                    total += r.attempts;
+                    Ok(())
+                })
+                .await
+                .unwrap();
+            total
+        };
+        assert_eq!(attempts, 20, "an outage costs no attempt");
+    }
+
+    #[tokio::test]
+    async fn the_outage_wait_is_capped_by_the_retry_backoff() {
+        let retry = RetryConfig {
+            max_attempts: 3,
+            backoff: Duration::from_secs(5),
+        };
+        let waits: Vec<u64> = (1..=6).map(|n| outage_delay(&retry, n).as_secs()).collect();
+        assert_eq!(waits, [1, 2, 4, 5, 5, 5]);
+    }
+
+    /// A server lost while claimed recipients waited: the one in flight and
+    /// the queued ones go back exactly as they were, a deferred one stays
+    /// deferred, and nothing is counted against them.
+    #[tokio::test]
+    async fn unreachable_after_a_claim_puts_the_rows_back_as_they_were() {
+        let s = setup(10).await;
+        let before = rows(&s).await;
+        let mut cfg = config(&s, vec![], 1);
+        cfg.no_wait = true;
+        let (end, _) = run_with(
+            &s,
+            cfg,
+            Box::new(|_, _| Err(Reply::local(Origin::Unreachable, "connection refused"))),
+        )
+        .await;
+        assert!(matches!(end, RunEnd::WouldWait { .. }), "{end:?}");
+        assert_eq!(rows(&s).await, before);
     }
 
     #[tokio::test]

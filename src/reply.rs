@@ -20,6 +20,10 @@ pub enum ReplyClass {
     Fatal,
     /// This recipient will never be accepted.
     Permanent,
+    /// The connection was lost after the whole message was sent and before
+    /// the server answered: it may have been accepted (RFC 1047). Never
+    /// retried by itself.
+    Unknown,
 }
 
 /// How long an account pause lasts.
@@ -31,14 +35,23 @@ pub enum Pause {
     Backoff,
 }
 
-/// Where a reply came from, when no server answered.
+/// Where in the conversation a reply came from (SPEC §8 classifies a lost
+/// connection by the last thing that was sent).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Origin {
-    /// The server's own reply.
+    /// The server's own reply to a transaction (MAIL, RCPT, DATA, the
+    /// message); without a code, a refusal made here before the message
+    /// was offered.
     Server,
-    /// The connection was lost or timed out during a transaction: the
-    /// message may not have arrived, and this recipient is retried.
+    /// The server's reply, or a local refusal, while a connection was being
+    /// opened: greeting, EHLO, STARTTLS, AUTH. No transaction started.
+    Login,
+    /// The connection was lost or timed out before the message's final "."
+    /// was sent: the server cannot have it, and this recipient is retried.
     Lost,
+    /// The connection was lost or timed out after the final "." was sent,
+    /// before the reply: the outcome is unknown.
+    AfterData,
     /// No connection could be made: no transaction started, so the
     /// recipient is not at fault; the account backs off and reconnects.
     Unreachable,
@@ -88,12 +101,34 @@ impl Reply {
 
     pub fn class(&self) -> ReplyClass {
         match self.origin {
+            // Without a code, a refusal of this message made before it was
+            // offered (the server lacks SMTPUTF8 or 8BITMIME).
+            Origin::Server if self.code.is_none() => ReplyClass::Permanent,
             Origin::Server | Origin::Lost => {
                 classify(self.code, self.enhanced.as_deref(), &self.text)
             }
+            Origin::Login => match classify(self.code, self.enhanced.as_deref(), &self.text) {
+                // Refused before any transaction: the account or the
+                // connection is at fault, never one recipient.
+                ReplyClass::Transient if self.code.is_some() => {
+                    ReplyClass::AccountPaused(Pause::Backoff)
+                }
+                ReplyClass::AccountPaused(p) => ReplyClass::AccountPaused(p),
+                _ => ReplyClass::Fatal,
+            },
+            Origin::AfterData => ReplyClass::Unknown,
             Origin::Unreachable => ReplyClass::AccountPaused(Pause::Backoff),
             Origin::Tls => ReplyClass::Fatal,
         }
+    }
+
+    /// Whether the message was offered to the server (a transaction
+    /// started). When not, the recipient's row goes back exactly as it was.
+    pub fn offered(&self) -> bool {
+        matches!(
+            self.origin,
+            Origin::Server | Origin::Lost | Origin::AfterData
+        )
     }
 
     /// Whether the server refused the login (as opposed to a TLS problem).
@@ -189,6 +224,7 @@ mod tests {
                 ReplyClass::AccountPaused(_) => "account-paused",
                 ReplyClass::Fatal => "fatal",
                 ReplyClass::Permanent => "permanent",
+                ReplyClass::Unknown => "unknown",
             };
             assert_eq!(got, cols[3], "{line}");
             checked += 1;
@@ -217,6 +253,45 @@ mod tests {
         );
         assert_eq!(
             Reply::local(Origin::Tls, "invalid peer certificate").class(),
+            ReplyClass::Fatal
+        );
+    }
+
+    /// Regression: a connection lost after the final "." was retried, and a
+    /// server that had stored the message received it again.
+    #[test]
+    fn lost_after_the_final_dot_is_unknown_before_it_transient() {
+        assert_eq!(
+            Reply::local(Origin::AfterData, "connection reset").class(),
+            ReplyClass::Unknown
+        );
+        assert_eq!(
+            Reply::local(Origin::Lost, "connection reset").class(),
+            ReplyClass::Transient
+        );
+        assert!(Reply::local(Origin::AfterData, "x").offered());
+        assert!(!Reply::local(Origin::Unreachable, "x").offered());
+    }
+
+    #[test]
+    fn refusals_while_logging_in_never_blame_a_recipient() {
+        let login = |code, text: &str| {
+            let mut r = Reply::new(Some(code), text);
+            r.origin = Origin::Login;
+            r.class()
+        };
+        assert_eq!(login(535, "5.7.8 bad credentials"), ReplyClass::Fatal);
+        assert_eq!(
+            login(454, "4.7.0 Too many login attempts"),
+            ReplyClass::AccountPaused(Pause::Backoff)
+        );
+        assert_eq!(
+            login(421, "4.3.2 Service not available"),
+            ReplyClass::AccountPaused(Pause::Backoff)
+        );
+        assert_eq!(login(554, "5.7.1 no service"), ReplyClass::Fatal);
+        assert_eq!(
+            Reply::local(Origin::Login, "no compatible AUTH mechanism").class(),
             ReplyClass::Fatal
         );
     }

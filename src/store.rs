@@ -117,6 +117,18 @@ pub struct Candidate {
     pub address: String,
     pub fields: Vec<String>,
     pub attempts: i64,
+    /// The row as it was before the claim, so that a recipient never offered
+    /// to the server goes back byte for byte (SPEC §8: a refused login
+    /// changes nobody's state).
+    pub before: Before,
+}
+
+/// The columns a claim changes, as they were.
+#[derive(Debug, Clone, Default)]
+pub struct Before {
+    pub state: String,
+    pub message_id: Option<String>,
+    pub updated_at: i64,
 }
 
 /// A recipient durably `sending`, its send logged: go ahead.
@@ -168,8 +180,14 @@ pub enum Outcome {
         reply: String,
         unlog: bool,
     },
-    /// Claimed but never handed to the server (the run stopped first).
+    /// Never offered to the server (the run stopped first, the server could
+    /// not be reached, the login was refused): the row as before the claim.
     Unclaimed,
+    /// The connection was lost after the whole message was sent, before
+    /// the reply: `unknown`, never sent again unless asked.
+    Unknown {
+        reply: String,
+    },
 }
 
 /// Counts per state.
@@ -370,10 +388,12 @@ impl Store {
     /// synced to disk before any of them is sent. `build` renders a message
     /// (its recipient count decides what the windows see). With windows,
     /// claim one at a time: each send needs its own slot.
+    #[allow(clippy::too_many_arguments)]
     pub async fn claim(
         &self,
         campaign_id: i64,
         account: &str,
+        pause_key: &str,
         windows: &[Window],
         now: i64,
         max: usize,
@@ -387,7 +407,7 @@ impl Store {
         let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
         let paused =
             sqlx::query("SELECT until, reason FROM account_pauses WHERE account = ? AND until > ?")
-                .bind(account)
+                .bind(pause_key)
                 .bind(now)
                 .fetch_optional(&mut *tx)
                 .await?;
@@ -540,13 +560,25 @@ impl Store {
                 }
             }
             Outcome::Unclaimed => {
-                sqlx::query("UPDATE recipients SET state = 'pending', attempts = MAX(attempts - 1, 0), message_id = NULL, updated_at = ? WHERE id = ?")
-                    .bind(now)
+                let before = &candidate.before;
+                sqlx::query("UPDATE recipients SET state = ?, attempts = ?, message_id = ?, updated_at = ? WHERE id = ?")
+                    .bind(&before.state)
+                    .bind(candidate.attempts)
+                    .bind(&before.message_id)
+                    .bind(before.updated_at)
                     .bind(candidate.id)
                     .execute(&mut *tx)
                     .await?;
                 sqlx::query("DELETE FROM send_log WHERE id = ?")
                     .bind(log_id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            Outcome::Unknown { reply } => {
+                sqlx::query("UPDATE recipients SET state = 'unknown', reason = 'connection lost after the message was sent: may or may not have been delivered', last_reply = ?, next_attempt_at = NULL, updated_at = ? WHERE id = ?")
+                    .bind(reply)
+                    .bind(now)
+                    .bind(candidate.id)
                     .execute(&mut *tx)
                     .await?;
             }
@@ -569,7 +601,7 @@ impl Store {
         Ok(())
     }
 
-    /// Pauses an account for every process using this store.
+    /// Pauses an account (by its pause key) for every process using this store.
     pub async fn pause_account(&self, account: &str, until_ms: i64, reason: &str) -> Result<()> {
         sqlx::query("INSERT INTO account_pauses (account, until, reason) VALUES (?, ?, ?) ON CONFLICT (account) DO UPDATE SET until = MAX(until, excluded.until), reason = excluded.reason")
             .bind(account)
@@ -699,7 +731,7 @@ async fn next_candidate(
     campaign_id: i64,
     now: i64,
 ) -> Result<Option<Candidate>> {
-    let columns = "id, row_number, email, address, fields, attempts";
+    let columns = "id, row_number, email, address, fields, attempts, state, message_id, updated_at";
     let mut row = sqlx::query(&format!(
         "SELECT {columns} FROM recipients WHERE campaign_id = ? AND state = 'deferred' AND next_attempt_at <= ? ORDER BY next_attempt_at, id LIMIT 1"
     ))
@@ -723,6 +755,11 @@ async fn next_candidate(
             address: row.get::<Option<String>, _>("address").unwrap_or_default(),
             fields: serde_json::from_str(row.get::<&str, _>("fields"))?,
             attempts: row.get("attempts"),
+            before: Before {
+                state: row.get("state"),
+                message_id: row.get("message_id"),
+                updated_at: row.get("updated_at"),
+            },
         })
     })
     .transpose()
@@ -1088,7 +1125,7 @@ mod tests {
         let win = Window::new(1, Duration::from_secs(60)).unwrap();
         let now = 1_000_000;
         let Claim::Ready { mut ready, .. } = store
-            .claim(c.id, "acct", &[win], now, 1, |_| Ok(out(1)))
+            .claim(c.id, "acct", "acct", &[win], now, 1, |_| Ok(out(1)))
             .await
             .unwrap()
         else {
@@ -1099,7 +1136,7 @@ mod tests {
         } = ready.remove(0);
         assert_eq!(store.counts(c.id).await.unwrap()["sending"], 1);
         match store
-            .claim(c.id, "acct", &[win], now + 10, 1, |_| Ok(out(1)))
+            .claim(c.id, "acct", "acct", &[win], now + 10, 1, |_| Ok(out(1)))
             .await
             .unwrap()
         {
@@ -1123,7 +1160,7 @@ mod tests {
         import(&store, &c2, &["z@x.example"]).await;
         assert!(matches!(
             store
-                .claim(c2.id, "acct", &[win], now + 20, 1, |_| Ok(out(1)))
+                .claim(c2.id, "acct", "acct", &[win], now + 20, 1, |_| Ok(out(1)))
                 .await
                 .unwrap(),
             Claim::Wait { .. }
@@ -1141,7 +1178,7 @@ mod tests {
         )
         .await;
         let Claim::Ready { ready, unbuildable } = store
-            .claim(c.id, "acct", &[], 7, 3, |_| Ok(out(1)))
+            .claim(c.id, "acct", "acct", &[], 7, 3, |_| Ok(out(1)))
             .await
             .unwrap()
         else {
@@ -1174,7 +1211,7 @@ mod tests {
         let c = store.campaign("c").await.unwrap();
         import(&store, &c, &["a@x.example"]).await;
         let claim = store
-            .claim(c.id, "acct", &[], 1, 1, |_| Ok(out(1)))
+            .claim(c.id, "acct", "acct", &[], 1, 1, |_| Ok(out(1)))
             .await
             .unwrap();
         assert!(matches!(claim, Claim::Ready { .. }));
@@ -1183,7 +1220,7 @@ mod tests {
         assert_eq!((counts["unknown"], counts["pending"]), (1, 0));
         assert!(matches!(
             store
-                .claim(c.id, "acct", &[], 2, 1, |_| Ok(out(1)))
+                .claim(c.id, "acct", "acct", &[], 2, 1, |_| Ok(out(1)))
                 .await
                 .unwrap(),
             Claim::Idle { next_due_ms: None }
@@ -1209,7 +1246,7 @@ mod tests {
         import(&store, &c, &["a@x.example"]).await;
         let win = Window::new(1, Duration::from_secs(60)).unwrap();
         let Claim::Ready { mut ready, .. } = store
-            .claim(c.id, "acct", &[win], 5, 1, |_| Ok(out(1)))
+            .claim(c.id, "acct", "acct", &[win], 5, 1, |_| Ok(out(1)))
             .await
             .unwrap()
         else {
@@ -1233,7 +1270,7 @@ mod tests {
         assert_eq!(store.counts(c.id).await.unwrap()["pending"], 1);
         assert!(matches!(
             store
-                .claim(c.id, "acct", &[win], 6, 1, |_| Ok(out(1)))
+                .claim(c.id, "acct", "acct", &[win], 6, 1, |_| Ok(out(1)))
                 .await
                 .unwrap(),
             Claim::Ready { .. }

@@ -1,18 +1,35 @@
-//! Transports: lettre's pooled async SMTP client and lettre's file
-//! transport, behind one small trait so that the engine can be driven by a
-//! recording double in tests.
+//! Transports: SMTP through lettre's connection commands and `.eml` files,
+//! behind one small trait so that the engine can be driven by a recording
+//! double in tests.
+//!
+//! The SMTP side drives each transaction step by step (MAIL, RCPT, DATA,
+//! the message) rather than through lettre's one-call `send`, because what
+//! a lost connection means depends on how far the transaction got (SPEC §8):
+//! before the message's final "." the server cannot have it and the
+//! recipient is retried; after it, the outcome is unknown.
 
 use std::future::Future;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{Context as TaskContext, Poll};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use lettre::transport::smtp::authentication::{Credentials, Mechanism};
-use lettre::transport::smtp::client::{AsyncSmtpConnection, Certificate, TlsParameters};
-use lettre::transport::smtp::extension::ClientId;
-use lettre::{AsyncFileTransport, AsyncTransport, Tokio1Executor};
+#[allow(deprecated)]
+use lettre::transport::smtp::client::AsyncNetworkStream;
+use lettre::transport::smtp::client::{
+    AsyncSmtpConnection, AsyncTokioStream, Certificate, TlsParameters,
+};
+use lettre::transport::smtp::commands::{Data, Ehlo, Mail, Rcpt, Rset};
+use lettre::transport::smtp::extension::{ClientId, Extension, MailBodyParameter, MailParameter};
+use lettre::transport::smtp::response::Response;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::sync::Mutex;
 
 use crate::campaign::{Campaign, SmtpConfig, TlsMode, TransportConfig};
 use crate::error::input_error;
@@ -22,7 +39,16 @@ use crate::reply::{Origin, Reply};
 /// Something that hands a message to a server. `Ok` is the server's
 /// acceptance; `Err` is its refusal, or a local failure with no reply code.
 pub trait Transport: Send + Sync + 'static {
-    fn send(&self, message: &Outgoing) -> impl Future<Output = Result<Reply, Reply>> + Send;
+    /// Makes sure a connection is open and logged in, so that an unreachable
+    /// server or a refused login is found before a recipient is claimed.
+    /// Cheap when a connection is ready.
+    fn connect(&self) -> impl Future<Output = Result<(), Reply>> + Send;
+    /// Sends the message of file row `row`.
+    fn send(
+        &self,
+        row: u64,
+        message: &Outgoing,
+    ) -> impl Future<Output = Result<Reply, Reply>> + Send;
     /// Closes pooled connections politely (QUIT).
     fn shutdown(&self) -> impl Future<Output = ()> + Send;
 }
@@ -44,13 +70,29 @@ impl AnyTransport {
             TransportConfig::File { dir } => AnyTransport::File(FileOut::new(dir.clone()).await?),
         })
     }
+
+    /// The largest message the server takes, as far as known: its EHLO
+    /// SIZE once a connection was made, and 25 MB for Gmail's hosts.
+    pub fn size_limit(&self) -> Option<u64> {
+        match self {
+            AnyTransport::Smtp(t) => t.size_limit(),
+            AnyTransport::File(_) => None,
+        }
+    }
 }
 
 impl Transport for AnyTransport {
-    async fn send(&self, message: &Outgoing) -> Result<Reply, Reply> {
+    async fn connect(&self) -> Result<(), Reply> {
         match self {
-            AnyTransport::Smtp(t) => t.send(message).await,
-            AnyTransport::File(t) => t.send(message).await,
+            AnyTransport::Smtp(t) => t.connect().await,
+            AnyTransport::File(t) => t.connect().await,
+        }
+    }
+
+    async fn send(&self, row: u64, message: &Outgoing) -> Result<Reply, Reply> {
+        match self {
+            AnyTransport::Smtp(t) => t.send(row, message).await,
+            AnyTransport::File(t) => t.send(row, message).await,
         }
     }
 
@@ -62,28 +104,56 @@ impl Transport for AnyTransport {
     }
 }
 
-/// SMTP submission with lettre's SMTP client, one reused connection per
-/// sending worker (the engine runs `connections` of them), so that the
-/// account logs in once per connection, not once per message.
+/// Gmail refuses messages over 25 MB whatever its EHLO SIZE says.
+pub const GMAIL_MAX_MESSAGE: u64 = 25 * 1024 * 1024;
+
+/// Whether `host` is one of Gmail's submission servers.
+pub fn is_gmail(host: &str) -> bool {
+    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    host == "smtp.gmail.com" || host == "smtp-relay.gmail.com"
+}
+
+/// SMTP submission, one reused connection per sending worker (the engine
+/// runs `connections` of them), so that the account logs in once per
+/// connection, not once per message.
 ///
 /// Connections are opened here rather than by lettre's pool so that the
-/// socket gets `TCP_NODELAY`: lettre writes the message and the final
-/// `.` separately, and with Nagle's algorithm that second write waits for a
-/// delayed ACK, about 40 ms per message. (Implicit TLS on port 465 still
-/// goes through lettre's own connect, which offers no such option.)
+/// socket gets `TCP_NODELAY` (lettre writes the message and the final `.`
+/// separately, and with Nagle's algorithm that second write waits for a
+/// delayed ACK, about 40 ms per message), so that a TCP failure is told
+/// apart from a TLS one, and so that the stream can be watched (see
+/// [`Watched`]).
 pub struct Smtp {
     host: String,
     port: u16,
     tls: Option<(TlsMode, TlsParameters)>,
     credentials: Option<Credentials>,
-    hello: ClientId,
+    /// The EHLO name; `None`: an address literal of the local address.
+    hello: Option<ClientId>,
     timeout: Duration,
-    idle: Mutex<Vec<(AsyncSmtpConnection, Instant)>>,
+    idle: Mutex<Vec<Conn>>,
+    /// The server's EHLO SIZE (0: no limit), learnt on the first connection.
+    advertised: OnceLock<u64>,
+}
+
+/// An open, logged-in connection.
+struct Conn {
+    smtp: AsyncSmtpConnection,
+    /// How many times lettre has read from the socket.
+    reads: Arc<AtomicU64>,
+    since: Instant,
 }
 
 /// Idle connections older than this are closed instead of reused: servers
-/// drop quiet clients, and a dead connection would cost a recipient an attempt.
+/// drop quiet clients, and a dead connection would cost a reconnection.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How a transaction failed: the reply, and whether it failed on its very
+/// first command without an answer (a connection the server had closed).
+struct Failed {
+    reply: Reply,
+    at_mail: bool,
+}
 
 impl Smtp {
     pub async fn new(cfg: &SmtpConfig) -> Result<Smtp> {
@@ -113,125 +183,332 @@ impl Smtp {
             )),
             None => None,
         };
+        let hello = match &cfg.helo_name {
+            Some(name) => Some(name.clone()),
+            None => fully_qualified_name().map(ClientId::Domain),
+        };
         Ok(Smtp {
             host: cfg.host.clone(),
             port: cfg.port,
             tls,
             credentials,
-            hello: ClientId::default(),
+            hello,
             timeout: cfg.timeout,
             idle: Mutex::new(Vec::new()),
+            advertised: OnceLock::new(),
+        })
+    }
+
+    fn size_limit(&self) -> Option<u64> {
+        let advertised = self.advertised.get().copied().filter(|s| *s > 0);
+        let gmail = is_gmail(&self.host).then_some(GMAIL_MAX_MESSAGE);
+        match (advertised, gmail) {
+            (Some(a), Some(g)) => Some(a.min(g)),
+            (a, g) => a.or(g),
+        }
+    }
+
+    fn take_idle(&self) -> Option<Conn> {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        while let Some(conn) = idle.pop() {
+            if conn.since.elapsed() < IDLE_TIMEOUT {
+                return Some(conn);
+            }
+            // Too old to trust; dropping it closes the socket.
+        }
+        None
+    }
+
+    fn put_idle(&self, mut conn: Conn) {
+        conn.since = Instant::now();
+        self.idle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(conn);
+    }
+
+    /// `step` bounded by the timeout: lettre's own covers only the TCP
+    /// connect, and a stalled read or write must not hang the run.
+    async fn bounded<T>(
+        &self,
+        what: &str,
+        step: impl Future<Output = std::result::Result<T, lettre::transport::smtp::Error>>,
+    ) -> std::result::Result<std::result::Result<T, lettre::transport::smtp::Error>, Reply> {
+        tokio::time::timeout(self.timeout, step).await.map_err(|_| {
+            Reply::local(
+                Origin::Lost,
+                format!(
+                    "no answer to {what} within {}",
+                    humantime::format_duration(self.timeout)
+                ),
+            )
         })
     }
 
     /// Opens and authenticates a connection.
-    async fn connect(&self) -> std::result::Result<AsyncSmtpConnection, Reply> {
-        let failed = |e: lettre::transport::smtp::Error| smtp_error_reply(&e, true);
-        let mut conn = match &self.tls {
-            Some((TlsMode::Implicit, params)) => AsyncSmtpConnection::connect_tokio1(
-                (self.host.as_str(), self.port),
-                Some(self.timeout),
-                &self.hello,
-                Some(params.clone()),
-                None,
+    async fn open(&self) -> std::result::Result<Conn, Reply> {
+        let unreachable = |e: &dyn std::fmt::Display| {
+            Reply::local(
+                Origin::Unreachable,
+                format!("connecting to {}:{}: {e}", self.host, self.port),
+            )
+        };
+        let tcp = tokio::time::timeout(
+            self.timeout,
+            TcpStream::connect((self.host.as_str(), self.port)),
+        )
+        .await
+        .map_err(|_| unreachable(&"timed out"))?
+        .map_err(|e| unreachable(&e))?;
+        tcp.set_nodelay(true).map_err(|e| unreachable(&e))?;
+        let hello = match &self.hello {
+            Some(name) => name.clone(),
+            None => address_literal(tcp.local_addr().map_err(|e| unreachable(&e))?),
+        };
+        let reads = Arc::new(AtomicU64::new(0));
+        let watched = Box::new(Watched {
+            tcp,
+            reads: reads.clone(),
+        });
+        // Until the greeting, a silent or closing peer is an unreachable
+        // server, not a lost transaction.
+        let as_unreachable = |mut r: Reply| {
+            if r.origin == Origin::Lost {
+                r.origin = Origin::Unreachable;
+            }
+            r
+        };
+        let stream: Box<dyn AsyncTokioStream> = match &self.tls {
+            Some((TlsMode::Implicit, params)) => {
+                #[allow(deprecated)]
+                let mut stream = AsyncNetworkStream::use_existing_tokio1(watched);
+                self.bounded("the TLS handshake", stream.upgrade_tls(params.clone()))
+                    .await
+                    .map_err(as_unreachable)?
+                    .map_err(|e| login_failure(&e, "the TLS handshake"))?;
+                Box::new(Implicit(stream))
+            }
+            _ => watched,
+        };
+        let mut smtp = self
+            .bounded(
+                "the greeting",
+                AsyncSmtpConnection::connect_with_transport(stream, &hello),
             )
             .await
-            .map_err(failed)?,
-            _ => {
-                let unreachable = |e: std::io::Error| {
-                    Reply::local(
-                        Origin::Unreachable,
-                        format!("connecting to {}:{}: {e}", self.host, self.port),
-                    )
-                };
-                let stream = tokio::time::timeout(
-                    self.timeout,
-                    TcpStream::connect((self.host.as_str(), self.port)),
-                )
+            .map_err(as_unreachable)?
+            .map_err(|e| login_failure(&e, "the greeting"))?;
+        if let Some((TlsMode::StartTls, params)) = &self.tls {
+            // STARTTLS is required: never fall back to plain text.
+            self.bounded("STARTTLS", smtp.starttls(params.clone(), &hello))
                 .await
-                .map_err(|_| unreachable(std::io::ErrorKind::TimedOut.into()))?
-                .map_err(unreachable)?;
-                stream.set_nodelay(true).map_err(unreachable)?;
-                let mut conn =
-                    AsyncSmtpConnection::connect_with_transport(Box::new(stream), &self.hello)
-                        .await
-                        .map_err(failed)?;
-                if let Some((_, params)) = &self.tls {
-                    // STARTTLS is required: never fall back to plain text.
-                    conn.starttls(params.clone(), &self.hello)
-                        .await
-                        .map_err(failed)?;
-                }
-                conn
-            }
-        };
-        if let Some(credentials) = &self.credentials {
-            conn.auth(&[Mechanism::Plain, Mechanism::Login], credentials)
-                .await
-                .map_err(failed)?;
+                .map_err(as_unreachable)?
+                .map_err(|e| login_failure(&e, "STARTTLS"))?;
         }
-        Ok(conn)
+        if self.advertised.get().is_none() {
+            // lettre keeps no SIZE from its EHLO: ask once more, before
+            // AUTH, on the first connection only.
+            let ehlo = self
+                .bounded("EHLO", smtp.command(Ehlo::new(hello.clone())))
+                .await
+                .map_err(as_unreachable)?
+                .map_err(|e| login_failure(&e, "EHLO"))?;
+            let _ = self.advertised.set(advertised_size(&ehlo).unwrap_or(0));
+        }
+        if let Some(credentials) = &self.credentials {
+            self.bounded(
+                "AUTH",
+                smtp.auth(&[Mechanism::Plain, Mechanism::Login], credentials),
+            )
+            .await
+            .map_err(as_unreachable)?
+            .map_err(|e| login_failure(&e, "AUTH"))?;
+        }
+        Ok(Conn {
+            smtp,
+            reads,
+            since: Instant::now(),
+        })
     }
 
-    async fn transaction(&self, message: &Outgoing) -> std::result::Result<Reply, Reply> {
-        let idle = self.idle.lock().await.pop();
-        let mut conn = match idle {
-            Some((conn, since)) if since.elapsed() < IDLE_TIMEOUT => conn,
-            Some((mut stale, _)) => {
-                let _ = tokio::time::timeout(Duration::from_secs(1), stale.quit()).await;
-                self.connect().await?
+    /// One transaction on an open connection. The connection is still
+    /// usable afterwards only when this returns `Ok` or a server reply to
+    /// MAIL, RCPT or DATA (the caller resets it).
+    async fn transaction(
+        &self,
+        conn: &mut Conn,
+        message: &Outgoing,
+    ) -> std::result::Result<Reply, Failed> {
+        let envelope = &message.envelope;
+        let mut options = Vec::new();
+        let non_ascii = envelope
+            .to()
+            .iter()
+            .chain(envelope.from())
+            .any(|a| !AsRef::<str>::as_ref(a).is_ascii());
+        let server = conn.smtp.server_info();
+        if non_ascii {
+            if !server.supports_feature(Extension::SmtpUtfEight) {
+                return Err(Failed {
+                    reply: Reply::local(
+                        Origin::Server,
+                        "the address is not ASCII and the server does not offer SMTPUTF8",
+                    ),
+                    at_mail: false,
+                });
             }
-            None => self.connect().await?,
+            options.push(MailParameter::SmtpUtfEight);
+        }
+        if !message.bytes.is_ascii() {
+            if !server.supports_feature(Extension::EightBitMime) {
+                return Err(Failed {
+                    reply: Reply::local(
+                        Origin::Server,
+                        "the message is not ASCII and the server does not offer 8BITMIME",
+                    ),
+                    at_mail: false,
+                });
+            }
+            options.push(MailParameter::Body(MailBodyParameter::EightBitMime));
+        }
+        let lost = |e: &lettre::transport::smtp::Error| transaction_failure(e, Origin::Lost);
+        let mail = self
+            .bounded(
+                "MAIL FROM",
+                conn.smtp
+                    .command(Mail::new(envelope.from().cloned(), options)),
+            )
+            .await
+            .and_then(|r| r.map_err(|e| lost(&e)));
+        if let Err(reply) = mail {
+            let at_mail = reply.code.is_none();
+            return Err(Failed { reply, at_mail });
+        }
+        let before_data = |r: std::result::Result<_, Reply>| {
+            r.and_then(|r: std::result::Result<Response, _>| r.map_err(|e| lost(&e)))
+                .map_err(|reply| Failed {
+                    reply,
+                    at_mail: false,
+                })
         };
-        match conn.send(&message.envelope, &message.bytes).await {
-            Ok(response) => {
-                self.idle.lock().await.push((conn, Instant::now()));
-                let text: Vec<&str> = response.message().collect();
-                Ok(Reply::new(
-                    Some(u16::from(response.code())),
-                    &text.join(" "),
-                ))
-            }
-            // Any error leaves the connection in an unknown state: drop it.
-            Err(e) => Err(smtp_error_reply(&e, false)),
+        for to in envelope.to() {
+            before_data(
+                self.bounded("RCPT TO", conn.smtp.command(Rcpt::new(to.clone(), vec![])))
+                    .await,
+            )?;
+        }
+        before_data(self.bounded("DATA", conn.smtp.command(Data)).await)?;
+        // lettre reads the reply only once the message and its final "."
+        // have been flushed to the socket: a read after this mark means the
+        // server may have the whole message.
+        let mark = conn.reads.load(Ordering::SeqCst);
+        let allowed = self
+            .timeout
+            .saturating_mul(1 + u32::try_from(message.bytes.len() / 1_000_000).unwrap_or(u32::MAX));
+        let sent = tokio::time::timeout(allowed, conn.smtp.message(&message.bytes)).await;
+        let after_dot = conn.reads.load(Ordering::SeqCst) > mark;
+        let origin = if after_dot {
+            Origin::AfterData
+        } else {
+            Origin::Lost
+        };
+        match sent {
+            Ok(Ok(response)) => Ok(reply_of(&response)),
+            Ok(Err(e)) => Err(Failed {
+                reply: transaction_failure(&e, origin),
+                at_mail: false,
+            }),
+            Err(_) => Err(Failed {
+                reply: Reply::local(
+                    origin,
+                    if after_dot {
+                        format!(
+                            "no reply to the message within {}",
+                            humantime::format_duration(allowed)
+                        )
+                    } else {
+                        format!(
+                            "the message could not be written within {}",
+                            humantime::format_duration(allowed)
+                        )
+                    },
+                ),
+                at_mail: false,
+            }),
         }
     }
 }
 
 impl Transport for Smtp {
-    async fn send(&self, message: &Outgoing) -> Result<Reply, Reply> {
-        // lettre's timeout covers only the connect; a stalled read or write
-        // must not hang the run, so the whole transaction is bounded here.
-        match tokio::time::timeout(self.timeout.saturating_mul(2), self.transaction(message)).await
-        {
-            Ok(result) => result,
-            Err(_) => Err(Reply::local(
-                Origin::Lost,
-                format!(
-                    "no reply within {}",
-                    humantime::format_duration(self.timeout.saturating_mul(2))
-                ),
-            )),
+    async fn connect(&self) -> Result<(), Reply> {
+        let mut idle = self.take_idle();
+        if idle.is_none() {
+            idle = Some(self.open().await?);
+        }
+        if let Some(conn) = idle {
+            self.put_idle(conn);
+        }
+        Ok(())
+    }
+
+    async fn send(&self, _row: u64, message: &Outgoing) -> Result<Reply, Reply> {
+        let (mut conn, reused) = match self.take_idle() {
+            Some(conn) => (conn, true),
+            None => (self.open().await?, false),
+        };
+        let mut result = self.transaction(&mut conn, message).await;
+        if let Err(Failed { at_mail: true, .. }) = &result {
+            if reused {
+                // The server closed the idle connection; nothing of the
+                // message was sent: try once more on a new one.
+                conn = self.open().await?;
+                result = self.transaction(&mut conn, message).await;
+            }
+        }
+        match result {
+            Ok(reply) => {
+                self.put_idle(conn);
+                Ok(reply)
+            }
+            Err(Failed { reply, .. }) => {
+                if reply.origin == Origin::Server && reply.code.is_some() {
+                    // A refused MAIL, RCPT or message leaves the
+                    // connection usable once reset.
+                    if let Ok(Ok(_)) = self.bounded("RSET", conn.smtp.command(Rset)).await {
+                        self.put_idle(conn);
+                    }
+                }
+                Err(reply)
+            }
         }
     }
 
     async fn shutdown(&self) {
-        let idle = std::mem::take(&mut *self.idle.lock().await);
-        for (mut conn, _) in idle {
-            let _ = tokio::time::timeout(self.timeout, conn.quit()).await;
+        let idle = std::mem::take(&mut *self.idle.lock().unwrap_or_else(|e| e.into_inner()));
+        for mut conn in idle {
+            let _ = tokio::time::timeout(self.timeout, conn.smtp.quit()).await;
         }
     }
 }
 
-/// A lettre error as a [`Reply`]. `connecting`: it happened while the
-/// connection was being opened, before any transaction could start.
-fn smtp_error_reply(err: &lettre::transport::smtp::Error, connecting: bool) -> Reply {
-    if let Some(code) = err.status() {
-        let text = std::error::Error::source(err)
-            .map(|s| s.to_string())
-            .unwrap_or_default();
-        return Reply::new(Some(u16::from(code)), &text);
-    }
+fn reply_of(response: &Response) -> Reply {
+    let text: Vec<&str> = response.message().collect();
+    Reply::new(Some(u16::from(response.code())), &text.join(" "))
+}
+
+/// The SIZE keyword of an EHLO reply (RFC 1870).
+fn advertised_size(ehlo: &Response) -> Option<u64> {
+    ehlo.message().find_map(|line| {
+        let mut words = line.split_whitespace();
+        match (words.next(), words.next()) {
+            (Some(k), Some(n)) if k.eq_ignore_ascii_case("SIZE") => n.parse().ok(),
+            _ => None,
+        }
+    })
+}
+
+/// A lettre error's words with its causes, without repeats.
+fn error_text(err: &lettre::transport::smtp::Error) -> String {
     let mut text = err.to_string();
     let mut source = std::error::Error::source(err);
     while let Some(s) = source {
@@ -241,23 +518,197 @@ fn smtp_error_reply(err: &lettre::transport::smtp::Error, connecting: bool) -> R
         }
         source = s.source();
     }
-    // A refused certificate arrives wrapped in a connection error.
-    let lower = text.to_lowercase();
-    let tls = err.is_tls()
-        || ["certificate", "handshake", "starttls"]
-            .iter()
-            .any(|w| lower.contains(w));
-    let origin = match (tls, connecting) {
-        (true, _) => Origin::Tls,
-        (false, true) => Origin::Unreachable,
-        (false, false) => Origin::Lost,
-    };
-    Reply::local(origin, text)
+    text
+}
+
+/// The server's reply carried by a lettre error, if it has one.
+fn server_reply(err: &lettre::transport::smtp::Error, origin: Origin) -> Option<Reply> {
+    let code = err.status()?;
+    let text = std::error::Error::source(err)
+        .map(|s| s.to_string())
+        .unwrap_or_default();
+    let mut reply = Reply::new(Some(u16::from(code)), &text);
+    reply.origin = origin;
+    Some(reply)
+}
+
+/// Whether the error is TLS refusing what it got (a certificate, a
+/// protocol, a plain-text server), as opposed to a connection cut.
+fn is_tls_refusal(err: &lettre::transport::smtp::Error) -> bool {
+    if err.is_tls() {
+        return true;
+    }
+    let mut source = std::error::Error::source(err);
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<io::Error>() {
+            return io.kind() == io::ErrorKind::InvalidData;
+        }
+        source = s.source();
+    }
+    false
+}
+
+/// A failure while opening a connection: the server's refusal, TLS, or a
+/// connection that went away (the server is unreachable).
+fn login_failure(err: &lettre::transport::smtp::Error, step: &str) -> Reply {
+    if let Some(reply) = server_reply(err, Origin::Login) {
+        return reply;
+    }
+    let text = format!("{step}: {}", error_text(err));
+    if is_tls_refusal(err) {
+        Reply::local(Origin::Tls, text)
+    } else if err.is_client() {
+        // lettre refuses locally: no STARTTLS offered, no usable AUTH mechanism.
+        Reply::local(Origin::Login, text)
+    } else {
+        Reply::local(Origin::Unreachable, text)
+    }
+}
+
+/// A failure inside a transaction: the server's reply, or the connection
+/// lost at the point `origin` says.
+fn transaction_failure(err: &lettre::transport::smtp::Error, origin: Origin) -> Reply {
+    server_reply(err, Origin::Server).unwrap_or_else(|| Reply::local(origin, error_text(err)))
+}
+
+/// The EHLO name when no FQDN is known: the connection's own address
+/// (RFC 5321 §4.1.4).
+fn address_literal(local: SocketAddr) -> ClientId {
+    match local.ip() {
+        IpAddr::V4(ip) => ClientId::Ipv4(ip),
+        IpAddr::V6(ip) => match ip.to_ipv4_mapped() {
+            Some(v4) => ClientId::Ipv4(v4),
+            None => ClientId::Ipv6(ip),
+        },
+    }
+}
+
+/// This machine's fully qualified domain name, as `hostname -f` finds it:
+/// the host name through the resolver's canonical name. `None` when no
+/// name with a dot is known (servers score a bare `EHLO vm` as spam).
+pub fn fully_qualified_name() -> Option<String> {
+    let host = dns_lookup::get_hostname().ok()?;
+    let dotted = |n: &str| n.contains('.') && !n.ends_with(".localdomain") && n != "localhost.";
+    #[cfg(unix)]
+    {
+        let hints = dns_lookup::AddrInfoHints {
+            flags: libc::AI_CANONNAME,
+            address: 0,
+            socktype: libc::SOCK_STREAM,
+            protocol: 0,
+        };
+        if let Ok(found) = dns_lookup::getaddrinfo(Some(&host), None, Some(hints)) {
+            for info in found.flatten() {
+                if let Some(name) = info.canonname.filter(|n| dotted(n)) {
+                    return Some(name.trim_end_matches('.').to_string());
+                }
+            }
+        }
+    }
+    dotted(&host).then(|| host.trim_end_matches('.').to_string())
+}
+
+/// The TCP stream under lettre (and under TLS), counting reads: lettre
+/// reads the reply to a message only after the message and its final "."
+/// were flushed to the socket, so a read after a mark tells that the
+/// server may have the whole message.
+#[derive(Debug)]
+struct Watched {
+    tcp: TcpStream,
+    reads: Arc<AtomicU64>,
+}
+
+impl AsyncRead for Watched {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        self.reads.fetch_add(1, Ordering::SeqCst);
+        Pin::new(&mut self.tcp).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Watched {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.tcp).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_shutdown(cx)
+    }
+}
+
+impl AsyncTokioStream for Watched {
+    fn peer_addr(&self) -> io::Result<SocketAddr> {
+        self.tcp.peer_addr()
+    }
+}
+
+/// A stream already wrapped in TLS (implicit TLS, port 465), handed to
+/// lettre as if it were plain TCP so that it reads the greeting through it.
+#[allow(deprecated)]
+#[derive(Debug)]
+struct Implicit(AsyncNetworkStream);
+
+impl AsyncRead for Implicit {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        use futures_util::io::AsyncRead as _;
+        let unfilled = buf.initialize_unfilled();
+        match Pin::new(&mut self.0).poll_read(cx, unfilled) {
+            Poll::Ready(Ok(n)) => {
+                buf.advance(n);
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl AsyncWrite for Implicit {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        use futures_util::io::AsyncWrite as _;
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+        use futures_util::io::AsyncWrite as _;
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+        use futures_util::io::AsyncWrite as _;
+        Pin::new(&mut self.0).poll_close(cx)
+    }
+}
+
+impl AsyncTokioStream for Implicit {
+    fn peer_addr(&self) -> io::Result<SocketAddr> {
+        #[allow(deprecated)]
+        self.0.peer_addr()
+    }
 }
 
 /// Writes each message as one `.eml` file (lettre names it `<uuid>.eml`).
 pub struct FileOut {
-    inner: AsyncFileTransport<Tokio1Executor>,
+    inner: lettre::AsyncFileTransport<lettre::Tokio1Executor>,
     dir: PathBuf,
 }
 
@@ -267,14 +718,19 @@ impl FileOut {
             .await
             .with_context(|| format!("creating the outbox folder {}", dir.display()))?;
         Ok(FileOut {
-            inner: AsyncFileTransport::new(&dir),
+            inner: lettre::AsyncFileTransport::new(&dir),
             dir,
         })
     }
 }
 
 impl Transport for FileOut {
-    async fn send(&self, message: &Outgoing) -> Result<Reply, Reply> {
+    async fn connect(&self) -> Result<(), Reply> {
+        Ok(())
+    }
+
+    async fn send(&self, _row: u64, message: &Outgoing) -> Result<Reply, Reply> {
+        use lettre::AsyncTransport as _;
         match self.inner.send_raw(&message.envelope, &message.bytes).await {
             Ok(id) => Ok(Reply::new(
                 Some(250),
@@ -291,4 +747,31 @@ impl Transport for FileOut {
     }
 
     async fn shutdown(&self) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gmail_hosts_are_known_case_and_dot_aside() {
+        assert!(is_gmail("smtp.gmail.com"));
+        assert!(is_gmail("SMTP-RELAY.gmail.com."));
+        assert!(!is_gmail("mail.example.com"));
+    }
+
+    #[test]
+    fn address_literal_of_the_local_address() {
+        let literal = address_literal("127.0.0.1:5000".parse().unwrap());
+        assert_eq!(literal.to_string(), "[127.0.0.1]");
+        let literal = address_literal("[::1]:5000".parse().unwrap());
+        assert_eq!(literal.to_string(), "[IPv6:::1]");
+    }
+
+    #[test]
+    fn a_found_name_has_a_dot() {
+        if let Some(name) = fully_qualified_name() {
+            assert!(name.contains('.') && !name.ends_with('.'), "{name}");
+        }
+    }
 }

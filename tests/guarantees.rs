@@ -193,8 +193,11 @@ fn sigint_finishes_in_flight_messages_and_exits_130_then_resumes() {
     assert_eq!(dir.status()["states"]["unknown"], 0);
 }
 
+/// Transient 4xx replies and connections dropped after DATA: the 4xx ones
+/// are retried until sent, a dropped one is `unknown` (the server might
+/// have taken it), and nobody gets two messages.
 #[test]
-fn transient_faults_and_dropped_connections_end_with_everyone_delivered_once() {
+fn transient_faults_and_dropped_connections_end_with_everyone_delivered_at_most_once() {
     let server = SmtpServer::start(&[
         "--transient-rate",
         "0.2",
@@ -210,17 +213,171 @@ fn transient_faults_and_dropped_connections_end_with_everyone_delivered_once() {
         &server.transport_toml("connections = 2"),
         "[retry]\nmax_attempts = 25\nbackoff = \"20ms\"\n",
     );
-    let out = dir.run(&["send", dir.campaign().to_str().unwrap()]);
+    let out = dir.send(&[]);
     assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
     let deliveries = server.deliveries();
-    assert_eq!(deliveries.len(), 60);
     assert!(deliveries.values().all(|n| *n == 1));
     let rows = dir.export(None);
-    assert!(rows.iter().all(|r| r["state"] == "sent"));
+    for row in &rows {
+        let delivered = deliveries.get(&row["email"]).copied().unwrap_or(0);
+        match row["state"].as_str() {
+            "sent" => assert_eq!(delivered, 1, "{row:?}"),
+            "unknown" => assert_eq!(delivered, 0, "{row:?}"),
+            _ => panic!("{row:?}"),
+        }
+    }
     assert!(
         rows.iter().any(|r| r["attempts"] != "1"),
-        "no fault was injected"
+        "no transient fault was injected"
     );
+    assert!(
+        rows.iter().any(|r| r["state"] == "unknown"),
+        "no connection was dropped"
+    );
+}
+
+/// Regression: a connection lost after the message's final "." was
+/// retried, so a server that had stored the message got it again (one
+/// address 4 times in 40 with 20 % such drops). Now those recipients are
+/// `unknown`, everyone is delivered at most once, and `--resend-unknown`
+/// sends them again on request.
+#[test]
+fn a_reply_lost_after_the_message_is_unknown_and_never_resent() {
+    let server = SmtpServer::start(&["--store-then-drop-rate", "0.2", "--seed", "3"]);
+    let dir = CampaignDir::new();
+    standard_campaign(
+        &dir,
+        &recipients_csv(40),
+        &server.transport_toml("connections = 2"),
+        "[retry]\nbackoff = \"20ms\"\n",
+    );
+    let out = dir.send(&[]);
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
+    let received = server.received();
+    let deliveries = server.deliveries();
+    assert!(
+        deliveries.values().all(|n| *n == 1),
+        "delivered twice: {deliveries:?}"
+    );
+    assert_eq!(deliveries.len(), 40);
+    let lost: HashSet<String> = received
+        .iter()
+        .filter(|r| !r.replied)
+        .map(|r| r.rcpt_tos[0].to_lowercase())
+        .collect();
+    assert!(!lost.is_empty(), "no reply was lost");
+    for (email, state) in states(&dir) {
+        let expected = if lost.contains(&email) {
+            "unknown"
+        } else {
+            "sent"
+        };
+        assert_eq!(state, expected, "{email}");
+    }
+    assert!(
+        text(&out.stderr).contains("unknown"),
+        "{}",
+        text(&out.stderr)
+    );
+    // A second run sends nothing; --resend-unknown sends those again.
+    let out = dir.send(&[]);
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
+    assert_eq!(server.received().len(), 40);
+}
+
+/// Regression: a server that stored the message but answered after the
+/// timeout was sent the message again on the retry.
+#[test]
+fn a_timeout_after_the_message_is_unknown() {
+    let server = SmtpServer::start(&["--delay-ms", "3000"]);
+    let dir = CampaignDir::new();
+    standard_campaign(
+        &dir,
+        &recipients_csv(2),
+        &server
+            .transport_toml("")
+            .replace("timeout = \"10s\"", "timeout = \"1s\""),
+        "[retry]\nbackoff = \"20ms\"\n",
+    );
+    let out = dir.send(&[]);
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
+    let seen: HashSet<String> = states(&dir).into_values().collect();
+    assert_eq!(seen, HashSet::from(["unknown".to_string()]));
+    // Whatever the server makes of the messages once its delay is over,
+    // none was sent twice.
+    std::thread::sleep(Duration::from_millis(3500));
+    assert!(server.deliveries().values().all(|n| *n == 1));
+    let rows = dir.export(None);
+    assert!(rows.iter().all(|r| r["attempts"] == "1"), "{rows:?}");
+}
+
+/// Regression: a 2-second server restart stalled a run for up to an hour
+/// (each recipient claimed at the time doubled the pause). The server is
+/// killed mid-campaign and started again on the same port 3 s later:
+/// sending resumes within 10 s of its return, nobody is sent twice, and
+/// every row ends sent (or unknown for a message caught in flight).
+#[test]
+fn a_server_outage_costs_one_backoff_and_sending_resumes_promptly() {
+    let mut server = SmtpServer::start_raw(&["--tls", "none", "--delay-ms", "50"]);
+    let dir = CampaignDir::new();
+    let transport = format!(
+        "[transport]\nkind = \"smtp\"\nhost = \"127.0.0.1\"\nport = {}\ntls = \"none\"\n\
+         connections = 2\ntimeout = \"5s\"\n",
+        server.port
+    );
+    standard_campaign(&dir, &recipients_csv(150), &transport, "");
+    let mut child = spawn_send(&dir, &[]);
+    wait_for(|| server.received().len() >= 20, "the first messages");
+    server.stop();
+    let stopped = server.received().len();
+    std::thread::sleep(Duration::from_secs(3));
+    server.restart();
+    let back = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the run did not finish within 120 s of the server's return");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let stderr = {
+        use std::io::Read;
+        let mut s = String::new();
+        child.stderr.take().unwrap().read_to_string(&mut s).unwrap();
+        s
+    };
+    assert_eq!(status.code(), Some(0), "stderr: {stderr}");
+    let received = server.received();
+    assert!(received.len() > stopped, "nothing sent after the outage");
+    let resumed = received[stopped..]
+        .iter()
+        .map(|r| r.received_at)
+        .fold(f64::MAX, f64::min);
+    assert!(
+        resumed - back < 10.0,
+        "sending resumed {:.1} s after the server came back; stderr: {stderr}",
+        resumed - back
+    );
+    let deliveries = server.deliveries();
+    assert!(deliveries.values().all(|n| *n == 1), "{deliveries:?}");
+    let rows = states(&dir);
+    assert_eq!(rows.len(), 150);
+    for (email, state) in &rows {
+        match state.as_str() {
+            "sent" => assert_eq!(deliveries.get(email), Some(&1), "{email}"),
+            "unknown" => {}
+            other => panic!("{email} ended {other}"),
+        }
+    }
+    let unknown = rows.values().filter(|s| *s == "unknown").count();
+    assert!(unknown <= 2, "{unknown} unknown: more than the connections");
 }
 
 #[test]

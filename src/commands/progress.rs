@@ -167,6 +167,13 @@ impl View {
                     self.counts.done += 1;
                     tracing::warn!("row {row} ({email}): failed: {reply}");
                 }
+                Some(Event::Unknown { row, email, reply }) => {
+                    self.counts.done += 1;
+                    tracing::warn!(
+                        "row {row} ({email}): {reply}; the server may have accepted it, so it is \
+                         `unknown` and not sent again (--resend-unknown sends it again)"
+                    );
+                }
                 Some(Event::Unbuildable { row, email, why }) => {
                     self.counts.done += 1;
                     tracing::warn!("row {row} ({email}): cannot build the message: {why}");

@@ -11,13 +11,15 @@ use super::log::{plural, OUTCOME};
 use super::progress::{self, Progress};
 use super::status::{local_time, outlook};
 use super::{content_changed, fingerprint, load, output, scan, Global, Loaded};
+use crate::campaign::{Campaign, TransportConfig};
 use crate::engine::{self, RunConfig, RunEnd};
 use crate::error::{input_error, Exit};
 use crate::message::Variant;
 use crate::personalize::{row_place, RowError};
 use crate::recipients::{parse_address, RecipientReader};
+use crate::reply::{Origin, Reply, ReplyClass};
 use crate::store::now_ms;
-use crate::transport::{AnyTransport, Transport};
+use crate::transport::{is_gmail, AnyTransport, Transport};
 
 /// The flags of `hikyaku send` (SPEC §9), parsed by clap in `main`.
 #[derive(Debug, Clone, Default, clap::Args)]
@@ -45,12 +47,60 @@ pub struct SendOptions {
     pub force: bool,
 }
 
-/// Explains the replies that mean the account's credentials are refused.
-const AUTH_HELP: &str =
-    "the server refused the login. For Gmail and Google Workspace: turn on 2-step \
-verification for the account, create an app password (Google Account > Security > App passwords), \
-and put those 16 letters in the variable named by password_env (HIKYAKU_SMTP_PASSWORD by default). \
-No recipient's state was changed; run send again once the password is fixed.";
+/// The error for a reply that stops the run before any recipient changed:
+/// a refused login (with what to do about it), TLS, or a server that
+/// refuses the connection.
+pub(super) fn refused_by_server(campaign: &Campaign, reply: &Reply) -> anyhow::Error {
+    let TransportConfig::Smtp(smtp) = &campaign.transport else {
+        return anyhow::anyhow!("{reply}");
+    };
+    if reply.is_authentication() {
+        let user = smtp.username.as_deref().unwrap_or("");
+        let source = smtp.password.describe();
+        let advice = if is_gmail(&smtp.host) {
+            format!(
+                "Gmail and Google Workspace take an app password only: turn on 2-step verification \
+                 for {user}, create an app password (Google Account > Security > App passwords) and \
+                 put its 16 letters in {source}"
+            )
+        } else {
+            format!("check the username {user:?} and the password in {source}")
+        };
+        return anyhow::anyhow!(
+            "{reply}: {}:{} refused the login; {advice}. No recipient's state was changed",
+            smtp.host,
+            smtp.port
+        );
+    }
+    if reply.origin == Origin::Tls {
+        return anyhow::anyhow!(
+            "{reply}: TLS with {}:{} failed; check host, port, tls (\"tls\" is implicit TLS, \
+             usually port 465; \"starttls\" usually 587) and ca_file (certificates are always \
+             verified). No recipient's state was changed",
+            smtp.host,
+            smtp.port
+        );
+    }
+    anyhow::anyhow!(
+        "{reply}: {}:{} refused the connection. No recipient's state was changed",
+        smtp.host,
+        smtp.port
+    )
+}
+
+/// Opens the transport and, for SMTP, logs in once before anything is
+/// read or changed: a refused login or TLS stops here (exit 1), and the
+/// server's SIZE is known for the pre-send check. An unreachable server is
+/// left to the run, which backs off and reconnects.
+async fn open_transport(campaign: &Campaign) -> Result<AnyTransport> {
+    let transport = AnyTransport::new(campaign).await?;
+    if let Err(reply) = transport.connect().await {
+        if reply.class() == ReplyClass::Fatal {
+            return Err(refused_by_server(campaign, &reply));
+        }
+    }
+    Ok(transport)
+}
 
 pub async fn send(
     global: &Global,
@@ -95,6 +145,16 @@ async fn send_locked(
             return Err(input_error(changed));
         }
     }
+    let transport = if opts.dry_run {
+        None
+    } else {
+        // Reading the password may run a command: a stop request ends it too.
+        let mut stopped = stop.clone();
+        tokio::select! {
+            transport = open_transport(campaign) => Some(transport?),
+            Ok(_) = stopped.wait_for(|stop| *stop) => return Ok(Exit::Interrupted),
+        }
+    };
     if !opts.dry_run {
         let unknown = store.settle_interrupted(record.id).await?;
         if unknown > 0 {
@@ -184,16 +244,15 @@ async fn send_locked(
         done: u64::try_from(total - to_do).unwrap_or(0),
     };
 
-    // Reading the password may run a command: a stop request ends it too.
-    let mut stopped = stop.clone();
-    let transport = tokio::select! {
-        transport = AnyTransport::new(campaign) => Arc::new(transport?),
-        Ok(_) = stopped.wait_for(|stop| *stop) => return Ok(Exit::Interrupted),
-    };
+    let transport = Arc::new(match transport {
+        Some(t) => t,
+        None => AnyTransport::new(campaign).await?,
+    });
     let pipeline = Arc::new(loaded.pipeline);
     let config = RunConfig {
         campaign_id: record.id,
         account: campaign.account(),
+        pause_key: campaign.pause_key(),
         windows: campaign.windows.clone(),
         retry: campaign.retry.clone(),
         connections: campaign.connections(),
@@ -267,14 +326,8 @@ async fn send_locked(
             );
             Exit::Interrupted
         }
-        RunEnd::Fatal(reply) if reply.is_authentication() => {
-            return Err(anyhow::anyhow!("{reply}: {AUTH_HELP}"));
-        }
         RunEnd::Fatal(reply) => {
-            return Err(anyhow::anyhow!(
-                "{reply}: TLS with the server failed; check host, port, tls and ca_file \
-                 (certificates are always verified). No recipient's state was changed"
-            ));
+            return Err(refused_by_server(campaign, &reply));
         }
         RunEnd::CircuitBreaker(why) => {
             return Err(anyhow::anyhow!("stopped: {why}"));
@@ -329,7 +382,7 @@ async fn send_test(loaded: &Loaded, test_to: &str, limit: u64, dry_run: bool) ->
             sent += 1;
             continue;
         };
-        match transport.send(&out).await {
+        match transport.send(row.number, &out).await {
             Ok(reply) => tracing::info!(
                 target: OUTCOME,
                 "test message for row {} ({}) sent to {}: {reply}",
@@ -337,6 +390,9 @@ async fn send_test(loaded: &Loaded, test_to: &str, limit: u64, dry_run: bool) ->
             ),
             Err(reply) => {
                 transport.shutdown().await;
+                if !reply.offered() && reply.class() == ReplyClass::Fatal {
+                    return Err(refused_by_server(campaign, &reply));
+                }
                 anyhow::bail!("test message for row {} was refused: {reply}", row.number);
             }
         }

@@ -69,7 +69,7 @@ pub async fn outlook(
         });
     }
     let mut start = now;
-    if let Some((until, _)) = store.account_pause(&account, now).await? {
+    if let Some((until, _)) = store.account_pause(&campaign.pause_key(), now).await? {
         start = start.max(until);
     }
     if ready == 0 {

@@ -67,6 +67,7 @@ pub struct SmtpServer {
     /// The server's standard error, shown with the output of a test that
     /// fails and kept out of the suite's output otherwise.
     log: PathBuf,
+    args: Vec<String>,
 }
 
 /// One message the server accepted.
@@ -76,6 +77,11 @@ pub struct Received {
     pub rcpt_tos: Vec<String>,
     pub data: Vec<u8>,
     pub received_at: f64,
+    /// The client's EHLO argument.
+    pub helo: String,
+    /// False when the server stored the message and then dropped the
+    /// connection without replying (`--store-then-drop-rate`).
+    pub replied: bool,
 }
 
 impl Received {
@@ -97,20 +103,64 @@ impl SmtpServer {
     pub fn start_raw(args: &[&str]) -> SmtpServer {
         ensure_python_packages();
         let dir = tempfile::tempdir().unwrap();
-        let ready = dir.path().join("ready.json");
         let record = dir.path().join("record.jsonl");
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
         let log = dir.path().join("stderr.log");
+        let (child, port, ca) = SmtpServer::spawn(dir.path(), &record, &log, &args);
+        SmtpServer {
+            child,
+            port,
+            ca,
+            record,
+            log,
+            args,
+            _dir: dir,
+        }
+    }
+
+    /// Kills the server (an outage); [`SmtpServer::restart`] brings it back.
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts the server again on the same port, recording into the same
+    /// log. Returns once it listens.
+    pub fn restart(&mut self) {
+        self.stop();
+        let mut args = self.args.clone();
+        args.extend(["--port".to_string(), self.port.to_string()]);
+        let dir = self._dir.path().to_path_buf();
+        let (child, port, _) = SmtpServer::spawn(&dir, &self.record, &self.log, &args);
+        assert_eq!(port, self.port);
+        self.child = child;
+    }
+
+    fn spawn(
+        dir: &Path,
+        record: &Path,
+        log: &Path,
+        args: &[String],
+    ) -> (Child, u16, Option<PathBuf>) {
+        let ready = dir.join("ready.json");
+        let _ = std::fs::remove_file(&ready);
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/smtp_server.py");
         let mut child = Command::new("python3")
             .arg(&script)
             .arg("--ready-file")
             .arg(&ready)
             .arg("--record")
-            .arg(&record)
+            .arg(record)
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(log)
+                    .unwrap(),
+            )
             .spawn()
             .expect("python3 must be installed to run the SMTP test server");
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -132,14 +182,11 @@ impl SmtpServer {
             );
             std::thread::sleep(Duration::from_millis(50));
         };
-        SmtpServer {
+        (
             child,
-            port: info["port"].as_u64().unwrap() as u16,
-            ca: info["ca"].as_str().map(PathBuf::from),
-            record,
-            log,
-            _dir: dir,
-        }
+            info["port"].as_u64().unwrap() as u16,
+            info["ca"].as_str().map(PathBuf::from),
+        )
     }
 
     /// What the server printed on standard error so far.
@@ -166,6 +213,8 @@ impl SmtpServer {
                         .decode(v["data_b64"].as_str().unwrap())
                         .unwrap(),
                     received_at: v["received_at"].as_f64().unwrap(),
+                    helo: v["helo"].as_str().unwrap_or_default().to_string(),
+                    replied: v["replied"].as_bool().unwrap_or(true),
                 }
             })
             .collect()

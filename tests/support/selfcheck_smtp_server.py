@@ -193,7 +193,9 @@ def check_starttls_auth(srv: Server) -> None:
         expect(len(records) == n, f"{len(records)} records after {n} sends")
         rec = records[-1]
         expect(set(rec) == {"mail_from", "rcpt_tos", "data_b64",
-                            "received_at", "n"}, f"record keys {set(rec)}")
+                            "received_at", "n", "helo", "replied"},
+               f"record keys {set(rec)}")
+        expect(rec["replied"] is True, f"replied {rec['replied']!r}")
         expect(rec["n"] == n, f"record n {rec['n']}")
         expect(rec["mail_from"] == USER, f"mail_from {rec['mail_from']!r}")
         expect(rec["rcpt_tos"] == ["rcpt@example.org", "Second@Example.net"],

@@ -9,8 +9,10 @@ that suddenly turns every new transaction away.  This server reproduces those
 behaviours on demand, with Gmail's reply texts, so that the end-to-end tests
 can drive the compiled binary against it and check exactly what was delivered.
 
-The server listens on 127.0.0.1 on a port chosen by the OS and runs until it
-receives SIGTERM or SIGINT, then exits with status 0.
+The server listens on 127.0.0.1 on a port chosen by the OS (or the one given
+with ``--port``, so that a test can stop the server and start it again where
+the client expects it) and runs until it receives SIGTERM or SIGINT, then
+exits with status 0.
 
 Command line
 ------------
@@ -26,7 +28,10 @@ Command line
                           {"mail_from": str, "rcpt_tos": [str],
                            "data_b64": base64 of the raw message bytes,
                            "received_at": unix time at the end of DATA,
-                           "n": running count of accepted messages, from 1}
+                           "n": running count of accepted messages, from 1,
+                           "helo": the client's EHLO/HELO argument,
+                           "replied": false when the connection was then
+                                      dropped without a reply}
 
 --tls starttls|tls|none
                       starttls (default): STARTTLS is required before anything
@@ -45,11 +50,16 @@ Command line
                       ``451 4.3.0 Mail server temporarily rejected message.``
 --drop-rate F         probability of closing the connection after the end of
                       DATA without sending any reply.
---seed S              seed of the random generator shared by the two rates
+--store-then-drop-rate F
+                      probability of storing the message (it is recorded,
+                      with "replied": false) and then closing the
+                      connection without a reply: the lost reply of RFC 1047.
+--seed S              seed of the random generator shared by the rates
                       (default 0).  One number is drawn per completed DATA:
                       below drop-rate means drop, below drop-rate +
-                      transient-rate means 451, otherwise the message is
-                      accepted.  The rates must add up to at most 1.
+                      store-then-drop-rate means store then drop, below
+                      those + transient-rate means 451, otherwise the
+                      message is accepted.  The rates add up to at most 1.
 --pause-after N       once N messages have been accepted in total, every
                       further MAIL FROM gets the pause reply.  The check is
                       made at MAIL FROM; it is repeated at the end of DATA so
@@ -59,10 +69,13 @@ Command line
                       ``550 5.4.5 Daily user sending limit exceeded. ...``).
 --delay-ms D          wait D milliseconds after the end of DATA before
                       answering it (or dropping the connection).
+--port N              listen on port N instead of one chosen by the OS.
+--size-limit N        advertise SIZE N in the EHLO reply and refuse larger
+                      messages with 552 (default 64 MiB).
 --verbose             log the SMTP conversation to stderr.
 
 Accepted messages get ``250 2.0.0 OK <n> - gsmtp``.  Messages up to 64 MiB
-are accepted (SIZE is advertised).
+(or ``--size-limit``) are accepted (SIZE is advertised).
 
 A dropped connection is aborted at the TCP level (no TLS close_notify, no
 reply bytes): the DATA hook calls ``abort()`` on the session's transport and
@@ -119,12 +132,15 @@ class FaultPlan:
             self.rejects[rcpt.strip().lower()] = reply
         self.transient_rate: float = args.transient_rate
         self.drop_rate: float = args.drop_rate
-        for name, rate in (("--transient-rate", self.transient_rate),
-                           ("--drop-rate", self.drop_rate)):
+        self.store_drop_rate: float = args.store_then_drop_rate
+        rates = (("--transient-rate", self.transient_rate),
+                 ("--drop-rate", self.drop_rate),
+                 ("--store-then-drop-rate", self.store_drop_rate))
+        for name, rate in rates:
             if not 0.0 <= rate <= 1.0:
                 raise ValueError(f"{name} must be within [0, 1], got {rate}")
-        if self.transient_rate + self.drop_rate > 1.0:
-            raise ValueError("--transient-rate + --drop-rate must not exceed 1")
+        if sum(rate for _, rate in rates) > 1.0:
+            raise ValueError("the fault rates must not add up to more than 1")
         self.pause_after: Optional[int] = args.pause_after
         if self.pause_after is not None and self.pause_after < 0:
             raise ValueError("--pause-after must not be negative")
@@ -213,15 +229,28 @@ class FaultyHandler:
             return self.plan.pause_reply
         draw = self.rng.random()
         if draw < self.plan.drop_rate:
-            # Abort the connection (through the TLS layer when there is one,
-            # which then aborts the TCP transport without a close_notify).
-            # smtp_DATA writes the returned reply afterwards; asyncio drops
-            # writes to an aborted transport, so the client gets no byte.
-            if server.transport is not None:
-                server.transport.abort()
-            return DROPPED
-        if draw < self.plan.drop_rate + self.plan.transient_rate:
+            return self._drop(server)
+        store_drop = self.plan.drop_rate + self.plan.store_drop_rate
+        if draw < store_drop:
+            self._store(session, envelope, received_at, replied=False)
+            return self._drop(server)
+        if draw < store_drop + self.plan.transient_rate:
             return TRANSIENT
+        n = self._store(session, envelope, received_at, replied=True)
+        return f"250 2.0.0 OK {n} - gsmtp"
+
+    @staticmethod
+    def _drop(server: SMTP) -> str:
+        # Abort the connection (through the TLS layer when there is one,
+        # which then aborts the TCP transport without a close_notify).
+        # smtp_DATA writes the returned reply afterwards; asyncio drops
+        # writes to an aborted transport, so the client gets no byte.
+        if server.transport is not None:
+            server.transport.abort()
+        return DROPPED
+
+    def _store(self, session: Session, envelope: Envelope,
+               received_at: float, replied: bool) -> int:
         self.accepted += 1
         n = self.accepted
         self.recorder.append({
@@ -231,8 +260,10 @@ class FaultyHandler:
                 envelope.original_content or b"").decode("ascii"),
             "received_at": received_at,
             "n": n,
+            "helo": _text(session.host_name or ""),
+            "replied": replied,
         })
-        return f"250 2.0.0 OK {n} - gsmtp"
+        return n
 
 
 class GmailLikeSMTP(SMTP):
@@ -322,6 +353,15 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--drop-rate", type=float, default=0.0, metavar="F",
                    help="probability of closing the connection after DATA "
                         "without a reply")
+    p.add_argument("--store-then-drop-rate", type=float, default=0.0,
+                   metavar="F",
+                   help="probability of storing the message, then closing "
+                        "the connection without a reply")
+    p.add_argument("--port", type=int, default=0,
+                   help="listen on this port (default: chosen by the OS)")
+    p.add_argument("--size-limit", type=int, default=DATA_SIZE_LIMIT,
+                   metavar="N", help="advertise SIZE N and refuse larger "
+                                     "messages")
     p.add_argument("--seed", type=int, default=0,
                    help="seed for --transient-rate/--drop-rate (default 0)")
     p.add_argument("--pause-after", type=int, metavar="N",
@@ -372,10 +412,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     ready_file: Path = args.ready_file.resolve()
     smtp_kwargs: dict = {
         "hostname": "127.0.0.1",
-        "port": 0,
+        "port": args.port,
         "server_hostname": "localhost",
         "ident": "ESMTP hikyaku-test - gsmtp",
-        "data_size_limit": DATA_SIZE_LIMIT,
+        "data_size_limit": args.size_limit,
         "enable_SMTPUTF8": True,
     }
     ca_path: Optional[Path] = None
