@@ -54,7 +54,12 @@ pub fn open(path: &Path, max: u64) -> Result<(File, u64), FileError> {
 /// Reads a regular file of at most `max` bytes.
 pub fn read(path: &Path, max: u64) -> Result<Vec<u8>, FileError> {
     let (file, size) = open(path, max)?;
-    let mut bytes = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
+    read_opened(file, size, max)
+}
+
+/// Reads a file that [`open`] checked and measured at `size` bytes.
+pub fn read_opened(file: File, size: u64, max: u64) -> Result<Vec<u8>, FileError> {
+    let mut bytes = Vec::with_capacity(usize::try_from(size.min(max)).unwrap_or(0));
     // A file that grows while it is read stops at the bound all the same.
     file.take(max.saturating_add(1)).read_to_end(&mut bytes)?;
     let read = u64::try_from(bytes.len()).unwrap_or(u64::MAX);

@@ -1,18 +1,52 @@
 //! Templates (SPEC §4): the message's templates compiled once per run, in
 //! strict mode, with HTML escaping only for HTML, partials from
-//! `templates/partials/`, and the `default`/`upper`/`lower`/`date` helpers.
+//! `templates/partials/`, and the `default`/`upper`/`lower`/`date`/
+//! `urlencode` helpers. What a template may cost is bounded (SPEC §11):
+//! its size, its compile time, what its partials include and what it
+//! renders to.
+
+mod partials;
 
 use std::path::{Path, PathBuf};
 
 use anyhow::Result;
+use handlebars::template::Template;
 use handlebars::{
     no_escape, Context, Handlebars, Helper, HelperDef, HelperResult, JsonRender, Output,
     RenderContext, RenderErrorReason, ScopedJson, TemplateError,
 };
+use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use serde_json::{Map, Value};
 
+use crate::bounded::{self, human_size, MAX_MESSAGE_BYTES};
 use crate::campaign::Campaign;
 use crate::error::input_error;
+use partials::Partials;
+
+/// Header values (subject, addresses, attachment paths) are short by
+/// nature; one that renders longer than this is a mistake.
+const MAX_INLINE_RENDERED: u64 = 64 * 1024;
+
+/// handlebars records the line and column of every element by counting
+/// from the start of the template, so compiling takes time proportional to
+/// the number of expressions times the template's size: 12,500 expressions
+/// in 1 MB take half a minute. This bound on that product keeps a template
+/// under about half a second.
+const MAX_COMPILE_WORK: u64 = 200_000_000;
+
+/// The deepest HTML a text part is derived from: the HTML parser's work
+/// grows with the depth of nesting at every tag, and browsers stop nesting
+/// at about this depth too.
+const MAX_HTML_DEPTH: usize = 512;
+
+/// What `urlencode` leaves as it is: RFC 3986's unreserved characters, so
+/// that a value is one opaque query or path component (`+`, `&`, `'`, `@`
+/// and `=` are encoded).
+const URL_COMPONENT: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
 
 const SUBJECT: &str = "[message] subject";
 const FROM: &str = "[message] from";
@@ -85,6 +119,8 @@ pub enum RenderError {
     Failed { at: Place, reason: String },
     #[error("deriving the text part from HTML: {0}")]
     TextPart(String),
+    #[error("{template}: renders to more than {}, the most a message may carry", human_size(*.max))]
+    TooLarge { template: String, max: u64 },
 }
 
 impl RenderError {
@@ -135,6 +171,8 @@ enum ValueHelper {
     Lower,
     /// A fallback for an empty value.
     Default,
+    /// A value inside a URL: `?e={{urlencode email}}`.
+    UrlEncode,
 }
 
 impl HelperDef for ValueHelper {
@@ -148,6 +186,10 @@ impl HelperDef for ValueHelper {
         let value = match self {
             ValueHelper::Upper => Value::String(param(h, r, 0, "upper")?.render().to_uppercase()),
             ValueHelper::Lower => Value::String(param(h, r, 0, "lower")?.render().to_lowercase()),
+            ValueHelper::UrlEncode => Value::String(
+                utf8_percent_encode(&param(h, r, 0, "urlencode")?.render(), URL_COMPONENT)
+                    .to_string(),
+            ),
             ValueHelper::Default => {
                 let value = param(h, r, 0, "default")?;
                 let fallback = param(h, r, 1, "default")?;
@@ -195,6 +237,7 @@ fn registry(escape: bool) -> Handlebars<'static> {
     hb.register_helper("upper", Box::new(ValueHelper::Upper));
     hb.register_helper("lower", Box::new(ValueHelper::Lower));
     hb.register_helper("default", Box::new(ValueHelper::Default));
+    hb.register_helper("urlencode", Box::new(ValueHelper::UrlEncode));
     hb.register_helper("date", Box::new(date_helper));
     hb
 }
@@ -207,9 +250,29 @@ fn template_error(err: TemplateError, shown: &str) -> anyhow::Error {
     input_error(format!("{shown}{pos}: {}", err.reason()))
 }
 
+/// Compiles one template, named `name` (what errors and partial lookups
+/// see) and shown as `shown` in a compile error, after checking that it
+/// compiles in reasonable time.
+fn compile_one(source: &str, name: &str, shown: &str) -> Result<Template> {
+    let expressions = source.matches("{{").count() as u64;
+    let size = source.len() as u64;
+    if expressions.saturating_mul(size) > MAX_COMPILE_WORK {
+        return Err(input_error(format!(
+            "{shown}: {expressions} {{{{…}}}} expressions in {} are more than can be compiled in \
+             reasonable time (the work grows with size × expressions; at this size at most {}): \
+             move parts of it into partials under templates/partials/, each compiled on its own",
+            human_size(size),
+            MAX_COMPILE_WORK / size.max(1)
+        )));
+    }
+    Template::compile_with_name(source, name.to_string()).map_err(|e| template_error(e, shown))
+}
+
 impl Templates {
     /// Compiles every template of the campaign. Syntax errors are input
-    /// errors with file, line and column.
+    /// errors with file, line and column; so are partials that include each
+    /// other in a loop, and templates that their partials grow past the
+    /// size of a message.
     pub fn compile(campaign: &Campaign) -> Result<Templates> {
         let mut plain = registry(false);
         let mut html = registry(true);
@@ -217,6 +280,7 @@ impl Templates {
         let display = |p: &Path| p.display().to_string();
 
         let partials_dir = campaign.dir.join("templates").join("partials");
+        let mut partials: Vec<(String, Template)> = Vec::new();
         if partials_dir.is_dir() {
             let mut entries: Vec<PathBuf> = std::fs::read_dir(&partials_dir)
                 .map_err(|e| input_error(format!("cannot read {}: {e}", partials_dir.display())))?
@@ -232,22 +296,25 @@ impl Templates {
                     .map(|n| n.split('.').next().unwrap_or(n).to_string())
                     .unwrap_or_default();
                 let source = read_template(&path)?;
+                let template = compile_one(&source, &stem, &display(&path))?;
                 for hb in [&mut plain, &mut html] {
-                    hb.register_partial(&stem, &source)
-                        .map_err(|e| template_error(e, &display(&path)))?;
+                    hb.register_template(&stem, template.clone());
                 }
+                partials.push((stem, template));
                 files.push(path);
             }
         }
 
+        let mut bodies: Vec<(String, Template)> = Vec::new();
         let mut file_template =
             |hb: &mut Handlebars<'static>, rel: &Option<PathBuf>| -> Result<Option<String>> {
                 let Some(rel) = rel else { return Ok(None) };
                 let path = campaign.dir.join(rel);
                 let source = read_template(&path)?;
                 let name = display(&path);
-                hb.register_template_string(&name, source)
-                    .map_err(|e| template_error(e, &name))?;
+                let template = compile_one(&source, &name, &name)?;
+                hb.register_template(&name, template.clone());
+                bodies.push((name.clone(), template));
                 files.push(path);
                 Ok(Some(name))
             };
@@ -258,9 +325,10 @@ impl Templates {
 
         let shown = |key: &str| format!("{} {key}", campaign.path.display());
         let mut inline = |name: &str, source: &str| -> Result<()> {
-            plain
-                .register_template_string(name, source)
-                .map_err(|e| template_error(e, &shown(name)))
+            let template = compile_one(source, name, &shown(name))?;
+            plain.register_template(name, template.clone());
+            bodies.push((shown(name), template));
+            Ok(())
         };
         inline(SUBJECT, &m.subject)?;
         inline(FROM, &m.from)?;
@@ -289,6 +357,17 @@ impl Templates {
             inline(&name, source)?;
             attachment_names.push(name);
         }
+
+        let graph = Partials::new(
+            partials.iter().map(|(name, t)| (name.as_str(), t)),
+            bodies.iter().map(|(_, t)| t),
+        )
+        .map_err(|e| input_error(format!("{}: {e}", partials_dir.display())))?;
+        for (shown, template) in &bodies {
+            graph
+                .check(template, MAX_MESSAGE_BYTES)
+                .map_err(|e| input_error(format!("{shown}: {e}")))?;
+        }
         Ok(Templates {
             plain,
             html,
@@ -310,11 +389,7 @@ impl Templates {
     /// plus `email` and `campaign`. Errors read `file:line:col: reason`.
     pub fn render(&self, data: &Map<String, Value>) -> std::result::Result<Rendered, RenderError> {
         let ctx = Context::wraps(data).map_err(|e| RenderError::from_handlebars(&e))?;
-        let plain = |name: &str| {
-            self.plain
-                .render_with_context(name, &ctx)
-                .map_err(|e| RenderError::from_handlebars(&e))
-        };
+        let plain = |name: &str| render_capped(&self.plain, name, &ctx, MAX_INLINE_RENDERED);
         let mut r = Rendered {
             from: plain(FROM)?,
             subject: plain(SUBJECT)?,
@@ -337,13 +412,9 @@ impl Templates {
             r.attachments.push(plain(name)?);
         }
         if let Some(name) = &self.text_name {
-            r.text = Some(plain(name)?);
+            r.text = Some(render_capped(&self.plain, name, &ctx, MAX_MESSAGE_BYTES)?);
         }
-        let html = |name: &str| {
-            self.html
-                .render_with_context(name, &ctx)
-                .map_err(|e| RenderError::from_handlebars(&e))
-        };
+        let html = |name: &str| render_capped(&self.html, name, &ctx, MAX_MESSAGE_BYTES);
         if let Some(name) = &self.html_name {
             r.html = Some(html(name)?);
         }
@@ -355,18 +426,125 @@ impl Templates {
         }
         if r.text.is_none() {
             if let Some(html) = &r.html {
-                r.text = Some(
-                    html2text::from_read(html.as_bytes(), 78)
-                        .map_err(|e| RenderError::TextPart(e.to_string()))?,
-                );
+                r.text = Some(text_part(html)?);
             }
         }
         Ok(r)
     }
 }
 
+/// Output that refuses to grow past `max` bytes: a template that repeats a
+/// large value stops there instead of filling memory.
+struct Capped {
+    bytes: Vec<u8>,
+    max: usize,
+    over: bool,
+}
+
+impl std::io::Write for Capped {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.bytes.len().saturating_add(buf.len()) > self.max {
+            self.over = true;
+            return Err(std::io::Error::other("the rendered text is too large"));
+        }
+        self.bytes.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn render_capped(
+    hb: &Handlebars<'static>,
+    name: &str,
+    ctx: &Context,
+    max: u64,
+) -> std::result::Result<String, RenderError> {
+    let mut out = Capped {
+        bytes: Vec::new(),
+        max: usize::try_from(max).unwrap_or(usize::MAX),
+        over: false,
+    };
+    match hb.render_with_context_to_write(name, ctx, &mut out) {
+        Err(_) if out.over => Err(RenderError::TooLarge {
+            template: name.to_string(),
+            max,
+        }),
+        Err(e) => Err(RenderError::from_handlebars(&e)),
+        // Every write is a whole `&str`, so the bytes are UTF-8.
+        Ok(()) => String::from_utf8(out.bytes).map_err(|e| RenderError::Failed {
+            at: Place {
+                template: name.to_string(),
+                line: None,
+                col: None,
+            },
+            reason: e.to_string(),
+        }),
+    }
+}
+
+/// The text part derived from an HTML part, refused for HTML nested so
+/// deep that parsing it would take minutes.
+fn text_part(html: &str) -> std::result::Result<String, RenderError> {
+    let depth = html_depth(html);
+    if depth > MAX_HTML_DEPTH {
+        return Err(RenderError::TextPart(format!(
+            "the HTML nests elements {depth} deep; a text part is derived only from HTML nested at \
+             most {MAX_HTML_DEPTH} deep: flatten it, or give a `text` template"
+        )));
+    }
+    html2text::from_read(html.as_bytes(), 78).map_err(|e| RenderError::TextPart(e.to_string()))
+}
+
+/// Elements that never hold others, or whose end tag may be left out so
+/// that the next one closes them: neither makes HTML deeper.
+const FLAT_ELEMENTS: &[&str] = &[
+    "area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "param", "source",
+    "track", "wbr", "p", "li", "dt", "dd", "option", "optgroup", "tr", "td", "th", "thead",
+    "tbody", "tfoot", "rb", "rt", "rp", "colgroup", "caption", "html", "head", "body",
+];
+
+/// How deep the elements of `html` nest, counted in one pass over the
+/// tags: start tags of elements that hold others open one level, end tags
+/// close one. An approximation of what a parser builds, on the high side.
+fn html_depth(html: &str) -> usize {
+    let bytes = html.as_bytes();
+    let (mut depth, mut deepest, mut at) = (0usize, 0usize, 0usize);
+    while let Some(offset) = bytes[at..].iter().position(|&b| b == b'<') {
+        at += offset + 1;
+        let rest = &html[at..];
+        if rest.starts_with("!--") {
+            at += rest.find("-->").map_or(rest.len(), |end| end + 3);
+            continue;
+        }
+        if rest.starts_with('/') {
+            depth = depth.saturating_sub(1);
+            continue;
+        }
+        let name_len = rest
+            .bytes()
+            .take_while(|b| b.is_ascii_alphanumeric() || *b == b'-')
+            .count();
+        if name_len == 0 || !rest.as_bytes()[0].is_ascii_alphabetic() {
+            continue;
+        }
+        let name = rest[..name_len].to_ascii_lowercase();
+        let end = rest.find('>').unwrap_or(rest.len());
+        let self_closing = rest[..end].ends_with('/');
+        if !self_closing && !FLAT_ELEMENTS.contains(&name.as_str()) {
+            depth += 1;
+            deepest = deepest.max(depth);
+        }
+        at += end;
+    }
+    deepest
+}
+
+/// Reads a template file: a regular file no larger than a message.
 fn read_template(path: &Path) -> Result<String> {
-    std::fs::read_to_string(path)
+    bounded::read_to_string(path, MAX_MESSAGE_BYTES)
         .map_err(|e| input_error(format!("cannot read template {}: {e}", path.display())))
 }
 

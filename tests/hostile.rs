@@ -302,6 +302,138 @@ hostile! {
         cause: &["campaign.toml", "4.0 GB"],
         ..CASE
     };
+    // Partials that never end, or grow without end.
+    partials_that_include_each_other: Case {
+        setup: |dir| {
+            dir.write("templates/body.txt.hbs", "{{> header}}\n")
+                .write("templates/partials/header.hbs", "Hi {{> footer}}\n")
+                .write("templates/partials/footer.hbs", "Bye {{> header}}\n");
+        },
+        cause: &["templates/partials", "footer → header → footer"],
+        ..CASE
+    };
+    a_partial_that_includes_itself: Case {
+        setup: |dir| {
+            dir.write("templates/body.txt.hbs", "{{> again}}\n")
+                .write("templates/partials/again.hbs", "Again {{> again}}\n");
+        },
+        cause: &["templates/partials", "again → again"],
+        ..CASE
+    };
+    three_partials_in_a_loop_behind_a_condition: Case {
+        setup: |dir| {
+            dir.write("templates/body.txt.hbs", "{{> a}}\n")
+                .write("templates/partials/a.hbs", "{{#if name}}{{> b}}{{/if}}")
+                .write("templates/partials/b.hbs", "{{#> c}}block{{/c}}")
+                .write("templates/partials/c.hbs", "{{> a}} {{> @partial-block}}");
+        },
+        cause: &["templates/partials", "a → b → c → a"],
+        ..CASE
+    };
+    partials_that_grow_past_a_message: Case {
+        setup: |dir| {
+            dir.write("templates/body.txt.hbs", "{{> p4}}\n")
+                .write("templates/partials/p0.hbs", "x".repeat(3000));
+            for level in 1..=4 {
+                let below = format!("{{{{> p{}}}}}", level - 1);
+                dir.write(&format!("templates/partials/p{level}.hbs"), below.repeat(10));
+            }
+        },
+        cause: &["body.txt.hbs", "25 MB"],
+        ..CASE
+    };
+    a_cell_repeated_past_a_message: Case {
+        setup: |dir| {
+            dir.write("recipients.csv", format!("email,name\nada@example.com,{}\n", "y".repeat(100_000)))
+                .write("templates/body.txt.hbs", "{{name}}".repeat(300));
+        },
+        cause: &["row 1", "body.txt.hbs", "25 MB"],
+        ..CASE
+    };
+    a_template_of_gigabytes: Case {
+        setup: |dir| sparse(dir, "templates/body.txt.hbs", 4 << 30),
+        cause: &["body.txt.hbs", "4.0 GB"],
+        ..CASE
+    };
+    #[cfg(unix)]
+    a_template_that_is_a_named_pipe: Case {
+        setup: |dir| {
+            std::fs::remove_file(dir.path().join("templates/body.txt.hbs")).unwrap();
+            fifo(dir, "templates/body.txt.hbs");
+        },
+        cause: &["body.txt.hbs", "named pipe"],
+        ..CASE
+    };
+    a_template_with_12500_expressions_in_1_mb: Case {
+        setup: |dir| {
+            let line = format!("Hello {{{{name}}}} {}\n", "x".repeat(60));
+            dir.write("templates/body.txt.hbs", line.repeat(12_500));
+        },
+        cause: &["body.txt.hbs", "12500", "expressions", "partials"],
+        ..CASE
+    };
+    blocks_nested_1500_deep: Case {
+        setup: |dir| {
+            let nested = format!("{}x{}", "{{#if name}}".repeat(1500), "{{/if}}".repeat(1500));
+            dir.write("templates/body.txt.hbs", nested);
+        },
+        cause: &["body.txt.hbs", "nest more than 100 levels"],
+        ..CASE
+    };
+    html_nested_100000_deep: Case {
+        message: "subject = \"Hello\"\nhtml = \"templates/body.html.hbs\"",
+        setup: |dir| {
+            let nested = format!("{}{{{{name}}}}{}", "<div>".repeat(100_000), "</div>".repeat(100_000));
+            dir.write("templates/body.html.hbs", nested);
+        },
+        cause: &["row 1", "nests elements 100000 deep"],
+        ..CASE
+    };
+    markdown_quotes_nested_100000_deep: Case {
+        message: "subject = \"Hello\"\nmarkdown = \"templates/body.md.hbs\"",
+        setup: |dir| {
+            dir.write("templates/body.md.hbs", format!("{} {{{{name}}}}\n", ">".repeat(100_000)));
+        },
+        cause: &["row 1", "nests elements"],
+        ..CASE
+    };
+    a_date_format_that_is_no_format: Case {
+        message: "subject = \"{{date '%Q'}}\"\ntext = \"templates/body.txt.hbs\"",
+        cause: &["row 1", "date format"],
+        ..CASE
+    };
+
+    // Attachments that never end, or that no message can carry.
+    #[cfg(unix)]
+    an_attachment_that_is_a_named_pipe: Case {
+        message: "subject = \"Hi\"\ntext = \"templates/body.txt.hbs\"\nattachments = [\"files/{{name}}.pdf\"]",
+        setup: |dir| fifo(dir, "files/Ada.pdf"),
+        cause: &["row 1", "files/Ada.pdf", "named pipe"],
+        ..CASE
+    };
+    an_attachment_of_gigabytes: Case {
+        message: "subject = \"Hi\"\ntext = \"templates/body.txt.hbs\"\nattachments = [\"files/huge.bin\"]",
+        setup: |dir| sparse(dir, "files/huge.bin", 8 << 30),
+        cause: &["row 1", "files/huge.bin", "8.0 GB", "25 MB"],
+        ..CASE
+    };
+    attachments_that_together_pass_a_message: Case {
+        message: "subject = \"Hi\"\ntext = \"templates/body.txt.hbs\"\n\
+                  attachments = [\"files/a.bin\", \"files/b.bin\"]",
+        setup: |dir| {
+            sparse(dir, "files/a.bin", 12 << 20);
+            sparse(dir, "files/b.bin", 12 << 20);
+        },
+        cause: &["row 1", "message would be about", "25 MB"],
+        ..CASE
+    };
+    an_attachment_that_is_a_folder: Case {
+        message: "subject = \"Hi\"\ntext = \"templates/body.txt.hbs\"\nattachments = [\"files\"]",
+        setup: |dir| std::fs::create_dir_all(dir.path().join("files")).unwrap(),
+        cause: &["row 1", "\"files\"", "folder"],
+        ..CASE
+    };
+
     #[cfg(unix)]
     a_campaign_file_that_is_a_named_pipe: Case {
         setup: |dir| {
