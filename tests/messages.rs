@@ -818,3 +818,82 @@ fn cc_and_bcc_from_cells_reach_the_server_bcc_stays_hidden() {
     assert!(msg.bcc().is_none());
     assert!(!text(&received[0].data).contains("archive@"));
 }
+
+/// `{{urlencode email}}` (SPEC §4): an address with `+`, `'` or `&` arrives
+/// in every link as one query value that decodes back to the address,
+/// instead of `ada news@…` or a link cut at `&`.
+#[test]
+fn urlencoded_addresses_arrive_whole_in_links() {
+    let dir = CampaignDir::new();
+    let addresses = ["ada+news@x.example", "o'brien&co@x.example"];
+    dir.write(
+        "recipients.csv",
+        format!("email\n{}\n", addresses.join("\n")),
+    )
+    .write(
+        "templates/t.txt.hbs",
+        "Unsubscribe: https://acme.example/u?e={{urlencode email}}\n",
+    )
+    .write(
+        "templates/t.html.hbs",
+        "<a href=\"https://acme.example/u?e={{urlencode email}}&amp;l=1\">Unsubscribe</a>\n",
+    );
+    write_campaign(
+        &dir,
+        "",
+        "subject = \"News\"\ntext = \"templates/t.txt.hbs\"\nhtml = \"templates/t.html.hbs\"\n\
+         list_unsubscribe = \"https://acme.example/u?e={{urlencode email}}\"",
+        FILE_TRANSPORT,
+    );
+    assert_exit(&dir.send(&[]), 0);
+
+    let query_value = |text: &str, prefix: &str| -> String {
+        let start = text.find(prefix).expect("the link") + prefix.len();
+        let value: String = text[start..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || "%-._~".contains(*c))
+            .collect();
+        percent_encoding::percent_decode_str(&value)
+            .decode_utf8()
+            .unwrap()
+            .into_owned()
+    };
+    let mut seen = Vec::new();
+    for entry in std::fs::read_dir(dir.path().join("outbox")).unwrap() {
+        let data = std::fs::read(entry.unwrap().path()).unwrap();
+        let msg = mail_parser::MessageParser::default().parse(&data).unwrap();
+        let to = msg
+            .to()
+            .unwrap()
+            .first()
+            .unwrap()
+            .address()
+            .unwrap()
+            .to_string();
+        let link = "https://acme.example/u?e=";
+        let text = msg.body_text(0).unwrap();
+        let html = msg.body_html(0).unwrap();
+        let unsubscribe = raw_header(&msg, "List-Unsubscribe").unwrap();
+        for (part, body) in [
+            ("text", &*text),
+            ("html", &*html),
+            ("List-Unsubscribe", &unsubscribe),
+        ] {
+            assert_eq!(query_value(body, link), to, "{part}: {body}");
+        }
+        assert!(html.contains("%40x.example&amp;l=1\""), "{html}");
+        assert!(
+            unsubscribe.contains(&format!(
+                "<{link}{}>",
+                to.replace('+', "%2B")
+                    .replace('@', "%40")
+                    .replace('\'', "%27")
+                    .replace('&', "%26")
+            )),
+            "{unsubscribe}"
+        );
+        seen.push(to);
+    }
+    seen.sort();
+    assert_eq!(seen, addresses);
+}
