@@ -53,6 +53,9 @@ enum Command {
     Check {
         /// The campaign file (TOML).
         campaign: PathBuf,
+        /// Also log in to the SMTP server (EHLO, STARTTLS, AUTH; no message) to prove the credentials.
+        #[arg(long)]
+        connect: bool,
     },
     /// Print one rendered message, decoded for reading (--raw: its RFC 5322 source).
     Preview {
@@ -198,7 +201,7 @@ fn main() -> ExitCode {
 async fn run(command: Command, global: Global) -> anyhow::Result<Exit> {
     match command {
         Command::Init { dir } => commands::init(&dir),
-        Command::Check { campaign } => commands::check(&global, &campaign).await,
+        Command::Check { campaign, connect } => commands::check(&global, &campaign, connect).await,
         Command::Preview {
             campaign,
             row,

@@ -36,6 +36,9 @@ pub enum RowError {
     /// What lettre refused after every part was checked.
     #[error(transparent)]
     Compose(ComposeError),
+    /// Larger than the server takes (its EHLO SIZE, or Gmail's 25 MB).
+    #[error("the message is {size} bytes, more than the {limit} bytes the server takes; make the attachments or the body smaller")]
+    TooLarge { size: u64, limit: u64 },
 }
 
 impl From<ComposeError> for RowError {
@@ -56,6 +59,8 @@ pub struct Pipeline {
     /// The file's header row: the names the templates see.
     columns: Vec<String>,
     email_index: usize,
+    /// The largest message the server takes, when known.
+    size_limit: Option<u64>,
 }
 
 impl Pipeline {
@@ -68,7 +73,14 @@ impl Pipeline {
             campaign: campaign.name.clone(),
             columns,
             email_index,
+            size_limit: None,
         })
+    }
+
+    /// Refuses messages larger than `limit` bytes from now on (SPEC §11:
+    /// a row over the server's size is found before anything is sent).
+    pub fn limit_size(&mut self, limit: Option<u64>) {
+        self.size_limit = limit;
     }
 
     /// The pipeline of a campaign, for the header its recipients file has
@@ -172,7 +184,12 @@ impl Pipeline {
         variant: Variant<'_>,
     ) -> Result<Outgoing, RowError> {
         let rendered = self.templates.render(&self.variables(fields, email))?;
-        Ok(self.composer.build(&rendered, to, variant)?)
+        let message = self.composer.build(&rendered, to, variant)?;
+        let size = u64::try_from(message.bytes.len()).unwrap_or(u64::MAX);
+        match self.size_limit {
+            Some(limit) if size > limit => Err(RowError::TooLarge { size, limit }),
+            _ => Ok(message),
+        }
     }
 
     /// A row of the file, from its cells to its message.

@@ -107,6 +107,15 @@ impl Transport for AnyTransport {
 /// Gmail refuses messages over 25 MB whatever its EHLO SIZE says.
 pub const GMAIL_MAX_MESSAGE: u64 = 25 * 1024 * 1024;
 
+/// The largest message a campaign's server takes, as known without
+/// connecting: Gmail's 25 MB for Gmail's hosts.
+pub fn known_size_limit(campaign: &Campaign) -> Option<u64> {
+    match &campaign.transport {
+        TransportConfig::Smtp(smtp) if is_gmail(&smtp.host) => Some(GMAIL_MAX_MESSAGE),
+        _ => None,
+    }
+}
+
 /// Whether `host` is one of Gmail's submission servers.
 pub fn is_gmail(host: &str) -> bool {
     let host = host.trim_end_matches('.').to_ascii_lowercase();
@@ -507,14 +516,15 @@ fn advertised_size(ehlo: &Response) -> Option<u64> {
     })
 }
 
-/// A lettre error's words with its causes, without repeats.
+/// A lettre error in words: its innermost cause, which says what happened
+/// (lettre's own layers only repeat "Connection error").
 fn error_text(err: &lettre::transport::smtp::Error) -> String {
     let mut text = err.to_string();
     let mut source = std::error::Error::source(err);
     while let Some(s) = source {
         let part = s.to_string();
-        if !text.contains(&part) {
-            text = format!("{text}: {part}");
+        if !part.trim().is_empty() {
+            text = part;
         }
         source = s.source();
     }
@@ -556,6 +566,9 @@ fn login_failure(err: &lettre::transport::smtp::Error, step: &str) -> Reply {
     }
     let text = format!("{step}: {}", error_text(err));
     if is_tls_refusal(err) {
+        Reply::local(Origin::Tls, text)
+    } else if err.is_client() && step == "STARTTLS" {
+        // STARTTLS is required and this server does not offer it.
         Reply::local(Origin::Tls, text)
     } else if err.is_client() {
         // lettre refuses locally: no STARTTLS offered, no usable AUTH mechanism.
@@ -706,9 +719,9 @@ impl AsyncTokioStream for Implicit {
     }
 }
 
-/// Writes each message as one `.eml` file (lettre names it `<uuid>.eml`).
+/// Writes each message as one `.eml` file named after its row and address
+/// (`000017-ada@example.com.eml`), so that people can find a recipient's.
 pub struct FileOut {
-    inner: lettre::AsyncFileTransport<lettre::Tokio1Executor>,
     dir: PathBuf,
 }
 
@@ -717,10 +730,29 @@ impl FileOut {
         tokio::fs::create_dir_all(&dir)
             .await
             .with_context(|| format!("creating the outbox folder {}", dir.display()))?;
-        Ok(FileOut {
-            inner: lettre::AsyncFileTransport::new(&dir),
-            dir,
+        Ok(FileOut { dir })
+    }
+}
+
+/// The file name of row `row`'s message to `address`, `n`th of its name:
+/// the address reduced to characters safe in a file name on any system.
+fn eml_name(row: u64, address: &str, n: u32) -> String {
+    let safe: String = address
+        .chars()
+        .take(200)
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '@' | '.' | '-' | '_' | '+') {
+                c
+            } else {
+                '_'
+            }
         })
+        .collect();
+    // A leading dot would hide the file; ".." is no path here, but looks like one.
+    let safe = safe.trim_start_matches('.');
+    match n {
+        1 => format!("{row:06}-{safe}.eml"),
+        n => format!("{row:06}-{safe}-{n}.eml"),
     }
 }
 
@@ -729,20 +761,43 @@ impl Transport for FileOut {
         Ok(())
     }
 
-    async fn send(&self, _row: u64, message: &Outgoing) -> Result<Reply, Reply> {
-        use lettre::AsyncTransport as _;
-        match self.inner.send_raw(&message.envelope, &message.bytes).await {
-            Ok(id) => Ok(Reply::new(
+    async fn send(&self, row: u64, message: &Outgoing) -> Result<Reply, Reply> {
+        use tokio::io::AsyncWriteExt as _;
+        let address = message
+            .envelope
+            .to()
+            .first()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        let failed = |path: &std::path::Path, e: io::Error| {
+            Reply::local(Origin::Lost, format!("writing {}: {e}", path.display()))
+        };
+        // A message sent again (--resend-unknown, a new rehearsal) gets a
+        // name of its own; the earlier file is never overwritten.
+        let mut n = 1;
+        let (path, mut file) = loop {
+            let path = self.dir.join(eml_name(row, &address, n));
+            match tokio::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)
+                .await
+            {
+                Ok(file) => break (path, file),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists && n < 10_000 => n += 1,
+                Err(e) => return Err(failed(&path, e)),
+            }
+        };
+        let written = async {
+            file.write_all(&message.bytes).await?;
+            file.flush().await
+        };
+        match written.await {
+            Ok(()) => Ok(Reply::new(
                 Some(250),
-                &format!(
-                    "written to {}",
-                    self.dir.join(format!("{id}.eml")).display()
-                ),
+                &format!("written to {}", path.display()),
             )),
-            Err(e) => Err(Reply::local(
-                Origin::Lost,
-                format!("writing to {}: {e}", self.dir.display()),
-            )),
+            Err(e) => Err(failed(&path, e)),
         }
     }
 
@@ -766,6 +821,27 @@ mod tests {
         assert_eq!(literal.to_string(), "[127.0.0.1]");
         let literal = address_literal("[::1]:5000".parse().unwrap());
         assert_eq!(literal.to_string(), "[IPv6:::1]");
+    }
+
+    #[test]
+    fn file_names_show_row_and_address_and_never_a_path() {
+        assert_eq!(
+            eml_name(17, "ada@example.com", 1),
+            "000017-ada@example.com.eml"
+        );
+        assert_eq!(
+            eml_name(17, "ada@example.com", 2),
+            "000017-ada@example.com-2.eml"
+        );
+        let odd = eml_name(3, "../x/\\y\"z@ex:ample.com", 1);
+        assert!(
+            !odd.contains('/') && !odd.contains('\\') && !odd.contains(':'),
+            "{odd}"
+        );
+        assert!(
+            odd.starts_with("000003-") && !odd[7..].starts_with('.'),
+            "{odd}"
+        );
     }
 
     #[test]

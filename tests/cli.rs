@@ -558,3 +558,59 @@ fn printed_times_carry_their_utc_offset() {
         assert!(line.ends_with(" +09:00"), "no zone in {line:?}");
     }
 }
+
+/// The sorted names of the files under `outbox/`.
+fn outbox_names(dir: &CampaignDir) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir.path().join("outbox"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// Regression: the file transport named files `<uuid>.eml`, so nobody could
+/// find a recipient's message. Now the row and the address name it, safely,
+/// and a message written again never overwrites the earlier file.
+#[test]
+fn outbox_files_are_named_by_row_and_address_and_never_overwritten() {
+    let dir = CampaignDir::new();
+    standard_campaign(
+        &dir,
+        "email,first_name,city\nada@example.com,Ada,London\no'brien+news@example.com,Pat,Cork\n",
+        FILE_TRANSPORT,
+        "",
+    );
+    let out = dir.send(&[]);
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
+    let first = outbox_names(&dir);
+    assert_eq!(
+        first,
+        [
+            "000001-ada@example.com.eml",
+            "000002-o_brien+news@example.com.eml"
+        ]
+    );
+    let ada = std::fs::read(dir.path().join("outbox").join(&first[0])).unwrap();
+    assert!(String::from_utf8_lossy(&ada).contains("Hello Ada"));
+
+    // The same rows written again (a fresh state): new files beside the old.
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", dir.db().display()));
+    }
+    let out = dir.send(&[]);
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
+    assert_eq!(
+        outbox_names(&dir),
+        [
+            "000001-ada@example.com-2.eml",
+            "000001-ada@example.com.eml",
+            "000002-o_brien+news@example.com-2.eml",
+            "000002-o_brien+news@example.com.eml"
+        ]
+    );
+    assert_eq!(
+        std::fs::read(dir.path().join("outbox").join(&first[0])).unwrap(),
+        ada
+    );
+}

@@ -535,3 +535,34 @@ fn a_second_sigint_stops_at_once_and_the_message_in_flight_becomes_unknown() {
     );
     assert_eq!(dir.status()["states"]["unknown"], 1);
 }
+
+/// Regression: implicit TLS (`tls = "tls"`) against a plain-text port was
+/// classed "unreachable" and retried forever. A TLS set-up failure stops
+/// at once (exit 1), with nothing sent or changed.
+#[test]
+fn implicit_tls_against_a_plain_port_stops_at_once() {
+    let server = SmtpServer::start_raw(&["--tls", "none"]);
+    let dir = CampaignDir::new();
+    let transport = format!(
+        "[transport]\nkind = \"smtp\"\nhost = \"127.0.0.1\"\nport = {}\ntls = \"tls\"\ntimeout = \"5s\"\n",
+        server.port
+    );
+    standard_campaign(&dir, &recipients_csv(3), &transport, "");
+    let mut child = spawn_send(&dir, &[]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("send kept retrying a TLS failure");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(status.code(), Some(1), "stderr: {}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("TLS"), "{}", text(&out.stderr));
+    assert!(server.received().is_empty());
+    dir.assert_untouched();
+}

@@ -406,3 +406,62 @@ fn ehlo_names_the_machine_fully_or_by_address_and_helo_name_wins() {
         text(&out.stderr)
     );
 }
+
+/// `check --connect` logs in without sending (EHLO, STARTTLS, AUTH) and
+/// says what it proved; a refused login is exit 1 with the advice.
+#[test]
+fn check_connect_proves_the_login_without_sending() {
+    let server = SmtpServer::start(&[]);
+    let dir = CampaignDir::new();
+    standard_campaign(&dir, &recipients_csv(2), &server.transport_toml(""), "");
+    let campaign = dir.campaign();
+    let out = dir.run(&["check", "--connect", campaign.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("logged in as sender@acme.example") && stdout.contains("STARTTLS"),
+        "{stdout}"
+    );
+    let out = dir
+        .command(&["check", "--connect", campaign.to_str().unwrap()])
+        .env("HIKYAKU_SMTP_PASSWORD", "not-it")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "stderr: {}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("535") && err.contains("HIKYAKU_SMTP_PASSWORD"),
+        "{err}"
+    );
+    assert!(!err.contains("not-it"), "{err}");
+    assert!(server.received().is_empty());
+}
+
+/// A message over the server's advertised SIZE is a row error found before
+/// anything is sent (exit 2, every such row named); with --skip-invalid it
+/// is skipped and the rest go out. Before, it was sent, refused with 552
+/// and the run ended 0.
+#[test]
+fn a_message_over_the_servers_size_is_refused_before_sending() {
+    let server = SmtpServer::start(&["--size-limit", "6000"]);
+    let dir = CampaignDir::new();
+    let csv = format!(
+        "email,first_name,city\nuser1@example.com,A,Kyoto\nuser2@example.com,B,{}\nuser3@example.com,C,Osaka\n",
+        "x".repeat(8000)
+    );
+    standard_campaign(&dir, &csv, &server.transport_toml(""), "");
+    let out = dir.send(&[]);
+    assert_eq!(out.status.code(), Some(2), "stderr: {}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(err.contains("row 2") && err.contains("6000 bytes"), "{err}");
+    assert!(server.received().is_empty());
+
+    let out = dir.send(&["--skip-invalid"]);
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
+    let deliveries = server.deliveries();
+    assert_eq!(deliveries.len(), 2, "{deliveries:?}");
+    assert!(!deliveries.contains_key("user2@example.com"));
+    let skipped = dir.export(Some("skipped"));
+    assert_eq!(skipped.len(), 1);
+    assert!(skipped[0]["reason"].contains("6000 bytes"), "{skipped:?}");
+}

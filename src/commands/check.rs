@@ -6,13 +6,23 @@ use std::path::Path;
 use anyhow::Result;
 
 use super::log::OUTCOME;
+use super::send::refused_by_server;
 use super::{content_changed, fingerprint, load, output, scan, Global};
-use crate::campaign::{Campaign, PasswordSource, TransportConfig};
+use crate::campaign::{Campaign, PasswordSource, TlsMode, TransportConfig};
 use crate::error::Exit;
 use crate::message::mailbox;
+use crate::reply::ReplyClass;
+use crate::transport::{known_size_limit, AnyTransport, Transport};
 
-pub async fn check(global: &Global, path: &Path) -> Result<Exit> {
-    let loaded = load(path)?;
+pub async fn check(global: &Global, path: &Path, connect: bool) -> Result<Exit> {
+    let mut loaded = load(path)?;
+    let mut size_limit = known_size_limit(&loaded.campaign);
+    if connect {
+        if let Some(limit) = prove_login(&loaded.campaign).await? {
+            size_limit = Some(limit);
+        }
+    }
+    loaded.pipeline.limit_size(size_limit);
     let campaign = &loaded.campaign;
     let mut errors = Vec::new();
     errors.extend(missing_password(campaign).await);
@@ -62,6 +72,53 @@ pub async fn check(global: &Global, path: &Path) -> Result<Exit> {
         counts["skipped"],
     )?;
     Ok(Exit::Done)
+}
+
+/// `check --connect`: logs in as `send` would (EHLO, STARTTLS, AUTH; no
+/// MAIL), says what that proved, and returns the server's size limit. A
+/// refused login, TLS or an unreachable server is an error (exit 1).
+async fn prove_login(campaign: &Campaign) -> Result<Option<u64>> {
+    let TransportConfig::Smtp(smtp) = &campaign.transport else {
+        tracing::warn!(
+            "{}: --connect: the file transport has no server to log in to",
+            campaign.path.display()
+        );
+        return Ok(None);
+    };
+    let transport = AnyTransport::new(campaign).await?;
+    let connected = transport.connect().await;
+    transport.shutdown().await;
+    if let Err(reply) = connected {
+        if reply.class() == ReplyClass::Fatal {
+            return Err(refused_by_server(campaign, &reply));
+        }
+        anyhow::bail!(
+            "{reply}: could not log in to {}:{}; nothing was sent",
+            smtp.host,
+            smtp.port
+        );
+    }
+    let tls = match smtp.tls {
+        TlsMode::StartTls => "STARTTLS, certificate verified",
+        TlsMode::Implicit => "TLS, certificate verified",
+        TlsMode::None => "no TLS",
+    };
+    let login = match &smtp.username {
+        Some(user) => format!("logged in as {user}"),
+        None => "no login asked".to_string(),
+    };
+    let limit = transport.size_limit();
+    let size = match limit {
+        Some(n) => format!("; messages up to {n} bytes"),
+        None => String::new(),
+    };
+    writeln!(
+        output::stdout(),
+        "{}:{}: connected ({tls}), {login}{size}",
+        smtp.host,
+        smtp.port
+    )?;
+    Ok(limit)
 }
 
 /// The password source `send` would read, when it cannot be read: an unset

@@ -19,7 +19,7 @@ use crate::personalize::{row_place, RowError};
 use crate::recipients::{parse_address, RecipientReader};
 use crate::reply::{Origin, Reply, ReplyClass};
 use crate::store::now_ms;
-use crate::transport::{is_gmail, AnyTransport, Transport};
+use crate::transport::{is_gmail, known_size_limit, AnyTransport, Transport};
 
 /// The flags of `hikyaku send` (SPEC §9), parsed by clap in `main`.
 #[derive(Debug, Clone, Default, clap::Args)]
@@ -132,7 +132,7 @@ pub async fn send(
 
 async fn send_locked(
     global: &Global,
-    loaded: Loaded,
+    mut loaded: Loaded,
     store: &crate::store::Store,
     record: &crate::store::CampaignRecord,
     opts: &SendOptions,
@@ -155,6 +155,12 @@ async fn send_locked(
             Ok(_) = stopped.wait_for(|stop| *stop) => return Ok(Exit::Interrupted),
         }
     };
+    let size_limit = match &transport {
+        Some(t) => t.size_limit(),
+        None => known_size_limit(&loaded.campaign),
+    };
+    loaded.pipeline.limit_size(size_limit);
+    let campaign = &loaded.campaign;
     if !opts.dry_run {
         let unknown = store.settle_interrupted(record.id).await?;
         if unknown > 0 {
