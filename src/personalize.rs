@@ -36,7 +36,7 @@ pub enum RowError {
     /// What lettre refused after every part was checked.
     #[error(transparent)]
     Compose(ComposeError),
-    /// Larger than the server takes (its EHLO SIZE, or Gmail's 25 MB).
+    /// Larger than the server takes (its EHLO SIZE).
     #[error("the message is {size} bytes, more than the {limit} bytes the server takes; make the attachments or the body smaller")]
     TooLarge { size: u64, limit: u64 },
 }

@@ -71,8 +71,9 @@ impl AnyTransport {
         })
     }
 
-    /// The largest message the server takes, as far as known: its EHLO
-    /// SIZE once a connection was made, and 25 MB for Gmail's hosts.
+    /// The largest message the server takes, as its EHLO SIZE says, once
+    /// a connection was made. (Every message is also bounded at 25 MB,
+    /// Gmail's limit, when it is built.)
     pub fn size_limit(&self) -> Option<u64> {
         match self {
             AnyTransport::Smtp(t) => t.size_limit(),
@@ -101,18 +102,6 @@ impl Transport for AnyTransport {
             AnyTransport::Smtp(t) => t.shutdown().await,
             AnyTransport::File(t) => t.shutdown().await,
         }
-    }
-}
-
-/// Gmail refuses messages over 25 MB whatever its EHLO SIZE says.
-pub const GMAIL_MAX_MESSAGE: u64 = 25 * 1024 * 1024;
-
-/// The largest message a campaign's server takes, as known without
-/// connecting: Gmail's 25 MB for Gmail's hosts.
-pub fn known_size_limit(campaign: &Campaign) -> Option<u64> {
-    match &campaign.transport {
-        TransportConfig::Smtp(smtp) if is_gmail(&smtp.host) => Some(GMAIL_MAX_MESSAGE),
-        _ => None,
     }
 }
 
@@ -209,12 +198,7 @@ impl Smtp {
     }
 
     fn size_limit(&self) -> Option<u64> {
-        let advertised = self.advertised.get().copied().filter(|s| *s > 0);
-        let gmail = is_gmail(&self.host).then_some(GMAIL_MAX_MESSAGE);
-        match (advertised, gmail) {
-            (Some(a), Some(g)) => Some(a.min(g)),
-            (a, g) => a.or(g),
-        }
+        self.advertised.get().copied().filter(|s| *s > 0)
     }
 
     fn take_idle(&self) -> Option<Conn> {

@@ -12,17 +12,14 @@ use crate::campaign::{Campaign, PasswordSource, TlsMode, TransportConfig};
 use crate::error::Exit;
 use crate::message::mailbox;
 use crate::reply::ReplyClass;
-use crate::transport::{known_size_limit, AnyTransport, Transport};
+use crate::transport::{AnyTransport, Transport};
 
 pub async fn check(global: &Global, path: &Path, connect: bool) -> Result<Exit> {
     let mut loaded = load(path)?;
-    let mut size_limit = known_size_limit(&loaded.campaign);
     if connect {
-        if let Some(limit) = prove_login(&loaded.campaign).await? {
-            size_limit = Some(limit);
-        }
+        let limit = prove_login(&loaded.campaign).await?;
+        loaded.pipeline.limit_size(limit);
     }
-    loaded.pipeline.limit_size(size_limit);
     let campaign = &loaded.campaign;
     let mut errors = Vec::new();
     errors.extend(missing_password(campaign).await);

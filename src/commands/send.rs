@@ -19,7 +19,7 @@ use crate::personalize::{row_place, RowError};
 use crate::recipients::{parse_address, RecipientReader};
 use crate::reply::{Origin, Reply, ReplyClass};
 use crate::store::now_ms;
-use crate::transport::{is_gmail, known_size_limit, AnyTransport, Transport};
+use crate::transport::{is_gmail, AnyTransport, Transport};
 
 /// The flags of `hikyaku send` (SPEC §9), parsed by clap in `main`.
 #[derive(Debug, Clone, Default, clap::Args)]
@@ -155,11 +155,9 @@ async fn send_locked(
             Ok(_) = stopped.wait_for(|stop| *stop) => return Ok(Exit::Interrupted),
         }
     };
-    let size_limit = match &transport {
-        Some(t) => t.size_limit(),
-        None => known_size_limit(&loaded.campaign),
-    };
-    loaded.pipeline.limit_size(size_limit);
+    loaded
+        .pipeline
+        .limit_size(transport.as_ref().and_then(AnyTransport::size_limit));
     let campaign = &loaded.campaign;
     if !opts.dry_run {
         let unknown = store.settle_interrupted(record.id).await?;
