@@ -147,7 +147,7 @@ struct Conn {
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How a transaction failed: the reply, and whether it failed on its very
-/// first command without an answer (a connection the server had closed).
+/// first command because the server had closed the connection.
 struct Failed {
     reply: Reply,
     at_mail: bool,
@@ -212,8 +212,9 @@ impl Smtp {
         None
     }
 
-    fn put_idle(&self, mut conn: Conn) {
-        conn.since = Instant::now();
+    /// Keeps `conn` for the next message; `since` is when the server last
+    /// heard from us on it (only traffic keeps a connection alive).
+    fn put_idle(&self, conn: Conn) {
         self.idle
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -374,7 +375,9 @@ impl Smtp {
             .await
             .and_then(|r| r.map_err(|e| lost(&e)));
         if let Err(reply) = mail {
-            let at_mail = reply.code.is_none();
+            // No answer, or 421: the server had closed (or is closing)
+            // the connection, typically one left idle.
+            let at_mail = reply.code.is_none() || reply.code == Some(421);
             return Err(Failed { reply, at_mail });
         }
         let before_data = |r: std::result::Result<_, Reply>| {
@@ -460,6 +463,7 @@ impl Transport for Smtp {
         }
         match result {
             Ok(reply) => {
+                conn.since = Instant::now();
                 self.put_idle(conn);
                 Ok(reply)
             }
@@ -468,6 +472,7 @@ impl Transport for Smtp {
                     // A refused MAIL, RCPT or message leaves the
                     // connection usable once reset.
                     if let Ok(Ok(_)) = self.bounded("RSET", conn.smtp.command(Rset)).await {
+                        conn.since = Instant::now();
                         self.put_idle(conn);
                     }
                 }
