@@ -13,6 +13,8 @@ use serde::Deserialize;
 use crate::bounded;
 use crate::error::{cut, excerpt, input_error, quote};
 use crate::limits::Window;
+use crate::schedule::SendingHours;
+use chrono_tz::Tz;
 
 /// Environment variable read for the SMTP password when none is named.
 pub const DEFAULT_PASSWORD_ENV: &str = "HIKYAKU_SMTP_PASSWORD";
@@ -44,6 +46,16 @@ struct RawCampaign {
     limits: RawLimits,
     #[serde(default)]
     retry: RawRetry,
+    schedule: Option<RawSchedule>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSchedule {
+    start_at: Option<String>,
+    hours: Option<String>,
+    days: Option<String>,
+    timezone: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -112,6 +124,7 @@ struct RawLimits {
     per_hour: Option<u32>,
     per_day: Option<u32>,
     windows: Option<Vec<RawWindow>>,
+    warmup: Option<Vec<u32>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -141,6 +154,11 @@ pub struct Campaign {
     pub transport: TransportConfig,
     pub dkim: Option<DkimConfig>,
     pub windows: Vec<Window>,
+    /// Daily caps for an account's first days of sending (SPEC §6b).
+    pub warmup: Vec<u32>,
+    /// `[schedule]`: when messages may leave, on the clock of `timezone`.
+    pub hours: Option<SendingHours>,
+    pub timezone: Tz,
     pub retry: RetryConfig,
 }
 
@@ -562,6 +580,11 @@ impl Campaign {
         };
         let transport = transport_config(raw.transport, preset.as_ref(), &dir)?;
         let windows = windows(&raw.limits, preset.as_ref())?;
+        let warmup = raw.limits.warmup.clone().unwrap_or_default();
+        if warmup.contains(&0) {
+            anyhow::bail!("[limits] warmup: every day's cap must be at least 1");
+        }
+        let (hours, timezone) = sending_hours(raw.schedule)?;
         let retry = RetryConfig {
             max_attempts: raw.retry.max_attempts.unwrap_or(5).max(1),
             backoff: match raw.retry.backoff {
@@ -583,6 +606,9 @@ impl Campaign {
             transport,
             dkim,
             windows,
+            warmup,
+            hours,
+            timezone,
             retry,
         })
     }
@@ -821,6 +847,29 @@ fn helo_name(name: &str) -> Result<lettre::transport::smtp::extension::ClientId>
     Ok(ClientId::Domain(name.to_string()))
 }
 
+/// `[schedule]`: its hours, and the zone they are read in (the machine's
+/// unless `timezone` names one).
+fn sending_hours(raw: Option<RawSchedule>) -> Result<(Option<SendingHours>, Tz)> {
+    let Some(raw) = raw else {
+        return Ok((None, crate::schedule::machine_zone()));
+    };
+    let zone = match raw.timezone.as_deref() {
+        Some(name) => SendingHours::parse_zone(name)?,
+        None => crate::schedule::machine_zone(),
+    };
+    let mut hours = SendingHours::default();
+    if let Some(text) = raw.hours.as_deref() {
+        (hours.opens, hours.closes) = SendingHours::parse_hours(text)?;
+    }
+    if let Some(text) = raw.days.as_deref() {
+        hours.days = SendingHours::parse_days(text)?;
+    }
+    if let Some(text) = raw.start_at.as_deref() {
+        hours.start_at = Some(SendingHours::parse_start_at(text)?);
+    }
+    Ok((Some(hours), zone))
+}
+
 fn is_loopback(host: &str) -> bool {
     host == "localhost"
         || host
@@ -932,6 +981,37 @@ text = "t.hbs"
             .map(|w| (w.max, w.period.as_millis()))
             .collect();
         assert_eq!(w, vec![(2, 500), (5, 6000)]);
+    }
+
+    #[test]
+    fn schedule_and_warmup_are_read_and_bad_values_named() {
+        let c = load_str(&format!(
+            "{BASE}[transport]\nkind = \"file\"\n[limits]\nwarmup = [50, 100]\n[schedule]\nhours = \"09:00-17:00\"\ndays = \"mon-fri\"\ntimezone = \"Europe/Berlin\"\nstart_at = \"2026-12-01T09:00\"\n"
+        ))
+        .unwrap();
+        assert_eq!(c.warmup, vec![50, 100]);
+        assert_eq!(c.timezone, chrono_tz::Europe::Berlin);
+        let hours = c.hours.unwrap();
+        assert_eq!(hours.days, [true, true, true, true, true, false, false]);
+        assert!(hours.start_at.is_some());
+        for (line, word) in [
+            ("hours = \"9 to 5\"", "hours"),
+            ("days = \"weekdays\"", "days"),
+            ("timezone = \"Mars/Base\"", "timezone"),
+            ("start_at = \"soon\"", "start_at"),
+            ("every = \"day\"", "every"),
+        ] {
+            let err = load_str(&format!(
+                "{BASE}[transport]\nkind = \"file\"\n[schedule]\n{line}\n"
+            ))
+            .unwrap_err();
+            assert!(format!("{err:#}").contains(word), "{err:#}");
+        }
+        let err = load_str(&format!(
+            "{BASE}[transport]\nkind = \"file\"\n[limits]\nwarmup = [0]\n"
+        ))
+        .unwrap_err();
+        assert!(format!("{err:#}").contains("warmup"), "{err:#}");
     }
 
     #[test]

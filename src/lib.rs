@@ -15,6 +15,7 @@ pub mod message;
 pub mod personalize;
 pub mod recipients;
 pub mod reply;
+pub mod schedule;
 pub mod store;
 pub mod template;
 pub mod transport;
