@@ -15,8 +15,10 @@ use crate::campaign::RetryConfig;
 use crate::limits::Window;
 use crate::personalize::Pipeline;
 use crate::reply::{Origin, Pause, Reply, ReplyClass};
+use crate::schedule::{warmup_day, SendingHours};
 use crate::store::{now_ms, Candidate, Claim, Outcome, Ready, Store, WaitReason};
 use crate::transport::Transport;
+use chrono_tz::Tz;
 
 /// Permanent failures in a row with the same code that stop the run: by
 /// then the cause is most likely the configuration, not the addresses.
@@ -53,7 +55,7 @@ impl Clock for SystemClock {
 /// `unknown`, never more than 16 (SPEC §7.3). Under windows, one: each send
 /// needs its own slot.
 pub fn claim_batch(config: &RunConfig) -> usize {
-    if config.windows.is_empty() {
+    if config.windows.is_empty() && config.warmup.is_empty() {
         (17usize.saturating_sub(config.connections)).clamp(1, 8)
     } else {
         1
@@ -74,6 +76,11 @@ pub struct RunConfig {
     pub limit: Option<u64>,
     /// Stop instead of waiting for a window, a pause or a retry.
     pub no_wait: bool,
+    /// `[schedule]`: no message leaves outside these hours of `zone`.
+    pub hours: Option<SendingHours>,
+    pub zone: Tz,
+    /// The account's daily caps for its first days of sending.
+    pub warmup: Vec<u32>,
 }
 
 /// What happened, for the progress display.
@@ -365,18 +372,23 @@ impl<T: Transport, C: Clock> Worker<T, C> {
         self.proven = false;
         let cfg = &self.config;
         let pipeline = self.pipeline.clone();
-        let claim = self
-            .store
-            .claim(
-                cfg.campaign_id,
-                &cfg.account,
-                &cfg.pause_key,
-                &cfg.windows,
-                self.clock.now_ms(),
-                max,
-                |c| pipeline.build_stored(c).map_err(|e| e.to_string()),
-            )
-            .await?;
+        let now = self.clock.now_ms();
+        let claim = match self.gate(now).await? {
+            Some((until_ms, why)) => Claim::Wait { until_ms, why },
+            None => {
+                self.store
+                    .claim(
+                        cfg.campaign_id,
+                        &cfg.account,
+                        &cfg.pause_key,
+                        &cfg.windows,
+                        now,
+                        max,
+                        |c| pipeline.build_stored(c).map_err(|e| e.to_string()),
+                    )
+                    .await?
+            }
+        };
         match claim {
             Claim::Ready { ready, unbuildable } => {
                 for (candidate, why) in unbuildable {
@@ -442,6 +454,39 @@ impl<T: Transport, C: Clock> Worker<T, C> {
                 }
             }
         }
+    }
+
+    /// What the schedule and the warm-up hold back before anything is
+    /// claimed. Claims are made under the shared lock, so within this run
+    /// the warm-up count cannot be overtaken between the check and the claim.
+    async fn gate(&self, now: i64) -> Result<Option<(i64, WaitReason)>> {
+        let cfg = &self.config;
+        if let Some(hours) = &cfg.hours {
+            // No opening found (impossible for parsed hours): look again in an hour.
+            let opens = hours.next_open(now, cfg.zone).unwrap_or(now + 3_600_000);
+            if opens > now {
+                return Ok(Some((opens, WaitReason::Schedule)));
+            }
+        }
+        if cfg.warmup.is_empty() {
+            return Ok(None);
+        }
+        let first = self.store.first_send(&cfg.account).await?;
+        let Some(day) = warmup_day(&cfg.warmup, first, now) else {
+            return Ok(None);
+        };
+        let used = self
+            .store
+            .recipients_since(&cfg.account, day.starts_ms)
+            .await?;
+        let at = day.next_slot(used, 1, now);
+        Ok((at > now).then_some((
+            at,
+            WaitReason::WarmUp {
+                day: day.day,
+                cap: day.cap,
+            },
+        )))
     }
 
     async fn record(&self, c: &Candidate, log_id: i64, outcome: &Outcome) -> Result<()> {
@@ -703,6 +748,10 @@ pub fn describe_wait(why: &WaitReason) -> String {
             format!("{} {used}/{} reached", window.describe(), window.max)
         }
         WaitReason::Paused(why) => why.clone(),
+        WaitReason::Schedule => "outside the sending hours of [schedule]".to_string(),
+        WaitReason::WarmUp { day, cap } => {
+            format!("warm-up: day {day}'s cap of {cap} recipients reached")
+        }
     }
 }
 
@@ -824,6 +873,9 @@ mod tests {
             connections,
             limit: None,
             no_wait: false,
+            hours: None,
+            zone: Tz::UTC,
+            warmup: Vec::new(),
         }
     }
 
@@ -1145,6 +1197,37 @@ mod tests {
         .await;
         assert!(matches!(end, RunEnd::WouldWait { .. }), "{end:?}");
         assert_eq!(rows(&s).await, before);
+    }
+
+    #[tokio::test]
+    async fn nothing_leaves_outside_the_hours_and_warmup_caps_each_day() {
+        let s = setup(7).await;
+        let mut cfg = config(&s, vec![], 2);
+        let (opens, closes) = SendingHours::parse_hours("09:00-17:00").unwrap();
+        let hours = SendingHours {
+            opens,
+            closes,
+            ..SendingHours::default()
+        };
+        cfg.hours = Some(hours.clone());
+        cfg.warmup = vec![2, 3];
+        let (end, calls) = run_with(&s, cfg, Box::new(|_, _| ok())).await;
+        assert_eq!(end, RunEnd::Done);
+        assert_eq!(calls.len(), 7);
+        let day_ms = 86_400_000;
+        for (at, _) in &calls {
+            assert!(hours.is_open(*at, Tz::UTC), "{at}");
+        }
+        // The clock starts at 00:16:40 UTC: the first send waits for 09:00.
+        let first = calls[0].0;
+        assert_eq!(first, 9 * 3_600_000);
+        let on_day = |d: i64| {
+            calls
+                .iter()
+                .filter(|(at, _)| (*at - first).div_euclid(day_ms) == d)
+                .count()
+        };
+        assert_eq!((on_day(0), on_day(1), on_day(2)), (2, 3, 2));
     }
 
     #[tokio::test]

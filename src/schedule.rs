@@ -7,6 +7,8 @@ use chrono::{LocalResult, TimeZone, Weekday};
 use chrono_tz::Tz;
 use thiserror::Error;
 
+use crate::limits::{Schedule, Send};
+
 /// A `[schedule]` value that cannot be understood.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum ScheduleError {
@@ -242,6 +244,95 @@ impl WarmUpDay {
     }
 }
 
+/// Everything that decides when an account sends next: its windows, the
+/// campaign's hours and its warm-up, for `--dry-run`, `status` and the
+/// progress ETA.
+#[derive(Debug, Clone)]
+pub struct Plan<'a> {
+    pub windows: Schedule,
+    pub hours: Option<&'a SendingHours>,
+    pub zone: Tz,
+    pub warmup: &'a [u32],
+    pub first_send_ms: Option<i64>,
+    /// Recipients counted since the warm-up day holding "now" began.
+    pub used_today: u64,
+}
+
+/// A simulated account: its windows, its first send and its warm-up day.
+struct Sim {
+    windows: Schedule,
+    first: Option<i64>,
+    day_start: Option<i64>,
+    used: u64,
+}
+
+impl Plan<'_> {
+    fn sim(&self, now_ms: i64) -> Sim {
+        Sim {
+            windows: self.windows.clone(),
+            first: self.first_send_ms,
+            day_start: warmup_day(self.warmup, self.first_send_ms, now_ms).map(|d| d.starts_ms),
+            used: self.used_today,
+        }
+    }
+
+    /// The first moment at or after `at_ms` that every rule allows.
+    fn step(&self, sim: &Sim, mut at: i64) -> i64 {
+        loop {
+            let mut t = sim.windows.next_slot(at, 1).at_ms;
+            if let Some(hours) = self.hours {
+                t = hours.next_open(t, self.zone).unwrap_or(t);
+            }
+            if let Some(day) = warmup_day(self.warmup, sim.first, t) {
+                let used = if sim.day_start == Some(day.starts_ms) {
+                    sim.used
+                } else {
+                    0
+                };
+                t = t.max(day.next_slot(used, 1, t));
+            }
+            if t == at {
+                return t;
+            }
+            at = t;
+        }
+    }
+
+    /// When the next message may leave.
+    pub fn next_send(&self, now_ms: i64) -> i64 {
+        self.step(&self.sim(now_ms), now_ms)
+    }
+
+    /// When the last of `remaining` one-recipient messages could leave;
+    /// `None` without any rule to estimate from.
+    pub fn eta(&self, now_ms: i64, remaining: u64) -> Option<i64> {
+        let unpaced = self.windows.usage(now_ms).is_empty();
+        if unpaced && self.warmup.is_empty() {
+            return self.hours.map(|_| self.next_send(now_ms));
+        }
+        let mut sim = self.sim(now_ms);
+        let mut at = now_ms;
+        for _ in 0..remaining {
+            at = self.step(&sim, at);
+            let day = warmup_day(self.warmup, sim.first.or(Some(at)), at);
+            if unpaced && day.is_none() {
+                // Past the warm-up nothing holds the rest back.
+                return Some(at);
+            }
+            if let Some(day) = day {
+                if sim.day_start != Some(day.starts_ms) {
+                    sim.day_start = Some(day.starts_ms);
+                    sim.used = 0;
+                }
+            }
+            sim.first.get_or_insert(at);
+            sim.used += 1;
+            sim.windows.record(Send::instant(at, 1));
+        }
+        Some(at)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -383,6 +474,41 @@ mod tests {
         );
         // A message bigger than the cap still goes, alone, on a fresh day.
         assert_eq!(day2.next_slot(0, 500, 7), 7);
+    }
+
+    #[test]
+    fn eta_counts_the_hours_the_warmup_and_the_windows() {
+        let z: Tz = "UTC".parse().unwrap();
+        let h = business();
+        let minute = crate::limits::Window::new(1, std::time::Duration::from_secs(60)).unwrap();
+        // Friday 2026-11-27 16:58 UTC: two sends fit before 17:00, the
+        // third waits for Monday 09:00.
+        let now = ms(z, 2026, 11, 27, 16, 58);
+        let plan = Plan {
+            windows: Schedule::new(&[minute], []),
+            hours: Some(&h),
+            zone: z,
+            warmup: &[],
+            first_send_ms: None,
+            used_today: 0,
+        };
+        assert_eq!(plan.eta(now, 3), Some(ms(z, 2026, 11, 30, 9, 0)));
+        assert_eq!(
+            plan.next_send(ms(z, 2026, 11, 28, 12, 0)),
+            ms(z, 2026, 11, 30, 9, 0)
+        );
+        // Warm-up of 2 a day with no windows: the fifth goes on day 3.
+        let warm = Plan {
+            windows: Schedule::new(&[], []),
+            hours: None,
+            zone: z,
+            warmup: &[2, 2, 2],
+            first_send_ms: None,
+            used_today: 0,
+        };
+        assert_eq!(warm.eta(0, 5), Some(2 * DAY_MS));
+        // After the list, the rest go at once.
+        assert_eq!(warm.eta(0, 100), Some(3 * DAY_MS));
     }
 
     #[test]

@@ -157,8 +157,18 @@ pub enum Claim {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WaitReason {
     Pacing,
-    Window { window: Window, used: u64 },
+    Window {
+        window: Window,
+        used: u64,
+    },
     Paused(String),
+    /// Outside the campaign's `[schedule]`.
+    Schedule,
+    /// The account's warm-up cap for its `day`-th day of sending is reached.
+    WarmUp {
+        day: usize,
+        cap: u32,
+    },
 }
 
 /// One outcome of a send, as written to the store.
@@ -626,6 +636,28 @@ impl Store {
     pub async fn schedule(&self, account: &str, windows: &[Window], now: i64) -> Result<Schedule> {
         let mut conn = self.pool.acquire().await?;
         load_schedule(&mut conn, account, windows, now).await
+    }
+
+    /// When the account first sent, for its warm-up (SPEC §6b).
+    pub async fn first_send(&self, account: &str) -> Result<Option<i64>> {
+        Ok(
+            sqlx::query_scalar("SELECT MIN(at) FROM send_log WHERE account = ?")
+                .bind(account)
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+
+    /// Recipients the account sent to at or after `since_ms`.
+    pub async fn recipients_since(&self, account: &str, since_ms: i64) -> Result<u64> {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT COALESCE(SUM(recipients), 0) FROM send_log WHERE account = ? AND at >= ?",
+        )
+        .bind(account)
+        .bind(since_ms)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(u64::try_from(n).unwrap_or(0))
     }
 
     pub async fn counts(&self, campaign_id: i64) -> Result<Counts> {

@@ -262,6 +262,9 @@ async fn send_locked(
         connections: campaign.connections(),
         limit: opts.limit,
         no_wait: opts.no_wait,
+        hours: campaign.hours.clone(),
+        zone: campaign.timezone,
+        warmup: campaign.warmup.clone(),
     };
     let (events_tx, events_rx) = mpsc::unbounded_channel();
     let progress = Progress::start(

@@ -79,8 +79,21 @@ pub async fn outlook(
             }
         }
     }
-    let next = schedule.next_slot(start, 1).at_ms;
-    let eta = schedule.eta(start, u64::try_from(remaining).unwrap_or(0), 1);
+    let first_send_ms = store.first_send(&account).await?;
+    let used_today = match crate::schedule::warmup_day(&campaign.warmup, first_send_ms, start) {
+        Some(day) => store.recipients_since(&account, day.starts_ms).await?,
+        None => 0,
+    };
+    let plan = crate::schedule::Plan {
+        windows: schedule,
+        hours: campaign.hours.as_ref(),
+        zone: campaign.timezone,
+        warmup: &campaign.warmup,
+        first_send_ms,
+        used_today,
+    };
+    let next = plan.next_send(start);
+    let eta = plan.eta(start, u64::try_from(remaining).unwrap_or(0));
     Ok(Outlook {
         next_send_ms: Some(next),
         eta_ms: eta,
