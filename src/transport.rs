@@ -570,7 +570,16 @@ fn login_failure(err: &lettre::transport::smtp::Error, step: &str) -> Reply {
 /// A failure inside a transaction: the server's reply, or the connection
 /// lost at the point `origin` says.
 fn transaction_failure(err: &lettre::transport::smtp::Error, origin: Origin) -> Reply {
-    server_reply(err, Origin::Server).unwrap_or_else(|| Reply::local(origin, error_text(err)))
+    server_reply(err, Origin::Server).unwrap_or_else(|| {
+        let text = match origin {
+            Origin::AfterData => format!(
+                "connection lost after the message was sent, before the server's reply ({})",
+                error_text(err)
+            ),
+            _ => format!("connection lost ({})", error_text(err)),
+        };
+        Reply::local(origin, text)
+    })
 }
 
 /// The EHLO name when no FQDN is known: the connection's own address
