@@ -3,6 +3,8 @@
 //! Everything here is a pure function of "now" and the log, so that window
 //! and pacing logic is tested without sleeping and behaves the same whether
 //! the log entries came from this process, an earlier run or another process.
+//! Time arithmetic saturates: a stored time may be anything a damaged
+//! database holds, and the end of time must stay the end of time.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -143,7 +145,8 @@ impl Schedule {
         };
         if let Some(last) = self.log.iter().max_by_key(|s| s.at_ms) {
             let last_at = last.at_ms.min(now_ms);
-            let paced = last_at + (pacer.spacing_ms() * f64::from(last.count)).round() as i64;
+            let paced =
+                last_at.saturating_add((pacer.spacing_ms() * f64::from(last.count)).round() as i64);
             if paced > slot.at_ms {
                 slot = Slot {
                     at_ms: paced,
@@ -153,7 +156,7 @@ impl Schedule {
         }
         for w in &self.windows {
             let count = count.min(w.max);
-            let start = now_ms - w.period_ms();
+            let start = now_ms.saturating_sub(w.period_ms());
             let inside: Vec<Send> = self
                 .log
                 .iter()
@@ -169,7 +172,7 @@ impl Schedule {
             for s in &inside {
                 used -= u64::from(s.count);
                 if used + u64::from(count) <= u64::from(w.max) {
-                    let free_at = s.done_ms.min(now_ms) + w.period_ms();
+                    let free_at = s.done_ms.min(now_ms).saturating_add(w.period_ms());
                     if free_at > slot.at_ms
                         || slot.hold == Some(Hold::Pacing) && free_at == slot.at_ms
                     {
@@ -193,7 +196,7 @@ impl Schedule {
         while self
             .log
             .front()
-            .is_some_and(|s| s.done_ms <= send.done_ms - horizon)
+            .is_some_and(|s| s.done_ms <= send.done_ms.saturating_sub(horizon))
         {
             self.log.pop_front();
         }
@@ -220,7 +223,7 @@ impl Schedule {
         self.windows
             .iter()
             .map(|w| {
-                let start = now_ms - w.period_ms();
+                let start = now_ms.saturating_sub(w.period_ms());
                 let used = self
                     .log
                     .iter()
@@ -234,11 +237,11 @@ impl Schedule {
 
     /// When the oldest send still inside `window` leaves it, if any is inside.
     pub fn oldest_leaves(&self, window: &Window, now_ms: i64) -> Option<i64> {
-        let start = now_ms - window.period_ms();
+        let start = now_ms.saturating_sub(window.period_ms());
         self.log
             .iter()
             .find(|s| s.done_ms > start)
-            .map(|s| s.done_ms.min(now_ms) + window.period_ms())
+            .map(|s| s.done_ms.min(now_ms).saturating_add(window.period_ms()))
     }
 }
 
@@ -272,6 +275,14 @@ mod tests {
         let err = Window::new(1, Window::MAX_PERIOD + Duration::from_secs(1)).unwrap_err();
         assert!(err.to_string().contains("366 days"), "{err}");
         assert!(Window::new(1, Duration::from_nanos(1)).is_err());
+    }
+
+    #[test]
+    fn times_at_the_end_of_time_saturate() {
+        let s = Schedule::new(&[w(1, 60), w(5, 3600)], sends(&[i64::MAX - 1, 0]));
+        assert_eq!(s.next_slot(i64::MAX, 1).at_ms, i64::MAX);
+        assert_eq!(s.eta(i64::MAX, 3, 1), Some(i64::MAX));
+        assert_eq!(s.usage(i64::MIN).len(), 2);
     }
 
     #[test]

@@ -522,3 +522,52 @@ fn one_sigterm_stops_a_password_command_and_its_children() {
         "the password command's child outlived the run"
     );
 }
+
+/// Times past the calendar (here a pause stored until the end of time, as a
+/// damaged or hostile database may hold) are `null` in `status --json`,
+/// never an empty string (SPEC §9), and never an overflow.
+#[test]
+fn a_time_past_the_calendar_is_null_in_status() {
+    let dir = CampaignDir::new();
+    dir.write(
+        "recipients.csv",
+        "email\nada@example.com\nbob@example.com\ncy@example.com\n",
+    )
+        .write("templates/body.txt.hbs", "Hello\n")
+        .write(
+            "campaign.toml",
+            format!(
+                "name = \"hostile\"\n[recipients]\nfile = \"recipients.csv\"\n[message]\n\
+                 from = \"news@acme.example\"\nsubject = \"Hi\"\ntext = \"templates/body.txt.hbs\"\n\
+                 {FILE_TRANSPORT}[limits]\nper_minute = 100\n"
+            ),
+        );
+    let sent = run_bounded(dir.send_command(&["--limit", "1"]));
+    assert_eq!(sent.code, Some(75), "{}", sent.stderr);
+    let pause = Command::new("python3")
+        .arg("-c")
+        .arg(
+            "import sqlite3, sys\n\
+             db = sqlite3.connect(sys.argv[1])\n\
+             db.execute(\"INSERT INTO account_pauses (account, until, reason) \
+             SELECT DISTINCT account, 9223372036854775807, 'hostile' FROM send_log\")\n\
+             db.commit()\n",
+        )
+        .arg(dir.db())
+        .status()
+        .unwrap();
+    assert!(pause.success());
+    let campaign = dir.campaign();
+    let status = run_bounded(dir.command(&["status", "--json", campaign.to_str().unwrap()]));
+    assert_eq!(status.code, Some(0), "{}", status.stderr);
+    let json: serde_json::Value = serde_json::from_str(&status.stdout).unwrap();
+    for key in ["next_send_at", "eta"] {
+        assert!(
+            json[key].is_null() || json[key].as_str().is_some_and(|t| !t.is_empty()),
+            "{key}: {json}"
+        );
+    }
+    assert!(!status.stdout.contains("\"\""), "{}", status.stdout);
+    let human = run_bounded(dir.command(&["status", campaign.to_str().unwrap()]));
+    assert_eq!(human.code, Some(0), "{}", human.stderr);
+}

@@ -55,7 +55,7 @@ pub async fn export(
                 row.reason.unwrap_or_default(),
                 row.attempts.to_string(),
                 row.last_reply.unwrap_or_default(),
-                rfc3339(row.updated_at),
+                rfc3339(row.updated_at).unwrap_or_default(),
                 row.message_id.unwrap_or_default(),
             ];
             line.extend(

@@ -149,8 +149,8 @@ pub async fn status(global: &Global, path: &Path, json: bool) -> Result<Exit> {
                     used: *used,
                 })
                 .collect(),
-            next_send_at: look.next_send_ms.map(rfc3339),
-            eta: look.eta_ms.map(rfc3339),
+            next_send_at: look.next_send_ms.and_then(rfc3339),
+            eta: look.eta_ms.and_then(rfc3339),
         };
         writeln!(output::stdout(), "{}", serde_json::to_string(&out)?)?;
         return Ok(Exit::Done);
@@ -191,5 +191,5 @@ pub fn local_time(ms: i64) -> String {
                 .format("%Y-%m-%d %H:%M:%S %:z")
                 .to_string()
         })
-        .unwrap_or_default()
+        .unwrap_or_else(|| "never (past any calendar)".to_string())
 }

@@ -56,7 +56,7 @@ pub async fn suppress(global: &Global, action: &SuppressAction) -> Result<Exit> 
             let mut out = csv::Writer::from_writer(std::io::BufWriter::new(output::stdout()));
             out.write_record(["email", "reason", "added_at"])?;
             for (email, reason, at) in store.suppressions().await? {
-                out.write_record([email, reason, rfc3339(at)])?;
+                out.write_record([email, reason, rfc3339(at).unwrap_or_default()])?;
             }
             out.flush()?;
         }
