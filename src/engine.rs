@@ -833,7 +833,14 @@ mod tests {
         .unwrap();
         let campaign = Campaign::load(&dir.path().join("c.toml")).unwrap();
         let store = Store::open(&dir.path().join("s.db")).await.unwrap();
-        let record = store.campaign("c").await.unwrap();
+        let record = store
+            .campaign(&crate::store::Identity {
+                name: "c".into(),
+                file: "/c/campaign.toml".into(),
+                delivery: crate::store::Delivery::Smtp,
+            })
+            .await
+            .unwrap();
         let columns = vec!["email".to_string(), "name".to_string()];
         let mut import = store.import(&record, &columns).await.unwrap();
         for i in 1..=n {

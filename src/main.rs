@@ -100,6 +100,20 @@ enum Command {
         #[arg(short, long, value_name = "FILE")]
         output: Option<PathBuf>,
     },
+    /// Every campaign in the state database: name, campaign file, counts per state, last activity.
+    Campaigns {
+        /// One JSON array instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Forget one campaign's state, rehearsal included (refused while it is being sent).
+    Reset {
+        /// A campaign file, or a campaign name as `hikyaku campaigns` lists it.
+        campaign: String,
+        /// Do not ask for confirmation (needed without a terminal).
+        #[arg(long)]
+        yes: bool,
+    },
     /// The suppression list, shared by all campaigns.
     Suppress {
         #[command(subcommand)]
@@ -185,7 +199,9 @@ fn main() -> ExitCode {
             return ExitCode::from(Exit::Fatal.code());
         }
     };
-    let result = runtime.block_on(run(cli.command, global));
+    let result = runtime
+        .block_on(run(cli.command, &global))
+        .map_err(|e| global.name_database(e));
     let exit = match result {
         Ok(exit) => exit,
         // `status | head`: the reader has all it wanted; not an error.
@@ -198,10 +214,10 @@ fn main() -> ExitCode {
     ExitCode::from(exit.code())
 }
 
-async fn run(command: Command, global: Global) -> anyhow::Result<Exit> {
+async fn run(command: Command, global: &Global) -> anyhow::Result<Exit> {
     match command {
         Command::Init { dir } => commands::init(&dir),
-        Command::Check { campaign, connect } => commands::check(&global, &campaign, connect).await,
+        Command::Check { campaign, connect } => commands::check(global, &campaign, connect).await,
         Command::Preview {
             campaign,
             row,
@@ -216,14 +232,16 @@ async fn run(command: Command, global: Global) -> anyhow::Result<Exit> {
             commands::preview(&campaign, &target, raw, html.as_deref())
         }
         Command::Send { campaign, options } => {
-            commands::send(&global, &campaign, &options, stop_on_signals()).await
+            commands::send(global, &campaign, &options, stop_on_signals()).await
         }
-        Command::Status { campaign, json } => commands::status(&global, &campaign, json).await,
+        Command::Status { campaign, json } => commands::status(global, &campaign, json).await,
         Command::Export {
             campaign,
             state,
             output,
-        } => commands::export(&global, &campaign, state, output.as_deref()).await,
+        } => commands::export(global, &campaign, state, output.as_deref()).await,
+        Command::Campaigns { json } => commands::campaigns(global, json).await,
+        Command::Reset { campaign, yes } => commands::reset(global, &campaign, yes).await,
         Command::Suppress { action } => {
             let action = match action {
                 Suppress::Add { emails } => SuppressAction::Add(emails),
@@ -231,7 +249,7 @@ async fn run(command: Command, global: Global) -> anyhow::Result<Exit> {
                 Suppress::List => SuppressAction::List,
                 Suppress::Import { file } => SuppressAction::Import(file),
             };
-            commands::suppress(&global, &action).await
+            commands::suppress(global, &action).await
         }
     }
 }

@@ -15,7 +15,7 @@ use serde::Serialize;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
-use sqlx::{Connection as _, Row as _, Sqlite, Transaction};
+use sqlx::{ConnectOptions as _, Connection as _, Row as _, Sqlite, Transaction};
 
 use crate::error::input_error;
 use crate::limits::{Schedule, Send, Slot, Window};
@@ -79,25 +79,249 @@ pub fn rfc3339(ms: i64) -> Option<String> {
         .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
 }
 
+/// Where the state lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DbLocation {
+    pub path: PathBuf,
+    /// The platform default: its folder is created when missing; the
+    /// folder of a path the user gave must exist (a typo is not a new folder).
+    pub default: bool,
+}
+
 /// Where the state lives: `--db`, `HIKYAKU_DB`, or the platform default.
-pub fn resolve_db(arg: Option<&str>) -> Result<PathBuf> {
+pub fn resolve_db(arg: Option<&str>) -> Result<DbLocation> {
     match arg {
-        Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => Err(input_error(
-            "PostgreSQL state databases are not supported by this build yet; use a SQLite file path",
-        )),
-        Some(url) => Ok(PathBuf::from(url.strip_prefix("sqlite://").unwrap_or(url))),
+        Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+            Err(input_error(format!(
+                "--db {}: PostgreSQL state databases are not supported by this build yet; use a SQLite file path",
+                mask_password(url)
+            )))
+        }
+        Some(url) => Ok(DbLocation {
+            path: PathBuf::from(url.strip_prefix("sqlite://").unwrap_or(url)),
+            default: false,
+        }),
         None => {
             let base = dirs::data_dir().ok_or_else(|| {
                 input_error("no platform data directory is known here: give --db PATH or set HIKYAKU_DB")
             })?;
-            Ok(base.join("hikyaku").join("hikyaku.db"))
+            Ok(DbLocation {
+                path: base.join("hikyaku").join("hikyaku.db"),
+                default: true,
+            })
         }
     }
+}
+
+/// A database URL fit to print: the password of `scheme://user:password@host` as `***`.
+pub fn mask_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{scheme}://{user}:***@{host}{tail}"),
+            None => url.to_string(),
+        },
+        None => url.to_string(),
+    }
+}
+
+/// Names the state database in an error that came from it, whichever
+/// command met it: SQLite's own words never stand alone.
+pub fn name_in_error(path: &Path, err: anyhow::Error) -> anyhow::Error {
+    let from_db = err
+        .chain()
+        .any(|e| e.is::<sqlx::Error>() || e.is::<sqlx::migrate::MigrateError>());
+    let shown = path.display().to_string();
+    if !from_db || format!("{err:#}").contains(&shown) {
+        return err;
+    }
+    let hint = match sqlite_code(&err).as_deref() {
+        Some("8") => " (the file or its folder is read-only for hikyaku)",
+        Some("11" | "26") => " (the file is damaged or not a SQLite database)",
+        Some("14") => " (can hikyaku create and write files in its folder?)",
+        _ => "",
+    };
+    err.context(format!("state database {shown}{hint}"))
+}
+
+/// SQLite's primary result code of an error from the database, if any.
+fn sqlite_code(err: &anyhow::Error) -> Option<String> {
+    err.chain().find_map(|e| {
+        let db = match e.downcast_ref::<sqlx::Error>()? {
+            sqlx::Error::Database(db) => db,
+            _ => return None,
+        };
+        let code = db.code()?;
+        let primary = code.parse::<i64>().ok()? & 0xff;
+        Some(primary.to_string())
+    })
+}
+
+/// Marks a database file as hikyaku's (SQLite's `application_id`, 'hiky').
+const APPLICATION_ID: u32 = 0x6869_6b79;
+
+/// hikyaku's tables; a database holding any other is not its own.
+const TABLES: [&str; 6] = [
+    "campaigns",
+    "recipients",
+    "send_log",
+    "account_pauses",
+    "suppressions",
+    "_sqlx_migrations",
+];
+
+/// Refuses, before anything is written, what is not a hikyaku state
+/// database: a folder, a file that is not SQLite, another program's database
+/// (SPEC §11). A missing or empty file is a new database.
+async fn ensure_ours(path: &Path, migrator: &sqlx::migrate::Migrator) -> Result<()> {
+    use std::io::Read as _;
+    let shown = path.display();
+    let meta = match std::fs::metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(input_error(format!("state database {shown}: {e}"))),
+        Ok(meta) => meta,
+    };
+    if meta.is_dir() {
+        return Err(input_error(format!(
+            "state database {shown} is a folder; give the path of a file (it is created if missing)"
+        )));
+    }
+    if meta.len() == 0 {
+        return Ok(());
+    }
+    let mut header = [0u8; 100];
+    let read = std::fs::File::open(path).and_then(|mut f| f.read_exact(&mut header));
+    match read {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => header = [0; 100],
+        Err(e) => return Err(input_error(format!("state database {shown}: {e}"))),
+    }
+    if &header[..16] != b"SQLite format 3\0" {
+        return Err(input_error(format!(
+            "state database {shown} is not a SQLite database (or it is damaged); \
+             hikyaku leaves it as it is: give another --db"
+        )));
+    }
+    let foreign = |what: String| {
+        input_error(format!(
+            "state database {shown} is another program's SQLite database ({what}); \
+             hikyaku never writes to a database that is not its own: give another --db"
+        ))
+    };
+    let application_id = u32::from_be_bytes([header[68], header[69], header[70], header[71]]);
+    if application_id == APPLICATION_ID {
+        return Ok(());
+    }
+    if application_id != 0 {
+        return Err(foreign(format!("application id {application_id:#010x}")));
+    }
+    // Written before the application id existed, or another program's:
+    // hikyaku's if it holds only hikyaku's tables and migrations.
+    let unreadable = |e: sqlx::Error| input_error(format!("state database {shown}: {e}"));
+    let mut probe = SqliteConnectOptions::new()
+        .filename(path)
+        .read_only(true)
+        .connect()
+        .await
+        .map_err(unreadable)?;
+    let tables: Vec<String> = sqlx::query_scalar(
+        "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite~_%' ESCAPE '~'",
+    )
+    .fetch_all(&mut probe)
+    .await
+    .map_err(unreadable)?;
+    let others: Vec<&str> = tables
+        .iter()
+        .map(String::as_str)
+        .filter(|t| !TABLES.contains(t))
+        .collect();
+    let versions: Vec<i64> = if tables.iter().any(|t| t == "_sqlx_migrations") {
+        sqlx::query_scalar("SELECT version FROM _sqlx_migrations")
+            .fetch_all(&mut probe)
+            .await
+            .map_err(unreadable)?
+    } else {
+        Vec::new()
+    };
+    probe.close().await.map_err(unreadable)?;
+    if !others.is_empty() {
+        let mut named = others
+            .iter()
+            .take(3)
+            .copied()
+            .collect::<Vec<_>>()
+            .join(", ");
+        if others.len() > 3 {
+            named.push_str(", ...");
+        }
+        return Err(foreign(format!("tables {named}")));
+    }
+    if let Some(v) = versions
+        .iter()
+        .find(|v| !migrator.iter().any(|m| m.version == **v))
+    {
+        return Err(foreign(format!("a migration {v} hikyaku does not know")));
+    }
+    Ok(())
 }
 
 #[derive(Clone)]
 pub struct Store {
     pool: SqlitePool,
+}
+
+/// Which sends a campaign's state records (SPEC §7.5). The file transport
+/// rehearses: its state is kept apart and never counts as delivered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Delivery {
+    /// Through SMTP, whichever account: the real thing.
+    Smtp,
+    /// Through the file transport: `.eml` files, nothing delivered.
+    File,
+}
+
+impl Delivery {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Delivery::Smtp => "smtp",
+            Delivery::File => "file",
+        }
+    }
+
+    pub fn is_rehearsal(self) -> bool {
+        self == Delivery::File
+    }
+}
+
+/// What names a campaign's state: its name, the campaign file that owns
+/// the name (SPEC §7.6), and which sends are recorded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub name: String,
+    /// The campaign file's canonical path.
+    pub file: String,
+    pub delivery: Delivery,
+}
+
+/// One campaign of the database, for `hikyaku campaigns`.
+#[derive(Debug, Clone, Serialize)]
+pub struct CampaignSummary {
+    pub name: String,
+    /// The campaign file that owns the name, if known.
+    pub file: Option<String>,
+    /// Counts per state of real delivery (SMTP), if it ever started.
+    pub delivery: Option<Counts>,
+    /// Counts per state of the file transport's rehearsal, if any.
+    pub rehearsal: Option<Counts>,
+    /// The last change to any of its recipients (Unix ms).
+    pub last_activity_ms: Option<i64>,
+    /// The process sending it now, if any.
+    pub running: Option<String>,
 }
 
 /// A campaign's row in the store.
@@ -207,12 +431,27 @@ impl Store {
     /// Opens (creating if needed) the SQLite file and runs the embedded migrations.
     pub async fn open(path: &Path) -> Result<Store> {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent).with_context(|| {
-                format!(
-                    "creating the folder of the state database {}",
+            if !parent.is_dir() {
+                return Err(input_error(format!(
+                    "state database {}: the folder {} does not exist; create it or give another --db",
+                    path.display(),
                     parent.display()
-                )
-            })?;
+                )));
+            }
+        }
+        let migrator = sqlx::migrate!("./migrations/sqlite");
+        ensure_ours(path, &migrator).await?;
+        if std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .is_err_and(|e| e.kind() == std::io::ErrorKind::PermissionDenied)
+        {
+            anyhow::bail!(
+                "state database {} is read-only for hikyaku, which records every send in it; \
+                 make it writable or give another --db",
+                path.display()
+            );
         }
         // FULL: the `sending` mark must survive a power cut, not only a crash,
         // or a rebooted machine could send a message twice.
@@ -227,19 +466,27 @@ impl Store {
         // WAL (which SQLite refuses while another holds it, whatever the busy
         // timeout) and to migrate it (sqlx takes no lock on SQLite). Each
         // step is atomic, so the loser tries again and finds it done.
-        let migrator = sqlx::migrate!("./migrations/sqlite");
         let mut attempt = 0;
         let pool = loop {
             let opened = async {
+                // Migrations that rebuild a table need foreign keys off, or
+                // dropping the old table would delete what refers to it.
+                let mut conn = options
+                    .clone()
+                    .foreign_keys(false)
+                    .connect()
+                    .await
+                    .with_context(|| format!("opening the state database {}", path.display()))?;
+                migrator
+                    .run_direct(&mut conn)
+                    .await
+                    .with_context(|| format!("migrating the state database {}", path.display()))?;
+                conn.close().await?;
                 let pool = SqlitePoolOptions::new()
                     .max_connections(4)
                     .connect_with(options.clone())
                     .await
                     .with_context(|| format!("opening the state database {}", path.display()))?;
-                migrator
-                    .run(&pool)
-                    .await
-                    .with_context(|| format!("migrating the state database {}", path.display()))?;
                 anyhow::Ok(pool)
             };
             match opened.await {
@@ -251,37 +498,134 @@ impl Store {
                 }
             }
         };
+        let tables: Vec<String> =
+            sqlx::query_scalar("SELECT name FROM sqlite_master WHERE type = 'table'")
+                .fetch_all(&pool)
+                .await
+                .with_context(|| format!("reading the state database {}", path.display()))?;
+        let missing: Vec<&str> = TABLES
+            .into_iter()
+            .filter(|t| !tables.iter().any(|have| have == t))
+            .collect();
+        if !missing.is_empty() {
+            pool.close().await;
+            return Err(input_error(format!(
+                "state database {} is damaged: table {} missing; restore it from a backup or give another --db",
+                path.display(),
+                missing.join(", ")
+            )));
+        }
         Ok(Store { pool })
     }
 
-    /// Creates the campaign's row on first use.
-    pub async fn campaign(&self, name: &str) -> Result<CampaignRecord> {
+    /// Creates the campaign's row on first use and binds its name to its
+    /// file; a name another file owns is refused (SPEC §7.6).
+    pub async fn campaign(&self, id: &Identity) -> Result<CampaignRecord> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        check_owner(&mut tx, id).await?;
         sqlx::query(
-            "INSERT INTO campaigns (name, created_at) VALUES (?, ?) ON CONFLICT (name) DO NOTHING",
+            "INSERT INTO campaigns (name, transport, file, created_at) VALUES (?, ?, ?, ?) \
+             ON CONFLICT (name, transport) DO NOTHING",
         )
-        .bind(name)
+        .bind(&id.name)
+        .bind(id.delivery.as_str())
+        .bind(&id.file)
         .bind(now_ms())
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
-        self.find_campaign(name)
+        // Rows recorded before names were bound belong to the first file that uses them.
+        sqlx::query("UPDATE campaigns SET file = ? WHERE name = ? AND file IS NULL")
+            .bind(&id.file)
+            .bind(&id.name)
+            .execute(&mut *tx)
+            .await?;
+        let record = find(&mut tx, id)
             .await?
-            .context("the campaign row vanished right after it was created")
+            .context("the campaign row vanished right after it was created")?;
+        tx.commit().await?;
+        Ok(record)
     }
 
-    /// The campaign's row, if it was ever used.
-    pub async fn find_campaign(&self, name: &str) -> Result<Option<CampaignRecord>> {
-        let row = sqlx::query("SELECT id, columns, fingerprint FROM campaigns WHERE name = ?")
+    /// The campaign's row, if it was ever used; a name another file owns
+    /// is refused.
+    pub async fn find_campaign(&self, id: &Identity) -> Result<Option<CampaignRecord>> {
+        let mut conn = self.pool.acquire().await?;
+        check_owner(&mut conn, id).await?;
+        find(&mut conn, id).await
+    }
+
+    /// Every campaign of the database, by name.
+    pub async fn campaigns(&self) -> Result<Vec<CampaignSummary>> {
+        let rows = sqlx::query(
+            "SELECT c.id, c.name, c.transport, c.file, c.lock_pid, c.lock_host, \
+             (SELECT MAX(updated_at) FROM recipients r WHERE r.campaign_id = c.id) AS last \
+             FROM campaigns c ORDER BY c.name, c.transport",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out: Vec<CampaignSummary> = Vec::new();
+        for row in rows {
+            let name: String = row.get("name");
+            if out.last().is_none_or(|s| s.name != name) {
+                out.push(CampaignSummary {
+                    name: name.clone(),
+                    file: None,
+                    delivery: None,
+                    rehearsal: None,
+                    last_activity_ms: None,
+                    running: None,
+                });
+            }
+            let Some(summary) = out.last_mut() else {
+                continue;
+            };
+            summary.file = summary.file.take().or(row.get("file"));
+            summary.last_activity_ms = summary.last_activity_ms.max(row.get("last"));
+            if summary.running.is_none() {
+                summary.running = live_holder(row.get("lock_pid"), row.get("lock_host"));
+            }
+            let counts = Some(self.counts(row.get("id")).await?);
+            if row.get::<&str, _>("transport") == Delivery::File.as_str() {
+                summary.rehearsal = counts;
+            } else {
+                summary.delivery = counts;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Forgets everything recorded for a campaign name, rehearsal included;
+    /// refused while a live process sends it. Returns how many recipient
+    /// rows were forgotten, or `None` if the name is unknown.
+    pub async fn reset(&self, name: &str) -> Result<Option<u64>> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let rows = sqlx::query("SELECT id, lock_pid, lock_host FROM campaigns WHERE name = ?")
             .bind(name)
-            .fetch_optional(&self.pool)
+            .fetch_all(&mut *tx)
             .await?;
-        row.map(|row| {
-            Ok(CampaignRecord {
-                id: row.get("id"),
-                columns: serde_json::from_str(row.get::<&str, _>("columns"))?,
-                fingerprint: row.get("fingerprint"),
-            })
-        })
-        .transpose()
+        if rows.is_empty() {
+            return Ok(None);
+        }
+        if let Some(holder) = rows
+            .iter()
+            .find_map(|r| live_holder(r.get("lock_pid"), r.get("lock_host")))
+        {
+            anyhow::bail!(
+                "campaign {name:?} is being sent by {holder}; stop it first (Ctrl-C), then reset"
+            );
+        }
+        let forgotten: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM recipients WHERE campaign_id IN (SELECT id FROM campaigns WHERE name = ?)",
+        )
+        .bind(name)
+        .fetch_one(&mut *tx)
+        .await?;
+        sqlx::query("DELETE FROM campaigns WHERE name = ?")
+            .bind(name)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(Some(u64::try_from(forgotten).unwrap_or(0)))
     }
 
     /// Removes a campaign row that holds no recipients: `check` and
@@ -314,16 +658,11 @@ impl Store {
             .bind(campaign_id)
             .fetch_one(&mut *tx)
             .await?;
-        let held_pid: Option<i64> = row.get("lock_pid");
-        let held_host: Option<String> = row.get("lock_host");
-        if let Some(held_pid) = held_pid {
-            let held_host = held_host.unwrap_or_default();
-            if held_host != host || process_alive(held_pid) {
-                anyhow::bail!(
-                    "this campaign is being sent by process {held_pid} on {held_host}; \
-                     wait for it to finish or stop it (a lock left by a dead process is taken over)"
-                );
-            }
+        if let Some(holder) = live_holder(row.get("lock_pid"), row.get("lock_host")) {
+            anyhow::bail!(
+                "this campaign is being sent by {holder}; \
+                 wait for it to finish or stop it (a lock left by a dead process is taken over)"
+            );
         }
         sqlx::query("UPDATE campaigns SET lock_pid = ?, lock_host = ?, lock_token = ?, lock_at = ? WHERE id = ?")
             .bind(pid)
@@ -1050,6 +1389,57 @@ fn tally(rows: Vec<sqlx::sqlite::SqliteRow>) -> Counts {
     counts
 }
 
+/// The runner holding a lock, as "process N on HOST", unless it is gone.
+fn live_holder(pid: Option<i64>, host: Option<String>) -> Option<String> {
+    let pid = pid?;
+    let host = host.unwrap_or_default();
+    (host != hostname() || process_alive(pid)).then(|| format!("process {pid} on {host}"))
+}
+
+/// Refuses a name that another campaign file owns (SPEC §7.6).
+async fn check_owner(conn: &mut sqlx::SqliteConnection, id: &Identity) -> Result<()> {
+    let owner: Option<String> = sqlx::query_scalar(
+        "SELECT file FROM campaigns WHERE name = ? AND file IS NOT NULL AND file != ? LIMIT 1",
+    )
+    .bind(&id.name)
+    .bind(&id.file)
+    .fetch_optional(&mut *conn)
+    .await?;
+    match owner {
+        None => Ok(()),
+        Some(owner) => {
+            let gone = if Path::new(&owner).exists() {
+                ""
+            } else {
+                " (that file no longer exists)"
+            };
+            Err(input_error(format!(
+                "the campaign name {:?} belongs to another campaign file, {owner}{gone}; \
+                 give {} its own `name`, or forget the other campaign's state with `hikyaku reset {:?}`",
+                id.name, id.file, id.name
+            )))
+        }
+    }
+}
+
+async fn find(conn: &mut sqlx::SqliteConnection, id: &Identity) -> Result<Option<CampaignRecord>> {
+    let row = sqlx::query(
+        "SELECT id, columns, fingerprint FROM campaigns WHERE name = ? AND transport = ?",
+    )
+    .bind(&id.name)
+    .bind(id.delivery.as_str())
+    .fetch_optional(&mut *conn)
+    .await?;
+    row.map(|row| {
+        Ok(CampaignRecord {
+            id: row.get("id"),
+            columns: serde_json::from_str(row.get::<&str, _>("columns"))?,
+            fingerprint: row.get("fingerprint"),
+        })
+    })
+    .transpose()
+}
+
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .or_else(|_| std::fs::read_to_string("/etc/hostname"))
@@ -1087,6 +1477,14 @@ fn process_alive(pid: i64) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn ident(name: &str) -> Identity {
+        Identity {
+            name: name.into(),
+            file: format!("/campaigns/{name}.toml"),
+            delivery: Delivery::Smtp,
+        }
+    }
 
     async fn store() -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().unwrap();
@@ -1126,7 +1524,7 @@ mod tests {
     #[tokio::test]
     async fn duplicates_removed_rows_and_reimport() {
         let (_d, store) = store().await;
-        let c = store.campaign("c").await.unwrap();
+        let c = store.campaign(&ident("c")).await.unwrap();
         let st = import(&store, &c, &["a@x.example", "B@x.example", "b@x.example"]).await;
         assert!(matches!(st[2], RowStatus::Duplicate { first_row: 2 }));
         let counts = store.counts(c.id).await.unwrap();
@@ -1152,7 +1550,7 @@ mod tests {
     #[tokio::test]
     async fn claim_marks_sending_and_logs_then_windows_hold() {
         let (_d, store) = store().await;
-        let c = store.campaign("c").await.unwrap();
+        let c = store.campaign(&ident("c")).await.unwrap();
         import(&store, &c, &["a@x.example", "b@x.example"]).await;
         let win = Window::new(1, Duration::from_secs(60)).unwrap();
         let now = 1_000_000;
@@ -1188,7 +1586,7 @@ mod tests {
             .unwrap();
         assert_eq!(store.counts(c.id).await.unwrap()["sent"], 1);
         // Another campaign on the same account shares the window.
-        let c2 = store.campaign("c2").await.unwrap();
+        let c2 = store.campaign(&ident("c2")).await.unwrap();
         import(&store, &c2, &["z@x.example"]).await;
         assert!(matches!(
             store
@@ -1202,7 +1600,7 @@ mod tests {
     #[tokio::test]
     async fn a_batch_claim_marks_each_sending_and_unclaimed_ones_go_back() {
         let (_d, store) = store().await;
-        let c = store.campaign("c").await.unwrap();
+        let c = store.campaign(&ident("c")).await.unwrap();
         import(
             &store,
             &c,
@@ -1240,7 +1638,7 @@ mod tests {
     #[tokio::test]
     async fn interrupted_sending_becomes_unknown_not_pending() {
         let (_d, store) = store().await;
-        let c = store.campaign("c").await.unwrap();
+        let c = store.campaign(&ident("c")).await.unwrap();
         import(&store, &c, &["a@x.example"]).await;
         let claim = store
             .claim(c.id, "acct", "acct", &[], 1, 1, |_| Ok(out(1)))
@@ -1262,7 +1660,7 @@ mod tests {
     #[tokio::test]
     async fn suppressed_addresses_are_skipped_and_come_back_when_removed() {
         let (_d, store) = store().await;
-        let c = store.campaign("c").await.unwrap();
+        let c = store.campaign(&ident("c")).await.unwrap();
         store.suppress("a@x.example", "manual").await.unwrap();
         let st = import(&store, &c, &["A@x.example"]).await;
         assert_eq!(st[0], RowStatus::Suppressed);
@@ -1274,7 +1672,7 @@ mod tests {
     #[tokio::test]
     async fn returned_recipient_is_pending_again_and_unlogged() {
         let (_d, store) = store().await;
-        let c = store.campaign("c").await.unwrap();
+        let c = store.campaign(&ident("c")).await.unwrap();
         import(&store, &c, &["a@x.example"]).await;
         let win = Window::new(1, Duration::from_secs(60)).unwrap();
         let Claim::Ready { mut ready, .. } = store
@@ -1324,12 +1722,103 @@ mod tests {
         }
     }
 
+    /// A database written before rehearsals and bound names: its rows stay,
+    /// a campaign whose sends were all file writes becomes a rehearsal, and
+    /// an SMTP one stays delivery.
+    #[tokio::test]
+    async fn an_older_database_is_migrated_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.db");
+        let mut first = sqlx::migrate!("./migrations/sqlite");
+        first.migrations = first.migrations[..1].to_vec().into();
+        let options = SqliteConnectOptions::new()
+            .filename(&path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal);
+        let mut conn = options.connect().await.unwrap();
+        first.run_direct(&mut conn).await.unwrap();
+        for (id, name, reply) in [
+            (1, "rehearsed", "250 written to /c/outbox/x.eml"),
+            (2, "delivered", "250 2.0.0 OK queued"),
+        ] {
+            sqlx::query("INSERT INTO campaigns (id, name, created_at) VALUES (?, ?, 0)")
+                .bind(id)
+                .bind(name)
+                .execute(&mut conn)
+                .await
+                .unwrap();
+            sqlx::query(
+                "INSERT INTO recipients (campaign_id, row_key, email, row_number, fields, state, attempts, last_reply, seen_gen, updated_at) \
+                 VALUES (?, 'a@x.example', 'a@x.example', 1, '[]', 'sent', 1, ?, 1, 5)",
+            )
+            .bind(id)
+            .bind(reply)
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        }
+        conn.close().await.unwrap();
+
+        let store = Store::open(&path).await.unwrap();
+        let all = store.campaigns().await.unwrap();
+        let by_name = |n: &str| all.iter().find(|c| c.name == n).unwrap();
+        assert!(by_name("rehearsed").delivery.is_none());
+        assert_eq!(by_name("rehearsed").rehearsal.as_ref().unwrap()["sent"], 1);
+        assert_eq!(by_name("delivered").delivery.as_ref().unwrap()["sent"], 1);
+        assert!(by_name("delivered").rehearsal.is_none());
+        // The first file to use a name from before binding owns it.
+        let id = Identity {
+            name: "delivered".into(),
+            file: "/a/campaign.toml".into(),
+            delivery: Delivery::Smtp,
+        };
+        assert_eq!(store.campaign(&id).await.unwrap().id, 2);
+        let other = Identity {
+            file: "/b/campaign.toml".into(),
+            ..id
+        };
+        let refused = store.campaign(&other).await.unwrap_err();
+        assert!(
+            format!("{refused:#}").contains("/a/campaign.toml"),
+            "{refused:#}"
+        );
+        // Reset forgets the rows through the foreign key, which survived the rebuild.
+        assert_eq!(store.reset("delivered").await.unwrap(), Some(1));
+        let left: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM recipients")
+            .fetch_one(&store.pool)
+            .await
+            .unwrap();
+        assert_eq!(left, 1);
+    }
+
     #[test]
     fn db_location() {
         assert_eq!(
             resolve_db(Some("sqlite:///tmp/x.db")).unwrap(),
-            PathBuf::from("/tmp/x.db")
+            DbLocation {
+                path: PathBuf::from("/tmp/x.db"),
+                default: false
+            }
         );
-        assert!(resolve_db(Some("postgres://h/db")).is_err());
+        let refused = resolve_db(Some("postgres://me:pa55@h:5432/db")).unwrap_err();
+        assert!(!format!("{refused:#}").contains("pa55"), "{refused:#}");
+        assert!(resolve_db(None).unwrap().default);
+    }
+
+    #[test]
+    fn passwords_in_urls_are_masked() {
+        assert_eq!(
+            mask_password("postgres://me:pa55@db.example:5432/x?sslmode=require"),
+            "postgres://me:***@db.example:5432/x?sslmode=require"
+        );
+        assert_eq!(
+            mask_password("postgres://db.example/x"),
+            "postgres://db.example/x"
+        );
+        assert_eq!(
+            mask_password("postgres://me@db.example/x"),
+            "postgres://me@db.example/x"
+        );
+        assert_eq!(mask_password("/var/lib/x.db"), "/var/lib/x.db");
     }
 }

@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::io::Write as _;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
@@ -230,7 +231,7 @@ fn progress_bar_on_a_terminal_plain_lines_otherwise() {
         screen.contains("/8 done"),
         "no progress bar drawn: {screen:?}"
     );
-    assert!(screen.contains("sent 8 in this run"), "{screen:?}");
+    assert!(screen.contains("8 messages written"), "{screen:?}");
 
     let dir = CampaignDir::new();
     standard_campaign(
@@ -242,7 +243,7 @@ fn progress_bar_on_a_terminal_plain_lines_otherwise() {
     let out = dir.run(&["send", dir.campaign().to_str().unwrap()]);
     let err = text(&out.stderr);
     assert!(!err.contains("=>") && !err.contains('\u{1b}'), "{err:?}");
-    assert!(err.contains("sent 8 in this run"), "{err}");
+    assert!(err.contains("8 messages written"), "{err}");
 }
 
 #[test]
@@ -254,7 +255,7 @@ fn quiet_keeps_warnings_and_the_summary_color_follows_the_flag() {
     let err = text(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{err}");
     assert!(
-        err.contains("invalid address") && err.contains("sent 1 in this run"),
+        err.contains("invalid address") && err.contains("1 message written"),
         "{err}"
     );
     assert!(!err.contains(" INFO "), "-q printed info lines: {err}");
@@ -613,4 +614,199 @@ fn outbox_files_are_named_by_row_and_address_and_never_overwritten() {
         std::fs::read(dir.path().join("outbox").join(&first[0])).unwrap(),
         ada
     );
+}
+
+/// Regression (SPEC §7.6): every `init` campaign was called
+/// `my-first-campaign`, so the second one silently sent nothing. `init DIR`
+/// names the campaign after DIR.
+#[test]
+fn two_init_campaigns_are_two_campaigns() {
+    let dir = CampaignDir::new();
+    for name in ["spring-sale", "autumn news"] {
+        let target = dir.path().join(name);
+        let out = dir.run(&["init", target.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+        let campaign = target.join("campaign.toml");
+        let out = dir.run(&["send", campaign.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+        assert_eq!(eml_count(&target.join("outbox")), 3, "{name}");
+    }
+    let toml = std::fs::read_to_string(dir.path().join("autumn news/campaign.toml")).unwrap();
+    assert!(toml.contains("name = \"autumn-news\""), "{toml}");
+}
+
+/// SPEC §7.6: a name is bound to the campaign file first sent with it;
+/// another file with that name is refused by send, check and status (exit
+/// 2, naming the owner and what to do) until the old state is reset.
+#[test]
+fn a_name_owned_by_another_campaign_file_is_refused_until_reset() {
+    let dir = CampaignDir::new();
+    standard_campaign(&dir, &recipients_csv(3), FILE_TRANSPORT, "");
+    let first = dir.campaign();
+    assert_eq!(dir.send(&[]).status.code(), Some(0));
+    let other = CampaignDir::new();
+    let copy = other.path();
+    copy_dir(dir.path(), copy);
+    let second = copy.join("campaign.toml");
+    let second = second.to_str().unwrap();
+    for command in ["send", "check", "status", "export"] {
+        let out = dir.run(&[command, second]);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{command}: {err}");
+        assert!(
+            err.contains(first.to_str().unwrap()) && err.contains("hikyaku reset"),
+            "{command}: {err}"
+        );
+    }
+    assert_eq!(eml_count(&copy.join("outbox")), 0);
+
+    // Without a terminal, reset needs --yes; then the name is free again.
+    let out = dir.run(&["reset", second]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("--yes"), "{}", text(&out.stderr));
+    let out = dir.run(&["reset", "--yes", second]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let out = dir.run(&["send", second]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(eml_count(&copy.join("outbox")), 3);
+    // Now the first file is the stranger.
+    let out = dir.run(&["send", first.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+}
+
+/// `campaigns` lists every campaign with its file, states and last
+/// activity; `reset NAME` (a bare name that is not a file) forgets one.
+#[test]
+fn campaigns_lists_and_reset_forgets_by_name() {
+    let dir = CampaignDir::new();
+    standard_campaign(&dir, &recipients_csv(3), FILE_TRANSPORT, "");
+    assert_eq!(dir.send(&["--limit", "2"]).status.code(), Some(75));
+    let out = dir.run(&["campaigns", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let file = std::fs::canonicalize(dir.campaign()).unwrap();
+    assert_eq!(list[0]["campaign"], "test-campaign", "{list}");
+    assert_eq!(list[0]["file"], file.to_str().unwrap(), "{list}");
+    assert_eq!(list[0]["rehearsal_states"]["sent"], 2, "{list}");
+    assert_eq!(list[0]["rehearsal_states"]["pending"], 1, "{list}");
+    assert!(list[0]["states"].is_null(), "nothing was delivered: {list}");
+    assert!(list[0]["last_activity"].as_str().unwrap().ends_with('Z'));
+    let out = dir.run(&["campaigns"]);
+    let said = text(&out.stdout);
+    assert!(
+        said.contains("test-campaign") && said.contains("rehearsal") && said.contains("2 sent"),
+        "{said}"
+    );
+
+    let out = dir.run(&["reset", "--yes", "test-campaign"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let out = dir.run(&["campaigns", "--json"]);
+    assert_eq!(text(&out.stdout).trim(), "[]");
+    let out = dir.run(&["reset", "--yes", "no-such-campaign"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+}
+
+/// On a terminal, reset asks; anything but yes leaves the state alone.
+#[test]
+fn reset_asks_on_a_terminal() {
+    let dir = CampaignDir::new();
+    standard_campaign(&dir, &recipients_csv(2), FILE_TRANSPORT, "");
+    assert_eq!(dir.send(&[]).status.code(), Some(0));
+    for (answer, code, left) in [("n", 2, 1), ("y", 0, 0)] {
+        let cmd = format!(
+            "{} --db {} reset test-campaign; echo exit=$?",
+            common::bin(),
+            dir.db().display()
+        );
+        // script gives the command a terminal and types what it reads.
+        let mut child = Command::new("script")
+            .args(["-qec", &cmd, "/dev/null"])
+            .env("RUST_BACKTRACE", "1")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(format!("{answer}\n").as_bytes())
+            .unwrap();
+        let out = common::finish(child);
+        let screen = text(&out.stdout);
+        assert!(screen.contains(&format!("exit={code}")), "{screen}");
+        let listed = dir.run(&["campaigns", "--json"]);
+        let list: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+        assert_eq!(list.as_array().unwrap().len(), left, "{screen}");
+    }
+}
+
+/// Regression (SPEC §7.5): the README's quick start (send to files, look,
+/// switch [transport] to SMTP) ended with nothing sent, as the file run had
+/// marked every row `sent`. A file run is a rehearsal: it resumes like a
+/// run, says that nothing was delivered, and leaves the SMTP run everyone;
+/// its sends count in no SMTP account's windows.
+#[test]
+fn a_rehearsal_through_files_is_not_delivery() {
+    let server = SmtpServer::start(&[]);
+    let dir = CampaignDir::new();
+    standard_campaign(
+        &dir,
+        &recipients_csv(5),
+        FILE_TRANSPORT,
+        "[limits]\nper_second = 50\nper_day = 100\n",
+    );
+    let out = dir.send(&["--limit", "2"]);
+    assert_eq!(out.status.code(), Some(75), "{}", text(&out.stderr));
+    let out = dir.send(&[]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("rehearsal: 3 messages written to outbox/")
+            && err.contains("nothing was delivered"),
+        "{err}"
+    );
+    assert_eq!(
+        eml_count(&dir.path().join("outbox")),
+        5,
+        "the rehearsal resumed"
+    );
+    let status = dir.status();
+    assert_eq!(status["rehearsal"], true, "{status}");
+    assert_eq!(status["states"]["sent"], 5, "{status}");
+
+    standard_campaign(
+        &dir,
+        &recipients_csv(5),
+        &server.transport_toml(""),
+        "[limits]\nper_second = 50\nper_day = 100\n",
+    );
+    let status = dir.status();
+    assert_eq!(status["rehearsal"], false, "{status}");
+    assert_eq!(status["states"]["sent"], 0, "{status}");
+    let windows = status["windows"].as_array().unwrap();
+    assert_eq!(windows.len(), 2, "{status}");
+    assert!(
+        windows.iter().all(|w| w["used"] == 0),
+        "file sends count for no account: {status}"
+    );
+    let out = dir.send(&[]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("sent 5 in this run"),
+        "{}",
+        text(&out.stderr)
+    );
+    let deliveries = server.deliveries();
+    assert_eq!(deliveries.len(), 5, "{deliveries:?}");
+    assert!(deliveries.values().all(|n| *n == 1), "{deliveries:?}");
+    let out = dir.send(&[]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(
+        server.received().len(),
+        5,
+        "a second SMTP run sends nothing"
+    );
+    assert_eq!(dir.status()["states"]["sent"], 5);
 }

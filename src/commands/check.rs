@@ -7,7 +7,7 @@ use anyhow::Result;
 
 use super::log::OUTCOME;
 use super::send::refused_by_server;
-use super::{content_changed, fingerprint, load, output, scan, Global};
+use super::{content_changed, fingerprint, identity, load, output, scan, Global};
 use crate::campaign::{Campaign, PasswordSource, TlsMode, TransportConfig};
 use crate::error::Exit;
 use crate::message::mailbox;
@@ -27,7 +27,7 @@ pub async fn check(global: &Global, path: &Path, connect: bool) -> Result<Exit> 
     notes.extend(no_limits(campaign));
     notes.extend(dkim_misaligned(campaign));
     let store = global.store().await?;
-    let record = store.campaign(&campaign.name).await?;
+    let record = store.campaign(&identity(campaign)).await?;
     errors.extend(content_changed(&record, &fingerprint(&loaded)?)?);
     let scanned = scan(&loaded, &store, &record, false, global.progress_bar).await;
     let counted = match scanned {

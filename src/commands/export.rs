@@ -6,7 +6,9 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 
-use super::{output, Global};
+use super::log::OUTCOME;
+use super::send::rehearsal_note;
+use super::{identity, output, Global};
 use crate::campaign::Campaign;
 use crate::error::{input_error, Exit};
 use crate::store::{rfc3339, State};
@@ -19,12 +21,21 @@ pub async fn export(
 ) -> Result<Exit> {
     let campaign = Campaign::load(path)?;
     let store = global.store().await?;
-    let record = store.find_campaign(&campaign.name).await?.ok_or_else(|| {
+    let id = identity(&campaign);
+    let record = store.find_campaign(&id).await?.ok_or_else(|| {
         input_error(format!(
             "campaign {:?} has no state in this database yet (run hikyaku send first)",
             campaign.name
         ))
     })?;
+    if id.delivery.is_rehearsal() {
+        tracing::info!(
+            target: OUTCOME,
+            "{}: the state of a rehearsal{}",
+            campaign.name,
+            rehearsal_note(&campaign)
+        );
+    }
     let sink: Box<dyn Write> = match output {
         Some(file) => Box::new(std::io::BufWriter::new(
             std::fs::File::create(file).with_context(|| format!("creating {}", file.display()))?,

@@ -2,6 +2,7 @@
 //! talks to the user, and returns the exit status; the work itself lives in
 //! the library modules.
 
+mod campaigns;
 mod check;
 mod export;
 mod init;
@@ -16,9 +17,10 @@ mod suppress;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use sha2::{Digest, Sha256};
 
+pub use campaigns::{campaigns, reset};
 pub use check::check;
 pub use export::export;
 pub use init::init;
@@ -27,11 +29,11 @@ pub use send::{send, SendOptions};
 pub use status::status;
 pub use suppress::{suppress, SuppressAction};
 
-use crate::campaign::Campaign;
+use crate::campaign::{Campaign, TransportConfig};
 use crate::message::Variant;
 use crate::personalize::{row_place, Pipeline, RowError};
 use crate::recipients::RecipientReader;
-use crate::store::{self, CampaignRecord, Import, RowStatus, Store};
+use crate::store::{self, CampaignRecord, Delivery, Identity, Import, RowStatus, Store};
 
 /// Options every command shares.
 #[derive(Debug, Clone, Default)]
@@ -44,7 +46,41 @@ pub struct Global {
 
 impl Global {
     pub async fn store(&self) -> Result<Store> {
-        Store::open(&store::resolve_db(self.db.as_deref())?).await
+        let db = store::resolve_db(self.db.as_deref())?;
+        tracing::debug!("state database {}", db.path.display());
+        if db.default {
+            if let Some(parent) = db.path.parent() {
+                std::fs::create_dir_all(parent).with_context(|| {
+                    format!(
+                        "creating the folder of the state database {}",
+                        parent.display()
+                    )
+                })?;
+            }
+        }
+        Store::open(&db.path).await
+    }
+
+    /// Names the state database in an error that came from it.
+    pub fn name_database(&self, err: anyhow::Error) -> anyhow::Error {
+        match store::resolve_db(self.db.as_deref()) {
+            Ok(db) => store::name_in_error(&db.path, err),
+            Err(_) => err,
+        }
+    }
+}
+
+/// What names the campaign's state in the store: its name, its file, and
+/// whether its transport delivers or rehearses (SPEC §7.5, §7.6).
+pub fn identity(campaign: &Campaign) -> Identity {
+    let file = std::fs::canonicalize(&campaign.path).unwrap_or_else(|_| campaign.path.clone());
+    Identity {
+        name: campaign.name.clone(),
+        file: file.display().to_string(),
+        delivery: match campaign.transport {
+            TransportConfig::Smtp(_) => Delivery::Smtp,
+            TransportConfig::File { .. } => Delivery::File,
+        },
     }
 }
 

@@ -10,7 +10,7 @@ use tokio::sync::{mpsc, watch};
 use super::log::{plural, OUTCOME};
 use super::progress::{self, Progress};
 use super::status::{local_time, outlook};
-use super::{content_changed, fingerprint, load, output, scan, Global, Loaded};
+use super::{content_changed, fingerprint, identity, load, output, scan, Global, Loaded};
 use crate::campaign::{Campaign, TransportConfig};
 use crate::engine::{self, RunConfig, RunEnd};
 use crate::error::{input_error, Exit};
@@ -113,7 +113,7 @@ pub async fn send(
         return send_test(&loaded, test_to, opts.limit.unwrap_or(1), opts.dry_run).await;
     }
     let store = global.store().await?;
-    let record = store.campaign(&loaded.campaign.name).await?;
+    let record = store.campaign(&identity(&loaded.campaign)).await?;
     let token = uuid::Uuid::new_v4().to_string();
     if !opts.dry_run {
         store.lock(record.id, &token).await?;
@@ -216,8 +216,13 @@ async fn send_locked(
         let mut out = output::stdout();
         writeln!(
             out,
-            "dry run: {} rows, {remaining} would be sent, {} already sent, {} skipped, {} failed, {} unknown",
-            found.rows, counts["sent"], counts["skipped"], counts["failed"], counts["unknown"]
+            "dry run{}: {} rows, {remaining} would be sent, {} already sent, {} skipped, {} failed, {} unknown",
+            rehearsal_note(campaign),
+            found.rows,
+            counts["sent"],
+            counts["skipped"],
+            counts["failed"],
+            counts["unknown"]
         )?;
         writeln!(out, "account {}", campaign.account())?;
         for (w, used) in &look.usage {
@@ -295,12 +300,22 @@ async fn send_locked(
     let counts = store.counts(record.id).await?;
     let left = counts["pending"] + counts["deferred"];
     let secs = (now_ms() - started).max(1) as f64 / 1000.0;
+    let rate = progress::rate(stats.sent as f64 / secs);
+    let (done, sent) = match &campaign.transport {
+        TransportConfig::File { dir } => (
+            format!(
+                "rehearsal: {} written to {} in this run ({rate}), nothing was delivered",
+                plural(stats.sent, "message"),
+                shown_dir(campaign, dir)
+            ),
+            "written",
+        ),
+        TransportConfig::Smtp(_) => (format!("sent {} in this run ({rate})", stats.sent), "sent"),
+    };
     tracing::info!(
         target: OUTCOME,
-        "{}: sent {} in this run ({}); total: {} sent, {} failed, {} unknown, {} skipped, {} left",
+        "{}: {done}; total: {} {sent}, {} failed, {} unknown, {} skipped, {} left",
         campaign.name,
-        stats.sent,
-        progress::rate(stats.sent as f64 / secs),
         counts["sent"],
         counts["failed"],
         counts["unknown"],
@@ -340,6 +355,26 @@ async fn send_locked(
             return Err(anyhow::anyhow!("stopped: {why}"));
         }
     })
+}
+
+/// " (rehearsal: ...)" for a campaign on the file transport, for every
+/// line that could otherwise be read as delivery.
+pub(super) fn rehearsal_note(campaign: &Campaign) -> String {
+    match &campaign.transport {
+        TransportConfig::File { dir } => format!(
+            " (rehearsal: messages are written to {}, nothing is delivered)",
+            shown_dir(campaign, dir)
+        ),
+        TransportConfig::Smtp(_) => String::new(),
+    }
+}
+
+/// The outbox as the user wrote it: relative to the campaign's folder.
+fn shown_dir(campaign: &Campaign, dir: &Path) -> String {
+    match dir.strip_prefix(&campaign.dir) {
+        Ok(inside) => format!("{}/", inside.display()),
+        Err(_) => dir.display().to_string(),
+    }
 }
 
 /// `--test-to`: the first `limit` rendered messages to one address, subject

@@ -6,7 +6,8 @@ use std::path::Path;
 use anyhow::Result;
 use serde::Serialize;
 
-use super::{output, Global};
+use super::send::rehearsal_note;
+use super::{identity, output, Global};
 use crate::campaign::Campaign;
 use crate::error::Exit;
 use crate::store::{now_ms, rfc3339, Counts, Store};
@@ -14,6 +15,8 @@ use crate::store::{now_ms, rfc3339, Counts, Store};
 #[derive(Serialize)]
 struct StatusJson {
     campaign: String,
+    /// The file transport's state: written to files, nothing delivered.
+    rehearsal: bool,
     total: i64,
     states: States,
     account: String,
@@ -104,7 +107,8 @@ pub async fn outlook(
 pub async fn status(global: &Global, path: &Path, json: bool) -> Result<Exit> {
     let campaign = Campaign::load(path)?;
     let store = global.store().await?;
-    let record = store.find_campaign(&campaign.name).await?;
+    let id = identity(&campaign);
+    let record = store.find_campaign(&id).await?;
     let counts: Counts = match &record {
         Some(r) => store.counts(r.id).await?,
         None => crate::store::State::ALL
@@ -125,6 +129,7 @@ pub async fn status(global: &Global, path: &Path, json: bool) -> Result<Exit> {
     if json {
         let out = StatusJson {
             campaign: campaign.name.clone(),
+            rehearsal: id.delivery.is_rehearsal(),
             total,
             states: States {
                 pending: counts["pending"],
@@ -156,7 +161,12 @@ pub async fn status(global: &Global, path: &Path, json: bool) -> Result<Exit> {
         return Ok(Exit::Done);
     }
     let mut out = output::stdout();
-    writeln!(out, "campaign {}: {total} rows", campaign.name)?;
+    writeln!(
+        out,
+        "campaign {}: {total} rows{}",
+        campaign.name,
+        rehearsal_note(&campaign)
+    )?;
     if record.is_none() {
         writeln!(
             out,
