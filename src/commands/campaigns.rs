@@ -40,7 +40,7 @@ pub async fn campaigns(global: &Global, json: bool) -> Result<Exit> {
                 file: c.file.as_deref(),
                 states: c.delivery.as_ref(),
                 rehearsal_states: c.rehearsal.as_ref(),
-                last_activity: c.last_activity_ms.map(rfc3339),
+                last_activity: c.last_activity_ms.and_then(rfc3339),
                 running: c.running.as_deref(),
             })
             .collect();
