@@ -11,6 +11,7 @@ use anyhow::Result;
 use serde::Deserialize;
 
 use crate::bounded;
+use crate::domains::Rate;
 use crate::error::{cut, excerpt, input_error, quote};
 use crate::limits::Window;
 use crate::schedule::SendingHours;
@@ -125,6 +126,7 @@ struct RawLimits {
     per_day: Option<u32>,
     windows: Option<Vec<RawWindow>>,
     warmup: Option<Vec<u32>>,
+    per_domain: Option<BTreeMap<String, String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -156,6 +158,8 @@ pub struct Campaign {
     pub windows: Vec<Window>,
     /// Daily caps for an account's first days of sending (SPEC §6b).
     pub warmup: Vec<u32>,
+    /// `[limits.per_domain]`: pacing per recipient domain, `"*"` for any other.
+    pub per_domain: BTreeMap<String, Rate>,
     /// `[schedule]`: when messages may leave, on the clock of `timezone`.
     pub hours: Option<SendingHours>,
     pub timezone: Tz,
@@ -585,6 +589,11 @@ impl Campaign {
             anyhow::bail!("[limits] warmup: every day's cap must be at least 1");
         }
         let (hours, timezone) = sending_hours(raw.schedule)?;
+        let mut per_domain = BTreeMap::new();
+        for (key, value) in raw.limits.per_domain.iter().flatten() {
+            let domain = key.trim().trim_end_matches('.').to_ascii_lowercase();
+            per_domain.insert(domain, Rate::parse(key, value)?);
+        }
         let retry = RetryConfig {
             max_attempts: raw.retry.max_attempts.unwrap_or(5).max(1),
             backoff: match raw.retry.backoff {
@@ -607,6 +616,7 @@ impl Campaign {
             dkim,
             windows,
             warmup,
+            per_domain,
             hours,
             timezone,
             retry,

@@ -3,7 +3,7 @@
 //! `connections` workers, and records each outcome as it happens. It never prints or exits; it reports [`Event`]s and returns how
 //! the run ended, and the command layer decides what the user sees.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,6 +12,7 @@ use anyhow::Result;
 use tokio::sync::{mpsc, watch, Mutex, Notify};
 
 use crate::campaign::RetryConfig;
+use crate::domains::{DomainPacer, Rate};
 use crate::limits::Window;
 use crate::personalize::Pipeline;
 use crate::reply::{Origin, Pause, Reply, ReplyClass};
@@ -23,6 +24,9 @@ use chrono_tz::Tz;
 /// Permanent failures in a row with the same code that stop the run: by
 /// then the cause is most likely the configuration, not the addresses.
 pub const CIRCUIT_BREAKER: u32 = 10;
+
+/// A domain's pacing is shown when it holds every recipient at least this long.
+const DOMAIN_WAIT_SHOWN_MS: i64 = 1_000;
 
 /// Time as the engine sees it, so that pacing, windows, backoff and pauses
 /// are tested in virtual time without sleeping.
@@ -81,6 +85,8 @@ pub struct RunConfig {
     pub zone: Tz,
     /// The account's daily caps for its first days of sending.
     pub warmup: Vec<u32>,
+    /// `[limits.per_domain]`, paced in this run only.
+    pub per_domain: BTreeMap<String, Rate>,
 }
 
 /// What happened, for the progress display.
@@ -217,6 +223,7 @@ pub async fn run<T: Transport, C: Clock>(
         throttle: Backoff::default(),
     }));
     let settled = Arc::new(Notify::new());
+    let domains = Arc::new(DomainPacer::new(&config.per_domain));
     let config = Arc::new(config);
     let mut workers = Vec::new();
     for _ in 0..config.connections.max(1) {
@@ -230,6 +237,7 @@ pub async fn run<T: Transport, C: Clock>(
             stop: stop.clone(),
             shared: shared.clone(),
             settled: settled.clone(),
+            domains: domains.clone(),
             proven: false,
         };
         workers.push(tokio::spawn(worker.run()));
@@ -274,6 +282,7 @@ struct Worker<T, C> {
     stop: watch::Receiver<bool>,
     shared: Arc<Mutex<Shared>>,
     settled: Arc<Notify>,
+    domains: Arc<DomainPacer>,
     /// A connection was made (or found ready) since this worker last
     /// claimed: recipients are claimed only once the server took us.
     proven: bool,
@@ -376,8 +385,9 @@ impl<T: Transport, C: Clock> Worker<T, C> {
         let claim = match self.gate(now).await? {
             Some((until_ms, why)) => Claim::Wait { until_ms, why },
             None => {
+                let domains = &self.domains;
                 self.store
-                    .claim(
+                    .claim_held(
                         cfg.campaign_id,
                         &cfg.account,
                         &cfg.pause_key,
@@ -385,6 +395,19 @@ impl<T: Transport, C: Clock> Worker<T, C> {
                         now,
                         max,
                         |c| pipeline.build_stored(c).map_err(|e| e.to_string()),
+                        |c| {
+                            let address = if c.address.is_empty() {
+                                &c.email
+                            } else {
+                                &c.address
+                            };
+                            domains.hold(address).map(|(wait, domain)| {
+                                (
+                                    now + i64::try_from(wait.as_millis()).unwrap_or(i64::MAX / 4),
+                                    domain,
+                                )
+                            })
+                        },
                     )
                     .await?
             }
@@ -409,7 +432,10 @@ impl<T: Transport, C: Clock> Worker<T, C> {
                 }
             }
             Claim::Wait { until_ms, why } => {
-                if cfg.no_wait && why != WaitReason::Pacing {
+                // Pacing, for the account or a domain, is a short wait that
+                // --no-wait accepts.
+                let short = matches!(why, WaitReason::Pacing | WaitReason::Domain(_));
+                if cfg.no_wait && !short {
                     shared.end = Some(RunEnd::WouldWait {
                         until_ms,
                         why: describe_wait(&why),
@@ -419,7 +445,12 @@ impl<T: Transport, C: Clock> Worker<T, C> {
                 let repeated = last_wait
                     .as_ref()
                     .is_some_and(|(u, w)| *u == until_ms && *w == why);
-                if why != WaitReason::Pacing && !repeated {
+                let noticeable = match why {
+                    WaitReason::Pacing => false,
+                    WaitReason::Domain(_) => until_ms - now >= DOMAIN_WAIT_SHOWN_MS,
+                    _ => true,
+                };
+                if noticeable && !repeated {
                     let _ = self.events.send(Event::Waiting {
                         until_ms,
                         why: why.clone(),
@@ -749,6 +780,9 @@ pub fn describe_wait(why: &WaitReason) -> String {
         }
         WaitReason::Paused(why) => why.clone(),
         WaitReason::Schedule => "outside the sending hours of [schedule]".to_string(),
+        WaitReason::Domain(domain) => {
+            format!("pacing for {domain} ([limits.per_domain])")
+        }
         WaitReason::WarmUp { day, cap } => {
             format!("warm-up: day {day}'s cap of {cap} recipients reached")
         }
@@ -883,6 +917,7 @@ mod tests {
             hours: None,
             zone: Tz::UTC,
             warmup: Vec::new(),
+            per_domain: BTreeMap::new(),
         }
     }
 

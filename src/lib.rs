@@ -8,6 +8,7 @@ pub mod bounded;
 pub mod campaign;
 pub mod commands;
 pub mod csv_lines;
+pub mod domains;
 pub mod engine;
 pub mod error;
 pub mod limits;

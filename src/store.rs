@@ -393,7 +393,13 @@ pub enum WaitReason {
         day: usize,
         cap: u32,
     },
+    /// Every recipient that could go now is at a domain that must wait.
+    Domain(String),
 }
+
+/// Recipients one claim passes over for their domain before it waits: a
+/// bound on the rows read while every destination is busy.
+const MAX_PASSED_OVER: usize = 64;
 
 /// One outcome of a send, as written to the store.
 #[derive(Debug, Clone)]
@@ -748,6 +754,36 @@ impl Store {
         max: usize,
         build: impl Fn(&Candidate) -> std::result::Result<Outgoing, String>,
     ) -> Result<Claim> {
+        self.claim_held(
+            campaign_id,
+            account,
+            pause_key,
+            windows,
+            now,
+            max,
+            build,
+            |_| None,
+        )
+        .await
+    }
+
+    /// [`Store::claim`], passing over recipients that `hold` says must wait
+    /// (until when, and the domain that holds them): they stay as they are,
+    /// and the next recipients are tried, so that one slow destination
+    /// never holds up the others. `hold` is asked last, when the recipient
+    /// would otherwise be claimed.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn claim_held(
+        &self,
+        campaign_id: i64,
+        account: &str,
+        pause_key: &str,
+        windows: &[Window],
+        now: i64,
+        max: usize,
+        build: impl Fn(&Candidate) -> std::result::Result<Outgoing, String>,
+        mut hold: impl FnMut(&Candidate) -> Option<(i64, String)>,
+    ) -> Result<Claim> {
         let mut conn = self.pool.acquire().await?;
         // The `sending` marks must be on disk before the transactions start.
         sqlx::query("PRAGMA synchronous = FULL")
@@ -768,8 +804,11 @@ impl Store {
         }
         let mut ready = Vec::new();
         let mut unbuildable = Vec::new();
-        while ready.len() < max.max(1) {
-            let Some(candidate) = next_candidate(&mut tx, campaign_id, now).await? else {
+        let mut passed_over: Vec<i64> = Vec::new();
+        let mut held: Option<(i64, String)> = None;
+        while ready.len() < max.max(1) && passed_over.len() < MAX_PASSED_OVER {
+            let Some(candidate) = next_candidate(&mut tx, campaign_id, now, &passed_over).await?
+            else {
                 break;
             };
             let message = match build(&candidate) {
@@ -812,6 +851,13 @@ impl Store {
                     });
                 }
             }
+            if let Some((until_ms, domain)) = hold(&candidate) {
+                passed_over.push(candidate.id);
+                if held.as_ref().is_none_or(|(u, _)| until_ms < *u) {
+                    held = Some((until_ms, domain));
+                }
+                continue;
+            }
             sqlx::query(
                 "UPDATE recipients SET state = 'sending', attempts = attempts + 1, message_id = ?, updated_at = ? WHERE id = ?",
             )
@@ -838,6 +884,12 @@ impl Store {
             }
         }
         if ready.is_empty() && unbuildable.is_empty() {
+            if let Some((until_ms, domain)) = held {
+                return Ok(Claim::Wait {
+                    until_ms,
+                    why: WaitReason::Domain(domain),
+                });
+            }
             let next_due_ms: Option<i64> = sqlx::query_scalar(
                 "SELECT MIN(next_attempt_at) FROM recipients WHERE campaign_id = ? AND state = 'deferred'",
             )
@@ -1101,20 +1153,24 @@ async fn next_candidate(
     conn: &mut sqlx::SqliteConnection,
     campaign_id: i64,
     now: i64,
+    passed_over: &[i64],
 ) -> Result<Option<Candidate>> {
+    let passed_over = serde_json::to_string(passed_over)?;
     let columns = "id, row_number, email, address, fields, attempts, state, message_id, updated_at";
     let mut row = sqlx::query(&format!(
-        "SELECT {columns} FROM recipients WHERE campaign_id = ? AND state = 'deferred' AND next_attempt_at <= ? ORDER BY next_attempt_at, id LIMIT 1"
+        "SELECT {columns} FROM recipients WHERE campaign_id = ? AND state = 'deferred' AND next_attempt_at <= ? AND id NOT IN (SELECT value FROM json_each(?)) ORDER BY next_attempt_at, id LIMIT 1"
     ))
     .bind(campaign_id)
     .bind(now)
+    .bind(&passed_over)
     .fetch_optional(&mut *conn)
     .await?;
     if row.is_none() {
         row = sqlx::query(&format!(
-            "SELECT {columns} FROM recipients WHERE campaign_id = ? AND state = 'pending' ORDER BY id LIMIT 1"
+            "SELECT {columns} FROM recipients WHERE campaign_id = ? AND state = 'pending' AND id NOT IN (SELECT value FROM json_each(?)) ORDER BY id LIMIT 1"
         ))
         .bind(campaign_id)
+        .bind(&passed_over)
         .fetch_optional(&mut *conn)
         .await?;
     }

@@ -71,3 +71,46 @@ fn warmup_caps_the_first_day_and_says_so() {
     assert_eq!(out.status.code(), Some(75), "stderr: {}", text(&out.stderr));
     assert_eq!(dir.status()["states"]["sent"], 2);
 }
+
+/// `[limits.per_domain]` paces one provider (before, the key was refused
+/// and nothing could smooth a burst), and a paced domain holds up no other.
+#[test]
+fn a_per_domain_limit_holds_at_the_server_and_other_domains_go_on() {
+    let server = common::SmtpServer::start(&[]);
+    let dir = CampaignDir::new();
+    let mut csv = String::from("email,first_name,city\n");
+    for i in 1..=3 {
+        csv.push_str(&format!("s{i}@slow.example,S{i},X\n"));
+    }
+    for i in 1..=6 {
+        csv.push_str(&format!("f{i}@fast.example,F{i},Y\n"));
+    }
+    standard_campaign(
+        &dir,
+        &csv,
+        &server.transport_toml(""),
+        "[limits.per_domain]\n\"slow.example\" = \"1/s\"\n",
+    );
+    let campaign = dir.campaign();
+    let out = dir.run(&["send", campaign.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
+    let received = server.received();
+    assert_eq!(received.len(), 9);
+    assert!(server.deliveries().values().all(|n| *n == 1));
+    let at = |domain: &str| -> Vec<f64> {
+        received
+            .iter()
+            .filter(|r| r.rcpt_tos[0].ends_with(domain))
+            .map(|r| r.received_at)
+            .collect()
+    };
+    let slow = at("@slow.example");
+    let fast = at("@fast.example");
+    // One a second: the server never sees two within well under a second.
+    for pair in slow.windows(2) {
+        assert!(pair[1] - pair[0] >= 0.8, "slow.example at {slow:?}");
+    }
+    // The other domain was not queued behind the paced one.
+    let last_fast = fast.iter().copied().fold(f64::MIN, f64::max);
+    assert!(last_fast < slow[2], "fast {fast:?}, slow {slow:?}");
+}

@@ -270,6 +270,7 @@ async fn send_locked(
         hours: campaign.hours.clone(),
         zone: campaign.timezone,
         warmup: campaign.warmup.clone(),
+        per_domain: campaign.per_domain.clone(),
     };
     let (events_tx, events_rx) = mpsc::unbounded_channel();
     let progress = Progress::start(
