@@ -106,6 +106,8 @@ struct RawTransport {
     connections: Option<usize>,
     timeout: Option<String>,
     helo_name: Option<String>,
+    auth: Option<String>,
+    token_command: Option<String>,
     dir: Option<PathBuf>,
 }
 
@@ -224,6 +226,9 @@ pub struct SmtpConfig {
     /// The EHLO name; `None`: the machine's fully qualified name, or an
     /// address literal when it has none.
     pub helo_name: Option<lettre::transport::smtp::extension::ClientId>,
+    /// `auth = "xoauth2"`: `password` is then the command that prints an
+    /// OAuth 2 access token, run again when the server refuses the token.
+    pub xoauth2: bool,
 }
 
 /// Where the SMTP password comes from. The password itself is read only when
@@ -762,21 +767,61 @@ fn transport_config(
                     "[transport] give only one of password_env, password_file, password_command"
                 );
             }
-            if raw.password_command_timeout.is_some() && raw.password_command.is_none() {
+            let xoauth2 = match raw.auth.as_deref() {
+                None | Some("password") => false,
+                Some("xoauth2") => true,
+                Some(other) => anyhow::bail!(
+                    "[transport] auth = {}: use \"password\" or \"xoauth2\"",
+                    quote(other)
+                ),
+            };
+            if xoauth2 && sources.iter().any(|s| *s) {
+                anyhow::bail!(
+                    "[transport] auth = \"xoauth2\" takes its access token from token_command, \
+                     not from password_env, password_file or password_command"
+                );
+            }
+            if xoauth2 && raw.username.is_none() {
+                anyhow::bail!(
+                    "[transport] auth = \"xoauth2\" needs `username`, the account the token is for"
+                );
+            }
+            if raw.token_command.is_some() && !xoauth2 {
+                anyhow::bail!(
+                    "[transport] token_command is for auth = \"xoauth2\", which is not set"
+                );
+            }
+            if raw.password_command_timeout.is_some()
+                && raw.password_command.is_none()
+                && raw.token_command.is_none()
+            {
                 anyhow::bail!(
                     "[transport] password_command_timeout is for password_command, which is not set"
                 );
             }
-            let password = if let Some(file) = raw.password_file {
+            let command_timeout = match raw.password_command_timeout {
+                None => DEFAULT_PASSWORD_COMMAND_TIMEOUT,
+                Some(t) => parse_duration("[transport] password_command_timeout", &t)?,
+            };
+            let password = if xoauth2 {
+                let command = raw.token_command.ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "[transport] auth = \"xoauth2\" needs token_command, a command that prints \
+                         an OAuth 2 access token"
+                    )
+                })?;
+                PasswordSource::Command {
+                    command,
+                    dir: dir.to_path_buf(),
+                    timeout: command_timeout,
+                }
+            } else if let Some(file) = raw.password_file {
                 PasswordSource::File(dir.join(file))
             } else if let Some(cmd) = raw.password_command {
                 PasswordSource::Command {
                     command: cmd,
                     dir: dir.to_path_buf(),
-                    timeout: match raw.password_command_timeout {
-                        None => DEFAULT_PASSWORD_COMMAND_TIMEOUT,
-                        Some(t) => parse_duration("[transport] password_command_timeout", &t)?,
-                    },
+                    timeout: command_timeout,
                 }
             } else {
                 let var = raw
@@ -817,6 +862,7 @@ fn transport_config(
                 connections,
                 timeout,
                 helo_name,
+                xoauth2,
             }))
         }
         "" => anyhow::bail!("[transport] needs `kind` (\"smtp\" or \"file\") or a `preset`"),
@@ -1022,6 +1068,32 @@ text = "t.hbs"
         ))
         .unwrap_err();
         assert!(format!("{err:#}").contains("warmup"), "{err:#}");
+    }
+
+    #[test]
+    fn xoauth2_needs_a_token_command_and_a_username_and_no_password() {
+        let smtp = "[transport]\nkind = \"smtp\"\nhost = \"h\"\n";
+        let c = load_str(&format!(
+            "{BASE}{smtp}username = \"me@gmail.com\"\nauth = \"xoauth2\"\ntoken_command = \"oauth2l fetch\"\n"
+        ))
+        .unwrap();
+        let TransportConfig::Smtp(cfg) = &c.transport else {
+            panic!("smtp expected")
+        };
+        assert!(cfg.xoauth2);
+        for (extra, word) in [
+            ("username = \"u\"\nauth = \"xoauth2\"\n", "token_command"),
+            ("auth = \"xoauth2\"\ntoken_command = \"t\"\n", "username"),
+            (
+                "username = \"u\"\nauth = \"xoauth2\"\ntoken_command = \"t\"\npassword_env = \"P\"\n",
+                "password_env",
+            ),
+            ("username = \"u\"\ntoken_command = \"t\"\n", "xoauth2"),
+            ("auth = \"kerberos\"\n", "auth"),
+        ] {
+            let err = load_str(&format!("{BASE}{smtp}{extra}")).unwrap_err();
+            assert!(format!("{err:#}").contains(word), "{err:#}");
+        }
     }
 
     #[test]

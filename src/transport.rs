@@ -31,7 +31,7 @@ use lettre::transport::smtp::response::Response;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-use crate::campaign::{Campaign, SmtpConfig, TlsMode, TransportConfig};
+use crate::campaign::{Campaign, PasswordSource, SmtpConfig, TlsMode, TransportConfig};
 use crate::error::input_error;
 use crate::message::Outgoing;
 use crate::reply::{Origin, Reply};
@@ -125,7 +125,9 @@ pub struct Smtp {
     host: String,
     port: u16,
     tls: Option<(TlsMode, TlsParameters)>,
-    credentials: Option<Credentials>,
+    credentials: Mutex<Option<Credentials>>,
+    /// With XOAUTH2, the user and where a fresh access token comes from.
+    token: Option<(String, PasswordSource)>,
     /// The EHLO name; `None`: an address literal of the local address.
     hello: Option<ClientId>,
     timeout: Duration,
@@ -189,7 +191,11 @@ impl Smtp {
             host: cfg.host.clone(),
             port: cfg.port,
             tls,
-            credentials,
+            credentials: Mutex::new(credentials),
+            token: match (&cfg.username, cfg.xoauth2) {
+                (Some(user), true) => Some((user.clone(), cfg.password.clone())),
+                _ => None,
+            },
             hello,
             timeout: cfg.timeout,
             idle: Mutex::new(Vec::new()),
@@ -239,8 +245,33 @@ impl Smtp {
         })
     }
 
-    /// Opens and authenticates a connection.
+    /// Opens and authenticates a connection. An OAuth 2 access token lives
+    /// about an hour: when the server refuses it, a fresh one is asked for
+    /// and the login tried once more.
     async fn open(&self) -> std::result::Result<Conn, Reply> {
+        match self.open_once().await {
+            Err(reply) if self.token.is_some() && reply.origin == Origin::Login => {
+                self.refresh_token().await?;
+                self.open_once().await
+            }
+            result => result,
+        }
+    }
+
+    async fn refresh_token(&self) -> std::result::Result<(), Reply> {
+        let Some((user, source)) = &self.token else {
+            return Ok(());
+        };
+        let token = source
+            .read()
+            .await
+            .map_err(|e| Reply::local(Origin::Login, format!("token_command: {e:#}")))?;
+        *self.credentials.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some(Credentials::new(user.clone(), token.expose().to_string()));
+        Ok(())
+    }
+
+    async fn open_once(&self) -> std::result::Result<Conn, Reply> {
         let unreachable = |e: &dyn std::fmt::Display| {
             Reply::local(
                 Origin::Unreachable,
@@ -309,14 +340,21 @@ impl Smtp {
                 .map_err(|e| login_failure(&e, "EHLO"))?;
             let _ = self.advertised.set(advertised_size(&ehlo).unwrap_or(0));
         }
-        if let Some(credentials) = &self.credentials {
-            self.bounded(
-                "AUTH",
-                smtp.auth(&[Mechanism::Plain, Mechanism::Login], credentials),
-            )
-            .await
-            .map_err(as_unreachable)?
-            .map_err(|e| login_failure(&e, "AUTH"))?;
+        let credentials = self
+            .credentials
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let Some(credentials) = &credentials {
+            let mechanisms: &[Mechanism] = if self.token.is_some() {
+                &[Mechanism::Xoauth2]
+            } else {
+                &[Mechanism::Plain, Mechanism::Login]
+            };
+            self.bounded("AUTH", smtp.auth(mechanisms, credentials))
+                .await
+                .map_err(as_unreachable)?
+                .map_err(|e| login_failure(&e, "AUTH"))?;
         }
         Ok(Conn {
             smtp,

@@ -41,6 +41,7 @@ Command line
                       ``127.0.0.1`` are generated with trustme, and the CA is
                       written to ``ca.pem`` next to the ready file.
 --user U --password P  require AUTH (PLAIN or LOGIN) with these credentials
+--oauth-token T       also accept AUTH XOAUTH2 for --user with bearer token T
                       before MAIL.  With starttls, AUTH is only offered and
                       accepted after STARTTLS.  Wrong credentials get Gmail's
                       ``535 5.7.8 Username and Password not accepted. ...``.
@@ -177,8 +178,11 @@ class FaultyHandler:
     """
 
     def __init__(self, plan: FaultPlan, recorder: Recorder, seed: int,
-                 auth_enabled: bool) -> None:
+                 auth_enabled: bool, user: Optional[str] = None,
+                 oauth_token: Optional[str] = None) -> None:
         self.plan = plan
+        self.user = user
+        self.oauth_token = oauth_token
         self.auth_enabled = auth_enabled
         self.recorder = recorder
         self.rng = random.Random(seed)
@@ -196,6 +200,25 @@ class FaultyHandler:
         if self.auth_enabled:
             return responses
         return [r for r in responses if not r[4:].upper().startswith("AUTH")]
+
+    async def auth_XOAUTH2(self, server: SMTP, args: list[str]) -> AuthResult:
+        """Google's XOAUTH2: base64 of "user=U^Aauth=Bearer T^A^A" as the
+        initial response; a wrong user or token is refused as Gmail does."""
+        refused = AuthResult(success=False, handled=False,
+                             message=BAD_CREDENTIALS)
+        if self.oauth_token is None or len(args) < 2:
+            return refused
+        try:
+            text = base64.b64decode(args[1], validate=True).decode("utf-8")
+        except (ValueError, UnicodeDecodeError):
+            return refused
+        fields = dict(part.split("=", 1) for part in text.split("\x01")
+                      if "=" in part)
+        if (fields.get("user") == self.user
+                and fields.get("auth") == f"Bearer {self.oauth_token}"):
+            return AuthResult(success=True, auth_data=LoginPassword(
+                self.user.encode("utf-8"), b""))
+        return refused
 
     async def handle_AUTH(self, server: SMTP, session: Session,
                           envelope: Envelope, args: list[str]) -> object:
@@ -345,6 +368,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help="STARTTLS required (default), implicit TLS, or plain")
     p.add_argument("--user", help="require AUTH with this user name")
     p.add_argument("--password", help="password for --user")
+    p.add_argument("--oauth-token",
+                   help="accept AUTH XOAUTH2 for --user with this token")
     p.add_argument("--reject", action="append", default=[],
                    metavar="RCPT=REPLY",
                    help="answer RCPT TO:<RCPT> with REPLY (repeatable)")
@@ -438,7 +463,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     recorder = Recorder(args.record)
     handler = FaultyHandler(args.plan, recorder, args.seed,
-                           auth_enabled=args.user is not None)
+                           auth_enabled=args.user is not None,
+                           user=args.user, oauth_token=args.oauth_token)
     controller = LoopbackController(handler, **smtp_kwargs)
     controller.start()
     try:
