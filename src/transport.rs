@@ -127,7 +127,7 @@ pub struct Smtp {
     tls: Option<(TlsMode, TlsParameters)>,
     credentials: Mutex<Option<Credentials>>,
     /// With XOAUTH2, the user and where a fresh access token comes from.
-    token: Option<(String, PasswordSource)>,
+    token: Option<Box<(String, PasswordSource)>>,
     /// The EHLO name; `None`: an address literal of the local address.
     hello: Option<ClientId>,
     timeout: Duration,
@@ -193,7 +193,7 @@ impl Smtp {
             tls,
             credentials: Mutex::new(credentials),
             token: match (&cfg.username, cfg.xoauth2) {
-                (Some(user), true) => Some((user.clone(), cfg.password.clone())),
+                (Some(user), true) => Some(Box::new((user.clone(), cfg.password.clone()))),
                 _ => None,
             },
             hello,
@@ -259,7 +259,7 @@ impl Smtp {
     }
 
     async fn refresh_token(&self) -> std::result::Result<(), Reply> {
-        let Some((user, source)) = &self.token else {
+        let Some((user, source)) = self.token.as_deref() else {
             return Ok(());
         };
         let token = source
