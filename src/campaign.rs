@@ -48,6 +48,7 @@ struct RawCampaign {
     #[serde(default)]
     retry: RawRetry,
     schedule: Option<RawSchedule>,
+    imap: Option<RawImap>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -111,6 +112,18 @@ struct RawTransport {
     dir: Option<PathBuf>,
 }
 
+/// `[imap]`: where `hikyaku bounces` reads the sending account's mailbox.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawImap {
+    host: Option<String>,
+    port: Option<u16>,
+    tls: Option<String>,
+    user: Option<String>,
+    folder: Option<String>,
+    ca_file: Option<PathBuf>,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawDkim {
@@ -166,6 +179,25 @@ pub struct Campaign {
     pub hours: Option<SendingHours>,
     pub timezone: Tz,
     pub retry: RetryConfig,
+    /// The mailbox bounces come back to: `[imap]`, or Gmail's for the
+    /// gmail and workspace presets; `None` when neither says.
+    pub imap: Option<ImapConfig>,
+}
+
+/// The sending account's mailbox (SPEC §2 `[imap]`).
+#[derive(Debug, Clone)]
+pub struct ImapConfig {
+    pub host: String,
+    pub port: u16,
+    /// `Implicit` (port 993) or `StartTls` (port 143); never plain text.
+    pub tls: TlsMode,
+    pub user: String,
+    /// The SMTP account's password source: the same account, the same
+    /// password (for Gmail, the same app password).
+    pub password: PasswordSource,
+    pub folder: String,
+    pub ca_file: Option<PathBuf>,
+    pub timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -588,6 +620,7 @@ impl Campaign {
             })?),
         };
         let transport = transport_config(raw.transport, preset.as_ref(), &dir)?;
+        let imap = imap_config(raw.imap, preset.as_ref(), &transport, &dir)?;
         let windows = windows(&raw.limits, preset.as_ref())?;
         let warmup = raw.limits.warmup.clone().unwrap_or_default();
         if warmup.contains(&0) {
@@ -625,6 +658,7 @@ impl Campaign {
             hours,
             timezone,
             retry,
+            imap,
         })
     }
 }
@@ -674,6 +708,8 @@ fn toml_problem(text: &str, err: &toml::de::Error) -> String {
 /// A named account profile of SPEC §5.
 struct Preset {
     host: &'static str,
+    /// The account's mailbox, for `hikyaku bounces`.
+    imap_host: Option<&'static str>,
     port: u16,
     tls: TlsMode,
     per_day: u32,
@@ -682,14 +718,16 @@ struct Preset {
 
 impl Preset {
     fn named(name: &str) -> Option<Preset> {
-        let (host, per_day, per_minute) = match name {
-            "gmail" => ("smtp.gmail.com", 500, 10),
-            "workspace" => ("smtp.gmail.com", 2000, 30),
-            "workspace-relay" => ("smtp-relay.gmail.com", 10000, 120),
+        let (host, imap_host, per_day, per_minute) = match name {
+            "gmail" => ("smtp.gmail.com", Some("imap.gmail.com"), 500, 10),
+            "workspace" => ("smtp.gmail.com", Some("imap.gmail.com"), 2000, 30),
+            // The relay takes mail from servers, not from one mailbox.
+            "workspace-relay" => ("smtp-relay.gmail.com", None, 10000, 120),
             _ => return None,
         };
         Some(Preset {
             host,
+            imap_host,
             port: 587,
             tls: TlsMode::StartTls,
             per_day,
@@ -924,6 +962,72 @@ fn sending_hours(raw: Option<RawSchedule>) -> Result<(Option<SendingHours>, Tz)>
         hours.start_at = Some(SendingHours::parse_start_at(text)?);
     }
     Ok((Some(hours), zone))
+}
+
+/// `[imap]` with its defaults: the preset's mailbox server, the SMTP
+/// username and password source, implicit TLS, INBOX.
+fn imap_config(
+    raw: Option<RawImap>,
+    preset: Option<&Preset>,
+    transport: &TransportConfig,
+    dir: &Path,
+) -> Result<Option<ImapConfig>> {
+    let smtp = match transport {
+        TransportConfig::Smtp(smtp) => Some(smtp),
+        TransportConfig::File { .. } => None,
+    };
+    let preset_host = preset.and_then(|p| p.imap_host);
+    let raw = match raw {
+        Some(raw) => raw,
+        None if preset_host.is_some() && smtp.is_some_and(|s| s.username.is_some()) => {
+            RawImap::default()
+        }
+        None => return Ok(None),
+    };
+    let host = raw
+        .host
+        .or_else(|| preset_host.map(str::to_string))
+        .ok_or_else(|| {
+            anyhow::anyhow!("[imap] needs `host` (only the gmail and workspace presets imply one)")
+        })?;
+    let tls = match raw.tls.as_deref() {
+        None | Some("tls") => TlsMode::Implicit,
+        Some("starttls") => TlsMode::StartTls,
+        Some(other) => anyhow::bail!(
+            "[imap] tls = {other:?}: use \"tls\" (port 993) or \"starttls\" (port 143); the mailbox is never read in plain text"
+        ),
+    };
+    let port = raw.port.unwrap_or(match tls {
+        TlsMode::StartTls => 143,
+        _ => 993,
+    });
+    let user = raw
+        .user
+        .or_else(|| smtp.and_then(|s| s.username.clone()))
+        .ok_or_else(|| {
+            anyhow::anyhow!("[imap] needs `user`: [transport] has no username to use")
+        })?;
+    let folder = raw.folder.unwrap_or_else(|| "INBOX".to_string());
+    if folder.is_empty()
+        || !folder
+            .chars()
+            .all(|c| c.is_ascii() && !c.is_ascii_control())
+    {
+        anyhow::bail!("[imap] folder {folder:?}: only non-empty ASCII folder names are supported");
+    }
+    Ok(Some(ImapConfig {
+        host,
+        port,
+        tls,
+        user,
+        password: smtp.map_or_else(
+            || PasswordSource::Env(DEFAULT_PASSWORD_ENV.to_string()),
+            |s| s.password.clone(),
+        ),
+        folder,
+        ca_file: raw.ca_file.map(|f| dir.join(f)),
+        timeout: smtp.map_or(Duration::from_secs(30), |s| s.timeout),
+    }))
 }
 
 fn is_loopback(host: &str) -> bool {
@@ -1198,6 +1302,60 @@ text = "t.hbs"
         .unwrap();
         assert_eq!(c.account(), "u@127.0.0.1");
         assert_eq!(c.pause_key(), "u@127.0.0.1:2525");
+    }
+
+    #[test]
+    fn imap_defaults_to_gmail_for_the_gmail_preset_with_the_smtp_account() {
+        let c = load_str(&format!(
+            "{BASE}[transport]\npreset = \"gmail\"\nusername = \"me@gmail.com\"\npassword_env = \"MY_PW\"\n"
+        ))
+        .unwrap();
+        let imap = c.imap.expect("gmail implies its mailbox");
+        assert_eq!(
+            (
+                imap.host.as_str(),
+                imap.port,
+                imap.tls,
+                imap.user.as_str(),
+                imap.folder.as_str()
+            ),
+            (
+                "imap.gmail.com",
+                993,
+                TlsMode::Implicit,
+                "me@gmail.com",
+                "INBOX"
+            )
+        );
+        assert!(matches!(imap.password, PasswordSource::Env(v) if v == "MY_PW"));
+    }
+
+    #[test]
+    fn imap_keys_override_and_an_unknown_server_has_no_default() {
+        let c = load_str(&format!(
+            "{BASE}[transport]\nkind = \"smtp\"\nhost = \"smtp.acme.example\"\nusername = \"u\"\n\
+             [imap]\nhost = \"imap.acme.example\"\ntls = \"starttls\"\nfolder = \"Bounces\"\nca_file = \"ca.pem\"\n"
+        ))
+        .unwrap();
+        let imap = c.imap.unwrap();
+        assert_eq!(
+            (imap.port, imap.tls, imap.user.as_str()),
+            (143, TlsMode::StartTls, "u")
+        );
+        assert!(imap.ca_file.unwrap().ends_with("ca.pem"));
+        let none = load_str(&format!(
+            "{BASE}[transport]\nkind = \"smtp\"\nhost = \"smtp.acme.example\"\n"
+        ))
+        .unwrap();
+        assert!(none.imap.is_none());
+        let err = load_str(&format!(
+            "{BASE}[transport]\nkind = \"smtp\"\nhost = \"h\"\n[imap]\nhost = \"i\"\ntls = \"none\"\n"
+        ))
+        .unwrap_err();
+        assert!(
+            format!("{err:#}").contains("never read in plain text"),
+            "{err:#}"
+        );
     }
 
     #[test]

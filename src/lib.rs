@@ -4,6 +4,7 @@
 //! anyone a message twice.
 #![forbid(unsafe_code)]
 
+pub mod bounces;
 pub mod bounded;
 pub mod campaign;
 pub mod commands;

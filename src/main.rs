@@ -100,6 +100,17 @@ enum Command {
         #[arg(short, long, value_name = "FILE")]
         output: Option<PathBuf>,
     },
+    /// Read the sending account's mailbox: record bounces, suppress hard bounces and unsubscribe requests.
+    Bounces {
+        /// The campaign file (TOML).
+        campaign: PathBuf,
+        /// Read messages that arrived on or after this day (YYYY-MM-DD; default: the day before the campaign started).
+        #[arg(long, value_name = "DATE")]
+        since: Option<String>,
+        /// File the notifications that were processed into this folder (created if missing).
+        #[arg(long, value_name = "FOLDER")]
+        move_to: Option<String>,
+    },
     /// Every campaign in the state database: name, campaign file, counts per state, last activity.
     Campaigns {
         /// One JSON array instead of text.
@@ -242,6 +253,11 @@ async fn run(command: Command, global: &Global) -> anyhow::Result<Exit> {
         } => commands::export(global, &campaign, state, output.as_deref()).await,
         Command::Campaigns { json } => commands::campaigns(global, json).await,
         Command::Reset { campaign, yes } => commands::reset(global, &campaign, yes).await,
+        Command::Bounces {
+            campaign,
+            since,
+            move_to,
+        } => commands::bounces(global, &campaign, since.as_deref(), move_to.as_deref()).await,
         Command::Suppress { action } => {
             let action = match action {
                 Suppress::Add { emails } => SuppressAction::Add(emails),

@@ -21,6 +21,9 @@ use crate::error::input_error;
 use crate::limits::{Schedule, Send, Slot, Window};
 use crate::message::Outgoing;
 
+mod feedback;
+pub use feedback::{message_id_key, NoticeRow, SendEntry};
+
 /// A recipient's delivery state (SPEC §7).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -32,10 +35,12 @@ pub enum State {
     Failed,
     Unknown,
     Skipped,
+    /// Accepted, then a delivery status notification came back.
+    Bounced,
 }
 
 impl State {
-    pub const ALL: [State; 7] = [
+    pub const ALL: [State; 8] = [
         State::Pending,
         State::Sending,
         State::Sent,
@@ -43,6 +48,7 @@ impl State {
         State::Failed,
         State::Unknown,
         State::Skipped,
+        State::Bounced,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -54,6 +60,7 @@ impl State {
             State::Failed => "failed",
             State::Unknown => "unknown",
             State::Skipped => "skipped",
+            State::Bounced => "bounced",
         }
     }
 }
@@ -64,7 +71,10 @@ impl FromStr for State {
         State::ALL
             .into_iter()
             .find(|st| st.as_str() == s)
-            .ok_or_else(|| format!("unknown state {s:?} (pending, sending, sent, deferred, failed, unknown, skipped)"))
+            .ok_or_else(|| {
+                let known: Vec<&str> = State::ALL.map(State::as_str).to_vec();
+                format!("unknown state {s:?} ({})", known.join(", "))
+            })
     }
 }
 
@@ -867,11 +877,12 @@ impl Store {
             .execute(&mut *tx)
             .await?;
             let log_id: i64 = sqlx::query_scalar(
-                "INSERT INTO send_log (account, at, recipients) VALUES (?, ?, ?) RETURNING id",
+                "INSERT INTO send_log (account, at, recipients, recipient_id) VALUES (?, ?, ?, ?) RETURNING id",
             )
             .bind(account)
             .bind(now)
             .bind(i64::from(message.recipient_count))
+            .bind(candidate.id)
             .fetch_one(&mut *tx)
             .await?;
             ready.push(Ready {
@@ -1534,7 +1545,7 @@ fn process_alive(pid: i64) -> bool {
 mod tests {
     use super::*;
 
-    fn ident(name: &str) -> Identity {
+    pub(super) fn ident(name: &str) -> Identity {
         Identity {
             name: name.into(),
             file: format!("/campaigns/{name}.toml"),
@@ -1542,13 +1553,13 @@ mod tests {
         }
     }
 
-    async fn store() -> (tempfile::TempDir, Store) {
+    pub(super) async fn store() -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("state.db")).await.unwrap();
         (dir, store)
     }
 
-    fn out(n: u32) -> Outgoing {
+    pub(super) fn out(n: u32) -> Outgoing {
         let msg = lettre::Message::builder()
             .from("a@example.com".parse().unwrap())
             .to("b@example.com".parse().unwrap())
@@ -1562,7 +1573,7 @@ mod tests {
         }
     }
 
-    async fn import(store: &Store, c: &CampaignRecord, rows: &[&str]) -> Vec<RowStatus> {
+    pub(super) async fn import(store: &Store, c: &CampaignRecord, rows: &[&str]) -> Vec<RowStatus> {
         let mut imp = store.import(c, &["email".into()]).await.unwrap();
         let mut statuses = Vec::new();
         for (i, email) in rows.iter().enumerate() {

@@ -2,6 +2,7 @@
 //! talks to the user, and returns the exit status; the work itself lives in
 //! the library modules.
 
+mod bounces;
 mod campaigns;
 mod check;
 mod export;
@@ -20,6 +21,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use sha2::{Digest, Sha256};
 
+pub use bounces::bounces;
 pub use campaigns::{campaigns, reset};
 pub use check::check;
 pub use export::export;

@@ -34,6 +34,7 @@ struct States {
     failed: i64,
     unknown: i64,
     skipped: i64,
+    bounced: i64,
 }
 
 #[derive(Serialize)]
@@ -139,6 +140,7 @@ pub async fn status(global: &Global, path: &Path, json: bool) -> Result<Exit> {
                 failed: counts["failed"],
                 unknown: counts["unknown"],
                 skipped: counts["skipped"],
+                bounced: counts["bounced"],
             },
             account: campaign.account(),
             windows: look

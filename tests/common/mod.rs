@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 
+pub mod imap;
+
 /// The `[transport]` section writing `.eml` files into `outbox/`.
 pub const FILE_TRANSPORT: &str = "[transport]\nkind = \"file\"\n";
 
