@@ -1212,6 +1212,22 @@ mod tests {
         assert_eq!(attempts, 20, "an outage costs no attempt");
     }
 
+    /// Failures of attempts that began before the current step ran out
+    /// (other connections, recipients already claimed) take no new step.
+    #[test]
+    fn attempts_begun_during_a_step_belong_to_it() {
+        let delay = |step: u32| Duration::from_secs(u64::from(step) * 10);
+        let mut b = Backoff::default();
+        assert_eq!(b.fail(1_000, 1_000, delay), Some(11_000));
+        assert_eq!(b.fail(1_000, 1_500, delay), None);
+        assert_eq!(b.fail(10_999, 11_000, delay), None);
+        assert_eq!(b.active_until(5_000), Some(11_000));
+        // The retry after the step: the next, longer step.
+        assert_eq!(b.fail(11_000, 11_200, delay), Some(31_200));
+        assert_eq!(b.step, 2);
+        assert_eq!(b.active_until(31_200), None);
+    }
+
     #[tokio::test]
     async fn the_outage_wait_is_capped_by_the_retry_backoff() {
         let retry = RetryConfig {

@@ -566,3 +566,27 @@ fn implicit_tls_against_a_plain_port_stops_at_once() {
     assert!(server.received().is_empty());
     dir.assert_untouched();
 }
+
+/// Regression: a pause was kept under `user@host` alone, so a run against
+/// the same host on another port (a restarted or moved server) waited for
+/// the old server's pause. Pauses are kept per host and port.
+#[test]
+fn a_pause_from_one_server_port_never_holds_another() {
+    let paused = SmtpServer::start(&[
+        "--pause-after",
+        "0",
+        "--pause-reply",
+        "421 4.7.0 Try again later, closing connection.",
+    ]);
+    let dir = CampaignDir::new();
+    standard_campaign(&dir, &recipients_csv(2), &paused.transport_toml(""), "");
+    let out = dir.send(&["--no-wait"]);
+    assert_eq!(out.status.code(), Some(75), "stderr: {}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("4.7.0"), "{}", text(&out.stderr));
+
+    let other = SmtpServer::start(&[]);
+    standard_campaign(&dir, &recipients_csv(2), &other.transport_toml(""), "");
+    let out = dir.send(&["--no-wait"]);
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
+    assert_eq!(other.received().len(), 2);
+}
