@@ -1118,6 +1118,19 @@ impl Store {
         Ok(added)
     }
 
+    /// Adds every address in one transaction: all of them or, on an
+    /// error, none. Returns how many were not on the list yet.
+    pub async fn suppress_all(&self, addresses: &[String], reason: &str) -> Result<u64> {
+        let mut tx = self.pool.begin().await?;
+        let now = now_ms();
+        let mut added = 0;
+        for address in addresses {
+            added += u64::from(insert_suppression(&mut tx, address, reason, now).await?);
+        }
+        tx.commit().await?;
+        Ok(added)
+    }
+
     pub async fn unsuppress(&self, key: &str) -> Result<bool> {
         let done = sqlx::query("DELETE FROM suppressions WHERE email_key = ?")
             .bind(key)

@@ -810,3 +810,31 @@ fn a_rehearsal_through_files_is_not_delivery() {
     );
     assert_eq!(dir.status()["states"]["sent"], 5);
 }
+
+/// Regression: `suppress add good bad` added `good` and then failed on
+/// `bad`, leaving the list half updated, and never said how many of the
+/// addresses were already on it.
+#[test]
+fn suppress_add_checks_every_address_then_adds_all_or_none() {
+    let dir = CampaignDir::new();
+    let out = dir.run(&["suppress", "add", "ok@example.com", "not-an-address", "x@"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("\"not-an-address\"") && err.contains("\"x@\"") && err.contains("nothing was added"),
+        "{err}"
+    );
+    let list = text(&dir.run(&["suppress", "list"]).stdout);
+    assert!(!list.contains("ok@example.com"), "{list}");
+
+    let out = dir.run(&["suppress", "add", "a@example.com", "B@example.com"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("2 addresses added"), "{}", text(&out.stderr));
+    let out = dir.run(&["suppress", "add", "b@example.com", "c@example.com", "C@example.com"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("1 address added to the suppression list (1 already on it)"),
+        "{}",
+        text(&out.stderr)
+    );
+}

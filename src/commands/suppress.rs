@@ -26,16 +26,35 @@ pub async fn suppress(global: &Global, action: &SuppressAction) -> Result<Exit> 
     let store = global.store().await?;
     match action {
         SuppressAction::Add(addresses) => {
-            let mut added = 0;
+            // Every address is checked before the first is added: a typo
+            // in the tenth leaves the list as it was, not half updated.
+            let mut valid = Vec::new();
+            let mut keys = std::collections::HashSet::new();
+            let mut invalid = Vec::new();
             for a in addresses {
-                let r = parse_address(a)
-                    .map_err(|why| input_error(format!("{a:?} is not a valid address: {why}")))?;
-                added += usize::from(store.suppress(&r.ascii, "added by hand").await?);
+                match parse_address(a) {
+                    Ok(r) if keys.insert(r.key.clone()) => valid.push(r.ascii),
+                    Ok(_) => {}
+                    Err(why) => invalid.push(format!("{a:?} is not a valid address: {why}")),
+                }
             }
+            if !invalid.is_empty() {
+                return Err(input_error(format!(
+                    "{}; nothing was added",
+                    invalid.join("; ")
+                )));
+            }
+            let added = store.suppress_all(&valid, "added by hand").await?;
+            let already = valid.len() as u64 - added;
+            let already = if already > 0 {
+                format!(" ({already} already on it)")
+            } else {
+                String::new()
+            };
             tracing::info!(
                 target: OUTCOME,
-                "{} added to the suppression list",
-                plural(added as u64, "address")
+                "{} added to the suppression list{already}",
+                plural(added, "address")
             );
         }
         SuppressAction::Remove(addresses) => {
