@@ -171,6 +171,10 @@ fn sqlite_code(err: &anyhow::Error) -> Option<String> {
     })
 }
 
+/// The rows of a campaign (bound first) that `--retry-failed` sends again.
+const RETRYABLE_FAILED: &str = "campaign_id = ? AND state = 'failed' \
+     AND NOT EXISTS (SELECT 1 FROM suppressions s WHERE s.email_key = recipients.row_key)";
+
 /// Marks a database file as hikyaku's (SQLite's `application_id`, 'hiky').
 const APPLICATION_ID: u32 = 0x6869_6b79;
 
@@ -725,6 +729,31 @@ impl Store {
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected())
+    }
+
+    /// `failed` rows whose address is not on the suppression list go back to
+    /// `pending` for one more round (`--retry-failed`), their attempts reset
+    /// so that a transient failure gets `max_attempts` again.
+    pub async fn requeue_failed(&self, campaign_id: i64) -> Result<u64> {
+        let done = sqlx::query(&format!(
+            "UPDATE recipients SET state = 'pending', reason = NULL, attempts = 0, next_attempt_at = NULL, updated_at = ? \
+             WHERE {RETRYABLE_FAILED}"
+        ))
+        .bind(now_ms())
+        .bind(campaign_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    /// How many rows `--retry-failed` would send again.
+    pub async fn retryable_failed(&self, campaign_id: i64) -> Result<i64> {
+        Ok(
+            sqlx::query_scalar(&format!("SELECT COUNT(*) FROM recipients WHERE {RETRYABLE_FAILED}"))
+                .bind(campaign_id)
+                .fetch_one(&self.pool)
+                .await?,
+        )
     }
 
     /// Starts reading the recipients file into the store; nothing is visible

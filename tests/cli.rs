@@ -838,3 +838,42 @@ fn suppress_add_checks_every_address_then_adds_all_or_none() {
         text(&out.stderr)
     );
 }
+
+/// `send --retry-failed` gives `failed` recipients one more round, attempts
+/// counted afresh; an address on the suppression list (a 5.1.1 bounce)
+/// stays failed. A dry run only counts them.
+#[test]
+fn retry_failed_sends_failed_recipients_once_more_but_not_suppressed_ones() {
+    let first = SmtpServer::start(&[
+        "--reject",
+        "user2@example.com=552 5.3.4 Message too big for this mailbox",
+        "--reject",
+        "user3@example.com=550 5.1.1 The email account that you tried to reach does not exist.",
+    ]);
+    let dir = CampaignDir::new();
+    standard_campaign(&dir, &recipients_csv(4), &first.transport_toml(""), "");
+    assert_eq!(dir.send(&[]).status.code(), Some(0));
+    assert_eq!(first.received().len(), 2);
+    assert_eq!(dir.status()["states"]["failed"], 2);
+
+    let second = SmtpServer::start(&[]);
+    standard_campaign(&dir, &recipients_csv(4), &second.transport_toml(""), "");
+    assert_eq!(dir.send(&[]).status.code(), Some(0));
+    assert!(second.received().is_empty(), "failed rows wait for --retry-failed");
+    let out = dir.send(&["--retry-failed", "--dry-run"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("1 would be sent"), "{}", text(&out.stdout));
+    assert!(second.received().is_empty());
+
+    let out = dir.send(&["--retry-failed"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let deliveries = second.deliveries();
+    assert_eq!(deliveries.len(), 1, "{deliveries:?}");
+    assert_eq!(deliveries.get("user2@example.com"), Some(&1));
+    let rows = dir.export(None);
+    let row = |email: &str| rows.iter().find(|r| r["email"] == email).unwrap();
+    assert_eq!(row("user2@example.com")["state"], "sent");
+    assert_eq!(row("user2@example.com")["attempts"], "1");
+    assert_eq!(row("user3@example.com")["state"], "failed");
+    assert!(row("user3@example.com")["last_reply"].starts_with("550 5.1.1"));
+}

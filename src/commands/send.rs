@@ -39,6 +39,9 @@ pub struct SendOptions {
     /// Send again to recipients whose earlier delivery is unknown.
     #[arg(long)]
     pub resend_unknown: bool,
+    /// Give failed recipients one more round (not those on the suppression list).
+    #[arg(long)]
+    pub retry_failed: bool,
     /// Skip rows whose message cannot be built instead of refusing to start.
     #[arg(long)]
     pub skip_invalid: bool,
@@ -175,6 +178,13 @@ async fn send_locked(
                 plural(n, "unknown recipient")
             );
         }
+        if opts.retry_failed {
+            let n = store.requeue_failed(record.id).await?;
+            tracing::info!(
+                "{} to try again (--retry-failed; suppressed addresses stay failed)",
+                plural(n, "failed recipient")
+            );
+        }
     }
     let (mut import, found) = scan(
         &loaded,
@@ -205,7 +215,13 @@ async fn send_locked(
     if opts.dry_run {
         let counts = import.counts().await?;
         import.rollback().await?;
+        let retried = if opts.retry_failed {
+            store.retryable_failed(record.id).await?
+        } else {
+            0
+        };
         let ready = counts["pending"]
+            + retried
             + if opts.resend_unknown {
                 counts["unknown"]
             } else {
