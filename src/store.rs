@@ -748,12 +748,12 @@ impl Store {
 
     /// How many rows `--retry-failed` would send again.
     pub async fn retryable_failed(&self, campaign_id: i64) -> Result<i64> {
-        Ok(
-            sqlx::query_scalar(&format!("SELECT COUNT(*) FROM recipients WHERE {RETRYABLE_FAILED}"))
-                .bind(campaign_id)
-                .fetch_one(&self.pool)
-                .await?,
-        )
+        Ok(sqlx::query_scalar(&format!(
+            "SELECT COUNT(*) FROM recipients WHERE {RETRYABLE_FAILED}"
+        ))
+        .bind(campaign_id)
+        .fetch_one(&self.pool)
+        .await?)
     }
 
     /// Starts reading the recipients file into the store; nothing is visible
@@ -1114,30 +1114,10 @@ impl Store {
         &self,
         campaign_id: i64,
         state: Option<State>,
-        mut visit: impl FnMut(ExportRow) -> Result<()>,
+        visit: impl FnMut(ExportRow) -> Result<()>,
     ) -> Result<()> {
-        use futures_util::TryStreamExt;
-        let mut rows = sqlx::query(
-            "SELECT email, state, reason, attempts, last_reply, updated_at, message_id, fields FROM recipients \
-             WHERE campaign_id = ? AND (? IS NULL OR state = ?) ORDER BY row_number, id",
-        )
-        .bind(campaign_id)
-        .bind(state.map(State::as_str))
-        .bind(state.map(State::as_str))
-        .fetch(&self.pool);
-        while let Some(row) = rows.try_next().await? {
-            visit(ExportRow {
-                email: row.get("email"),
-                state: row.get("state"),
-                reason: row.get("reason"),
-                attempts: row.get("attempts"),
-                last_reply: row.get("last_reply"),
-                updated_at: row.get("updated_at"),
-                message_id: row.get("message_id"),
-                fields: serde_json::from_str(row.get::<&str, _>("fields"))?,
-            })?;
-        }
-        Ok(())
+        let mut conn = self.pool.acquire().await?;
+        export_rows(&mut conn, campaign_id, state, visit).await
     }
 
     pub async fn suppress(&self, address: &str, reason: &str) -> Result<bool> {
@@ -1269,6 +1249,36 @@ async fn load_schedule(
         count: u32::try_from(r.get::<i64, _>("recipients")).unwrap_or(1),
     });
     Ok(Schedule::new(windows, log))
+}
+
+async fn export_rows(
+    conn: &mut sqlx::SqliteConnection,
+    campaign_id: i64,
+    state: Option<State>,
+    mut visit: impl FnMut(ExportRow) -> Result<()>,
+) -> Result<()> {
+    use futures_util::TryStreamExt;
+    let mut rows = sqlx::query(
+        "SELECT email, state, reason, attempts, last_reply, updated_at, message_id, fields FROM recipients \
+         WHERE campaign_id = ? AND (? IS NULL OR state = ?) ORDER BY row_number, id",
+    )
+    .bind(campaign_id)
+    .bind(state.map(State::as_str))
+    .bind(state.map(State::as_str))
+    .fetch(conn);
+    while let Some(row) = rows.try_next().await? {
+        visit(ExportRow {
+            email: row.get("email"),
+            state: row.get("state"),
+            reason: row.get("reason"),
+            attempts: row.get("attempts"),
+            last_reply: row.get("last_reply"),
+            updated_at: row.get("updated_at"),
+            message_id: row.get("message_id"),
+            fields: serde_json::from_str(row.get::<&str, _>("fields"))?,
+        })?;
+    }
+    Ok(())
 }
 
 /// One row of `export`.
@@ -1471,6 +1481,15 @@ impl Import {
     pub async fn rollback(self) -> Result<()> {
         self.tx.rollback().await?;
         Ok(())
+    }
+
+    /// Every row as it would be after commit, for `export`.
+    pub async fn export(
+        &mut self,
+        state: Option<State>,
+        visit: impl FnMut(ExportRow) -> Result<()>,
+    ) -> Result<()> {
+        export_rows(&mut self.tx, self.campaign_id, state, visit).await
     }
 
     /// Counts per state as they would be after commit (for dry runs).

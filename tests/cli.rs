@@ -358,7 +358,7 @@ fn a_dry_run_with_test_to_sends_nothing() {
         "{said}"
     );
     assert!(server.received().is_empty(), "a dry run sent a message");
-    assert_eq!(dir.status()["total"], 0);
+    assert!(dir.recorded().is_empty(), "nothing recorded");
 }
 
 /// The lines of one `--help` section (`Arguments:`, `Options:`, ...).
@@ -785,6 +785,7 @@ fn a_rehearsal_through_files_is_not_delivery() {
     let status = dir.status();
     assert_eq!(status["rehearsal"], false, "{status}");
     assert_eq!(status["states"]["sent"], 0, "{status}");
+    assert_eq!(status["states"]["pending"], 5, "{status}");
     let windows = status["windows"].as_array().unwrap();
     assert_eq!(windows.len(), 2, "{status}");
     assert!(
@@ -821,7 +822,9 @@ fn suppress_add_checks_every_address_then_adds_all_or_none() {
     assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
     let err = text(&out.stderr);
     assert!(
-        err.contains("\"not-an-address\"") && err.contains("\"x@\"") && err.contains("nothing was added"),
+        err.contains("\"not-an-address\"")
+            && err.contains("\"x@\"")
+            && err.contains("nothing was added"),
         "{err}"
     );
     let list = text(&dir.run(&["suppress", "list"]).stdout);
@@ -829,8 +832,18 @@ fn suppress_add_checks_every_address_then_adds_all_or_none() {
 
     let out = dir.run(&["suppress", "add", "a@example.com", "B@example.com"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    assert!(text(&out.stderr).contains("2 addresses added"), "{}", text(&out.stderr));
-    let out = dir.run(&["suppress", "add", "b@example.com", "c@example.com", "C@example.com"]);
+    assert!(
+        text(&out.stderr).contains("2 addresses added"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = dir.run(&[
+        "suppress",
+        "add",
+        "b@example.com",
+        "c@example.com",
+        "C@example.com",
+    ]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert!(
         text(&out.stderr).contains("1 address added to the suppression list (1 already on it)"),
@@ -859,10 +872,17 @@ fn retry_failed_sends_failed_recipients_once_more_but_not_suppressed_ones() {
     let second = SmtpServer::start(&[]);
     standard_campaign(&dir, &recipients_csv(4), &second.transport_toml(""), "");
     assert_eq!(dir.send(&[]).status.code(), Some(0));
-    assert!(second.received().is_empty(), "failed rows wait for --retry-failed");
+    assert!(
+        second.received().is_empty(),
+        "failed rows wait for --retry-failed"
+    );
     let out = dir.send(&["--retry-failed", "--dry-run"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    assert!(text(&out.stdout).contains("1 would be sent"), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stdout).contains("1 would be sent"),
+        "{}",
+        text(&out.stdout)
+    );
     assert!(second.received().is_empty());
 
     let out = dir.send(&["--retry-failed"]);
@@ -876,4 +896,47 @@ fn retry_failed_sends_failed_recipients_once_more_but_not_suppressed_ones() {
     assert_eq!(row("user2@example.com")["attempts"], "1");
     assert_eq!(row("user3@example.com")["state"], "failed");
     assert!(row("user3@example.com")["last_reply"].starts_with("550 5.1.1"));
+}
+
+/// Regression: `status` of a campaign never sent said "0 rows" and
+/// `export` failed. Both show the file's rows as the first send would
+/// record them, and leave no trace in the database.
+#[test]
+fn status_and_export_of_a_campaign_never_sent_show_its_rows() {
+    let dir = CampaignDir::new();
+    let csv =
+        "email,first_name,city\nuser1@example.com,A,X\nnot-an-address,B,Y\nuser2@example.com,C,Z\n";
+    standard_campaign(&dir, csv, FILE_TRANSPORT, "");
+    let status = dir.status();
+    assert_eq!(status["total"], 3, "{status}");
+    assert_eq!(status["states"]["pending"], 2, "{status}");
+    assert_eq!(status["states"]["skipped"], 1, "{status}");
+    let out = dir.run(&["status", dir.campaign().to_str().unwrap()]);
+    let said = text(&out.stdout);
+    assert!(
+        said.contains("3 rows") && said.contains("not started yet"),
+        "{said}"
+    );
+
+    let rows = dir.export(None);
+    let states: Vec<(&str, &str)> = rows
+        .iter()
+        .map(|r| (r["email"].as_str(), r["state"].as_str()))
+        .collect();
+    assert_eq!(
+        states,
+        [
+            ("user1@example.com", "pending"),
+            ("not-an-address", "skipped"),
+            ("user2@example.com", "pending")
+        ]
+    );
+    assert_eq!(rows[0]["first_name"], "A");
+    assert_eq!(dir.export(Some("pending")).len(), 2);
+    let listed = dir.run(&["campaigns", "--json"]);
+    assert_eq!(
+        text(&listed.stdout).trim(),
+        "[]",
+        "status and export leave no trace"
+    );
 }

@@ -7,7 +7,7 @@ use anyhow::Result;
 
 use super::log::OUTCOME;
 use super::send::refused_by_server;
-use super::{content_changed, fingerprint, identity, load, output, scan, Global};
+use super::{content_changed, fingerprint, identity, load, output, scan, Global, Rows};
 use crate::campaign::{Campaign, PasswordSource, TlsMode, TransportConfig};
 use crate::error::Exit;
 use crate::message::mailbox;
@@ -29,7 +29,7 @@ pub async fn check(global: &Global, path: &Path, connect: bool) -> Result<Exit> 
     let store = global.store().await?;
     let record = store.campaign(&identity(campaign)).await?;
     errors.extend(content_changed(&record, &fingerprint(&loaded)?)?);
-    let scanned = scan(&loaded, &store, &record, false, global.progress_bar).await;
+    let scanned = scan(&loaded, &store, &record, Rows::Build, global.progress_bar).await;
     let counted = match scanned {
         Ok((mut import, found)) => {
             let counts = import.counts().await;

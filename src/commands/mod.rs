@@ -112,6 +112,17 @@ pub struct Scan {
     pub columns: Vec<String>,
 }
 
+/// What [`scan`] does with each row still to be sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rows {
+    /// Builds its message; a row whose message cannot be built is a problem.
+    Build,
+    /// Builds it; one that cannot be built is skipped (`--skip-invalid`).
+    BuildOrSkip,
+    /// Only reads it: where a campaign not started yet stands.
+    Read,
+}
+
 /// Reads the recipients file into the store (not yet committed) and builds
 /// the message of every row still to be sent, so that every problem is known
 /// before the first message goes out (SPEC §3).
@@ -119,7 +130,7 @@ pub async fn scan(
     loaded: &Loaded,
     store: &Store,
     record: &CampaignRecord,
-    skip_invalid: bool,
+    rows: Rows,
     progress_bar: bool,
 ) -> Result<(Import, Scan)> {
     let campaign = &loaded.campaign;
@@ -174,6 +185,7 @@ pub async fn scan(
                 "{at}: {} is on the suppression list; skipped",
                 recipient.written
             )),
+            RowStatus::ToSend { .. } if rows == Rows::Read => {}
             RowStatus::ToSend { id } => {
                 scan.checked += 1;
                 let built = pipeline.message(
@@ -183,7 +195,7 @@ pub async fn scan(
                     Variant::default(),
                 );
                 if let Err(why) = built {
-                    if skip_invalid {
+                    if rows == Rows::BuildOrSkip {
                         scan.warnings
                             .push(format!("{at} ({}): {why}; skipped", recipient.written));
                         import.skip_invalid_message(id, &why.to_string()).await?;
@@ -202,6 +214,28 @@ pub async fn scan(
         ));
     }
     Ok((import, scan))
+}
+
+/// Where a campaign not started yet would stand: the recipients file read
+/// into a transaction that is rolled back, so that the store keeps no trace.
+/// `look` sees the rows (and the file's columns) before the rollback.
+pub async fn unstarted<T>(
+    path: &Path,
+    store: &Store,
+    progress_bar: bool,
+    look: impl AsyncFnOnce(&mut Import, &Scan) -> Result<T>,
+) -> Result<T> {
+    let loaded = load(path)?;
+    let record = store.campaign(&identity(&loaded.campaign)).await?;
+    let seen = async {
+        let (mut import, found) = scan(&loaded, store, &record, Rows::Read, progress_bar).await?;
+        let seen = look(&mut import, &found).await;
+        import.rollback().await?;
+        seen
+    }
+    .await;
+    store.forget_if_empty(record.id).await?;
+    seen
 }
 
 /// What recipients receive, part by part: the `[message]` section, the

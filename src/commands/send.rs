@@ -10,7 +10,7 @@ use tokio::sync::{mpsc, watch};
 use super::log::{plural, OUTCOME};
 use super::progress::{self, Progress};
 use super::status::{local_time, outlook};
-use super::{content_changed, fingerprint, identity, load, output, scan, Global, Loaded};
+use super::{content_changed, fingerprint, identity, load, output, scan, Global, Loaded, Rows};
 use crate::campaign::{Campaign, TransportConfig};
 use crate::engine::{self, RunConfig, RunEnd};
 use crate::error::{input_error, Exit};
@@ -190,7 +190,11 @@ async fn send_locked(
         &loaded,
         store,
         record,
-        opts.skip_invalid,
+        if opts.skip_invalid {
+            Rows::BuildOrSkip
+        } else {
+            Rows::Build
+        },
         global.progress_bar,
     )
     .await?;

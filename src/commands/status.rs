@@ -7,7 +7,7 @@ use anyhow::Result;
 use serde::Serialize;
 
 use super::send::rehearsal_note;
-use super::{identity, output, Global};
+use super::{identity, output, unstarted, Global};
 use crate::campaign::Campaign;
 use crate::error::Exit;
 use crate::store::{now_ms, rfc3339, Counts, Store};
@@ -112,10 +112,13 @@ pub async fn status(global: &Global, path: &Path, json: bool) -> Result<Exit> {
     let record = store.find_campaign(&id).await?;
     let counts: Counts = match &record {
         Some(r) => store.counts(r.id).await?,
-        None => crate::store::State::ALL
-            .iter()
-            .map(|s| (s.as_str(), 0))
-            .collect(),
+        // Never sent: the file's rows as the first send would count them.
+        None => {
+            unstarted(path, &store, global.progress_bar, async |import, _| {
+                import.counts().await
+            })
+            .await?
+        }
     };
     let remaining = counts["pending"] + counts["deferred"];
     let look = outlook(

@@ -337,6 +337,25 @@ impl CampaignDir {
         serde_json::from_slice(&out.stdout).unwrap()
     }
 
+    /// The names of the campaigns the database holds (`hikyaku campaigns`):
+    /// empty when a command recorded nothing. (`status` of a campaign never
+    /// sent shows the file's rows without recording them.)
+    pub fn recorded(&self) -> Vec<String> {
+        let out = self.run(&["campaigns", "--json"]);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "campaigns failed: {}",
+            text(&out.stderr)
+        );
+        let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        list.as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["campaign"].as_str().unwrap().to_string())
+            .collect()
+    }
+
     /// Every row still `pending` with no attempt counted: a run that
     /// stopped before any transaction changed nothing.
     pub fn assert_untouched(&self) {
