@@ -22,7 +22,7 @@ fn check(dir: &CampaignDir, env: &[(&str, &str)]) -> (Option<i32>, String) {
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let out = cmd.output().unwrap();
+    let out = common::output(&mut cmd);
     (out.status.code(), text(&out.stderr))
 }
 

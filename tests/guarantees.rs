@@ -560,7 +560,7 @@ fn implicit_tls_against_a_plain_port_stops_at_once() {
         }
         std::thread::sleep(Duration::from_millis(50));
     };
-    let out = child.wait_with_output().unwrap();
+    let out = common::finish(child);
     assert_eq!(status.code(), Some(1), "stderr: {}", text(&out.stderr));
     assert!(text(&out.stderr).contains("TLS"), "{}", text(&out.stderr));
     assert!(server.received().is_empty());

@@ -88,13 +88,19 @@ fn run_bounded(mut cmd: Command) -> Run {
     let signal = status.and_then(|s| std::os::unix::process::ExitStatusExt::signal(&s));
     #[cfg(not(unix))]
     let signal = None;
-    Run {
+    let run = Run {
         code: status.and_then(|s| s.code()),
         signal,
         stdout: text(&std::fs::read(stdout).unwrap()),
         stderr: text(&std::fs::read(stderr).unwrap()),
         timed_out: status.is_none(),
-    }
+    };
+    assert!(
+        !run.stderr.contains("panicked") && !run.stdout.contains("panicked"),
+        "hikyaku panicked: {}",
+        run.stderr
+    );
+    run
 }
 
 /// Every file under `dir` that is not hikyaku's (the state database and

@@ -44,11 +44,11 @@ fn run(dir: &CampaignDir, args: &[&str]) -> Output {
         }
         std::thread::sleep(Duration::from_millis(20));
     };
-    Output {
+    common::no_panic(Output {
         status,
         stdout: std::fs::read(out).unwrap(),
         stderr: std::fs::read(err).unwrap(),
-    }
+    })
 }
 
 fn check(dir: &CampaignDir) -> Output {

@@ -226,11 +226,10 @@ fn a_refused_login_leaves_no_trace_and_names_the_password_source() {
         "[retry]\nbackoff = \"1h\"\n",
     );
     // Some rows sent, some deferred, some pending.
-    let out = dir
-        .send_command(&["--limit", "4", "--no-wait"])
-        .env("ACME_SMTP_SECRET", PASSWORD)
-        .output()
-        .unwrap();
+    let out = common::output(
+        dir.send_command(&["--limit", "4", "--no-wait"])
+            .env("ACME_SMTP_SECRET", PASSWORD),
+    );
     assert_eq!(out.status.code(), Some(75), "stderr: {}", text(&out.stderr));
     let before_rows = recipient_rows(&dir);
     let before_export = dir.export(None);
@@ -240,11 +239,10 @@ fn a_refused_login_leaves_no_trace_and_names_the_password_source() {
         "{states:?}"
     );
     std::thread::sleep(std::time::Duration::from_millis(20));
-    let out = dir
-        .send_command(&[])
-        .env("ACME_SMTP_SECRET", "not-the-password")
-        .output()
-        .unwrap();
+    let out = common::output(
+        dir.send_command(&[])
+            .env("ACME_SMTP_SECRET", "not-the-password"),
+    );
     assert_eq!(out.status.code(), Some(1), "stderr: {}", text(&out.stderr));
     let err = text(&out.stderr);
     assert!(
@@ -422,11 +420,10 @@ fn check_connect_proves_the_login_without_sending() {
         stdout.contains("logged in as sender@acme.example") && stdout.contains("STARTTLS"),
         "{stdout}"
     );
-    let out = dir
-        .command(&["check", "--connect", campaign.to_str().unwrap()])
-        .env("HIKYAKU_SMTP_PASSWORD", "not-it")
-        .output()
-        .unwrap();
+    let out = common::output(
+        dir.command(&["check", "--connect", campaign.to_str().unwrap()])
+            .env("HIKYAKU_SMTP_PASSWORD", "not-it"),
+    );
     assert_eq!(out.status.code(), Some(1), "stderr: {}", text(&out.stderr));
     let err = text(&out.stderr);
     assert!(
