@@ -312,6 +312,8 @@ fn a_closed_stdout_ends_quietly() {
         vec!["preview", campaign],
         vec!["send", "--dry-run", campaign],
         vec!["check", campaign],
+        vec!["campaigns"],
+        vec!["campaigns", "--json"],
     ] {
         let mut child = dir
             .command(&args)
@@ -939,4 +941,35 @@ fn status_and_export_of_a_campaign_never_sent_show_its_rows() {
         "[]",
         "status and export leave no trace"
     );
+}
+
+/// `reset` of a campaign being sent is refused (exit 1), naming the process,
+/// and changes nothing.
+#[test]
+fn reset_is_refused_while_the_campaign_is_sent() {
+    let server = SmtpServer::start(&["--delay-ms", "300"]);
+    let dir = CampaignDir::new();
+    standard_campaign(&dir, &recipients_csv(20), &server.transport_toml(""), "");
+    let mut sending = dir
+        .send_command(&[])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while server.received().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "nothing was sent");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let out = dir.run(&["reset", "--yes", dir.campaign().to_str().unwrap()]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains(&format!("process {}", sending.id())), "{err}");
+    assert_eq!(dir.recorded(), ["test-campaign"]);
+    sending.kill().unwrap();
+    sending.wait().unwrap();
+    // Its runner gone, the campaign can be reset.
+    let out = dir.run(&["reset", "--yes", dir.campaign().to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(dir.recorded().is_empty());
 }
