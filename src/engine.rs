@@ -375,16 +375,26 @@ impl<T: Transport, C: Clock> Worker<T, C> {
             }
             max = max.min(usize::try_from(limit - shared.claimed).unwrap_or(usize::MAX));
         }
-        if !self.proven {
-            return Ok(Next::Connect);
-        }
-        self.proven = false;
         let cfg = &self.config;
         let pipeline = self.pipeline.clone();
         let now = self.clock.now_ms();
-        let claim = match self.gate(now).await? {
+        let mut gated = self.gate(now).await?;
+        if gated.is_none() && !self.proven && !self.transport.has_connection() {
+            // A new login while the server keeps the account paused (too
+            // many logins, a rate limit) would only make it worse.
+            gated = self
+                .store
+                .account_pause(&cfg.pause_key, now)
+                .await?
+                .map(|(until, why)| (until, WaitReason::Paused(why)));
+        }
+        if gated.is_none() && !self.proven {
+            return Ok(Next::Connect);
+        }
+        let claim = match gated {
             Some((until_ms, why)) => Claim::Wait { until_ms, why },
             None => {
+                self.proven = false;
                 let domains = &self.domains;
                 self.store
                     .claim_held(
@@ -1226,6 +1236,27 @@ mod tests {
         assert_eq!(b.fail(11_000, 11_200, delay), Some(31_200));
         assert_eq!(b.step, 2);
         assert_eq!(b.active_until(31_200), None);
+    }
+
+    /// While the server keeps the account paused (454 too many login
+    /// attempts), no new login is tried before the pause ends.
+    #[tokio::test]
+    async fn no_login_while_the_account_is_paused() {
+        let s = setup(2).await;
+        s.store
+            .pause_account("acct:587", 1_030_000, "454 4.7.0 Too many login attempts")
+            .await
+            .unwrap();
+        let (end, calls, connects) = run_connecting(
+            &s,
+            config(&s, vec![], 1),
+            Box::new(|_, _| ok()),
+            Box::new(|_| Ok(())),
+        )
+        .await;
+        assert_eq!(end, RunEnd::Done);
+        assert_eq!(calls.len(), 2);
+        assert!(connects.iter().all(|t| *t >= 1_030_000), "{connects:?}");
     }
 
     #[tokio::test]

@@ -43,6 +43,11 @@ pub trait Transport: Send + Sync + 'static {
     /// server or a refused login is found before a recipient is claimed.
     /// Cheap when a connection is ready.
     fn connect(&self) -> impl Future<Output = Result<(), Reply>> + Send;
+    /// Whether a connection is open and ready, so that sending needs no
+    /// new login.
+    fn has_connection(&self) -> bool {
+        false
+    }
     /// Sends the message of file row `row`.
     fn send(
         &self,
@@ -87,6 +92,13 @@ impl Transport for AnyTransport {
         match self {
             AnyTransport::Smtp(t) => t.connect().await,
             AnyTransport::File(t) => t.connect().await,
+        }
+    }
+
+    fn has_connection(&self) -> bool {
+        match self {
+            AnyTransport::Smtp(t) => t.has_connection(),
+            AnyTransport::File(t) => t.has_connection(),
         }
     }
 
@@ -474,6 +486,14 @@ impl Smtp {
 }
 
 impl Transport for Smtp {
+    fn has_connection(&self) -> bool {
+        self.idle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .any(|c| c.since.elapsed() < IDLE_TIMEOUT)
+    }
+
     async fn connect(&self) -> Result<(), Reply> {
         let mut idle = self.take_idle();
         if idle.is_none() {
@@ -795,6 +815,10 @@ fn eml_name(row: u64, address: &str, n: u32) -> String {
 impl Transport for FileOut {
     async fn connect(&self) -> Result<(), Reply> {
         Ok(())
+    }
+
+    fn has_connection(&self) -> bool {
+        true
     }
 
     async fn send(&self, row: u64, message: &Outgoing) -> Result<Reply, Reply> {

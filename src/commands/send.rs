@@ -18,7 +18,7 @@ use crate::message::Variant;
 use crate::personalize::{row_place, RowError};
 use crate::recipients::{parse_address, RecipientReader};
 use crate::reply::{Origin, Reply, ReplyClass};
-use crate::store::now_ms;
+use crate::store::{now_ms, Store};
 use crate::transport::{is_gmail, AnyTransport, Transport};
 
 /// The flags of `hikyaku send` (SPEC §9), parsed by clap in `main`.
@@ -95,8 +95,17 @@ pub(super) fn refused_by_server(campaign: &Campaign, reply: &Reply) -> anyhow::E
 /// read or changed: a refused login or TLS stops here (exit 1), and the
 /// server's SIZE is known for the pre-send check. An unreachable server is
 /// left to the run, which backs off and reconnects.
-async fn open_transport(campaign: &Campaign) -> Result<AnyTransport> {
+async fn open_transport(campaign: &Campaign, store: &Store) -> Result<AnyTransport> {
     let transport = AnyTransport::new(campaign).await?;
+    if store
+        .account_pause(&campaign.pause_key(), now_ms())
+        .await?
+        .is_some()
+    {
+        // The server paused the account (too many logins, a rate limit):
+        // logging in now would only make it worse; the run waits first.
+        return Ok(transport);
+    }
     if let Err(reply) = transport.connect().await {
         if reply.class() == ReplyClass::Fatal {
             return Err(refused_by_server(campaign, &reply));
@@ -154,7 +163,7 @@ async fn send_locked(
         // Reading the password may run a command: a stop request ends it too.
         let mut stopped = stop.clone();
         tokio::select! {
-            transport = open_transport(campaign) => Some(transport?),
+            transport = open_transport(campaign, store) => Some(transport?),
             Ok(_) = stopped.wait_for(|stop| *stop) => return Ok(Exit::Interrupted),
         }
     };
