@@ -96,12 +96,20 @@ fn kind(file_type: &std::fs::FileType) -> &'static str {
 }
 
 /// `512 bytes`, `12 KB`, `25 MB`, `4.0 GB` (powers of 1024, as file
-/// managers show them).
+/// managers show them), rounded up: a size just over a limit never reads
+/// as the limit itself.
 pub fn human_size(bytes: u64) -> String {
     const KB: u64 = 1024;
     const MB: u64 = KB * 1024;
     const GB: u64 = MB * 1024;
-    let scaled = |unit: u64| bytes as f64 / unit as f64;
+    let scaled = |unit: u64| {
+        let tenths = if unit == KB || bytes >= 10 * unit {
+            1.0
+        } else {
+            10.0
+        };
+        (bytes as f64 / unit as f64 * tenths).ceil() / tenths
+    };
     match bytes {
         b if b < KB => format!("{b} bytes"),
         b if b < MB => format!("{:.0} KB", scaled(KB)),
@@ -122,6 +130,8 @@ mod tests {
         assert_eq!(human_size(MAX_MESSAGE_BYTES), "25 MB");
         assert_eq!(human_size(1536 * 1024), "1.5 MB");
         assert_eq!(human_size(4 << 30), "4.0 GB");
+        assert_eq!(human_size((1 << 20) + 50_000), "1.1 MB");
+        assert_eq!(human_size((25 << 20) + 1), "26 MB");
     }
 
     #[test]

@@ -31,13 +31,18 @@ const MAX_INLINE_RENDERED: u64 = 64 * 1024;
 /// from the start of the template, so compiling takes time proportional to
 /// the number of expressions times the template's size: 12,500 expressions
 /// in 1 MB take half a minute. This bound on that product keeps a template
-/// under about half a second.
-const MAX_COMPILE_WORK: u64 = 200_000_000;
+/// around a second.
+const MAX_COMPILE_WORK: u64 = 500_000_000;
 
 /// The deepest HTML a text part is derived from: the HTML parser's work
 /// grows with the depth of nesting at every tag, and browsers stop nesting
 /// at about this depth too.
 const MAX_HTML_DEPTH: usize = 512;
+
+/// The largest HTML a text part is derived from, for each row: html2text
+/// takes seconds and hundreds of megabytes per megabyte. Gmail shows only
+/// the first 102 KB of an HTML part anyway.
+const MAX_DERIVED_HTML_BYTES: u64 = 1024 * 1024;
 
 /// What `urlencode` leaves as it is: RFC 3986's unreserved characters, so
 /// that a value is one opaque query or path component (`+`, `&`, `'`, `@`
@@ -485,9 +490,17 @@ fn render_capped(
     }
 }
 
-/// The text part derived from an HTML part, refused for HTML nested so
-/// deep that parsing it would take minutes.
+/// The text part derived from an HTML part, refused for HTML so large or
+/// nested so deep that deriving it would take minutes.
 fn text_part(html: &str) -> std::result::Result<String, RenderError> {
+    if html.len() as u64 > MAX_DERIVED_HTML_BYTES {
+        return Err(RenderError::TextPart(format!(
+            "the HTML is {}; a text part is derived only from HTML of at most {} (Gmail shows \
+             only the first 102 KB): give a `text` template",
+            human_size(html.len() as u64),
+            human_size(MAX_DERIVED_HTML_BYTES)
+        )));
+    }
     let depth = html_depth(html);
     if depth > MAX_HTML_DEPTH {
         return Err(RenderError::TextPart(format!(

@@ -386,21 +386,30 @@ hostile! {
         cause: &["body.txt.hbs", "nest more than 100 levels"],
         ..CASE
     };
-    html_nested_100000_deep: Case {
+    html_nested_50000_deep: Case {
         message: "subject = \"Hello\"\nhtml = \"templates/body.html.hbs\"",
         setup: |dir| {
-            let nested = format!("{}{{{{name}}}}{}", "<div>".repeat(100_000), "</div>".repeat(100_000));
+            let nested = format!("{}{{{{name}}}}{}", "<div>".repeat(50_000), "</div>".repeat(50_000));
             dir.write("templates/body.html.hbs", nested);
         },
-        cause: &["row 1", "nests elements 100000 deep"],
+        cause: &["row 1", "nests elements 50000 deep"],
         ..CASE
     };
-    markdown_quotes_nested_100000_deep: Case {
+    html_of_2_mb_without_a_text_part: Case {
+        message: "subject = \"Hello\"\nhtml = \"templates/body.html.hbs\"",
+        setup: |dir| {
+            let flat = format!("{{{{name}}}}{}", "<div>text</div>".repeat(150_000));
+            dir.write("templates/body.html.hbs", flat);
+        },
+        cause: &["row 1", "HTML is 2.2 MB", "text"],
+        ..CASE
+    };
+    markdown_quotes_nested_20000_deep: Case {
         message: "subject = \"Hello\"\nmarkdown = \"templates/body.md.hbs\"",
         setup: |dir| {
-            dir.write("templates/body.md.hbs", format!("{} {{{{name}}}}\n", ">".repeat(100_000)));
+            dir.write("templates/body.md.hbs", format!("{} {{{{name}}}}\n", ">".repeat(20_000)));
         },
-        cause: &["row 1", "nests elements"],
+        cause: &["row 1", "nests elements 20000 deep"],
         ..CASE
     };
     a_date_format_that_is_no_format: Case {
