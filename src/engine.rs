@@ -17,7 +17,8 @@ use crate::limits::Window;
 use crate::personalize::Pipeline;
 use crate::reply::{Origin, Pause, Reply, ReplyClass};
 use crate::schedule::{warmup_day, SendingHours};
-use crate::store::{now_ms, Candidate, Claim, Outcome, Ready, Store, WaitReason};
+use crate::store::{Candidate, Claim, Outcome, Ready, Store, WaitReason};
+use crate::time::now_ms;
 use crate::transport::Transport;
 use chrono_tz::Tz;
 
@@ -805,6 +806,7 @@ mod tests {
     use crate::campaign::Campaign;
     use crate::message::Outgoing;
     use crate::store::CampaignRecord;
+    use crate::store::State;
     use std::sync::atomic::{AtomicI64, Ordering};
     use std::sync::Mutex as StdMutex;
 
@@ -985,7 +987,7 @@ mod tests {
             let inside = times[i..].iter().filter(|u| **u < t + 6_000).count();
             assert!(inside <= 5, "{times:?}");
         }
-        assert_eq!(s.store.counts(s.record.id).await.unwrap()["sent"], 12);
+        assert_eq!(s.store.counts(s.record.id).await.unwrap()[State::Sent], 12);
     }
 
     #[tokio::test]
@@ -1012,7 +1014,7 @@ mod tests {
             "{u2:?}"
         );
         let counts = s.store.counts(s.record.id).await.unwrap();
-        assert_eq!((counts["sent"], counts["deferred"]), (3, 0));
+        assert_eq!((counts[State::Sent], counts[State::Deferred]), (3, 0));
     }
 
     #[tokio::test]
@@ -1026,7 +1028,7 @@ mod tests {
         .await;
         assert_eq!(end, RunEnd::Done);
         assert_eq!(calls.len(), 3);
-        assert_eq!(s.store.counts(s.record.id).await.unwrap()["failed"], 1);
+        assert_eq!(s.store.counts(s.record.id).await.unwrap()[State::Failed], 1);
     }
 
     /// Every row as `export` shows it, to compare before and after a run.
@@ -1088,7 +1090,7 @@ mod tests {
         assert!(matches!(end, RunEnd::Fatal(_)), "{end:?}");
         assert_eq!(rows(&s).await, before);
         let counts = s.store.counts(s.record.id).await.unwrap();
-        assert_eq!(counts["pending"], 4);
+        assert_eq!(counts[State::Pending], 4);
         let usage = s
             .store
             .schedule("acct", &[window], 1_000_000)
@@ -1127,7 +1129,11 @@ mod tests {
         assert_eq!(until_ms, 1_000_000 + 86_400_000);
         let counts = s.store.counts(s.record.id).await.unwrap();
         assert_eq!(
-            (counts["sent"], counts["pending"], counts["failed"]),
+            (
+                counts[State::Sent],
+                counts[State::Pending],
+                counts[State::Failed]
+            ),
             (3, 3, 0)
         );
         assert!(s
@@ -1149,7 +1155,10 @@ mod tests {
         .await;
         assert!(matches!(end, RunEnd::CircuitBreaker(_)), "{end:?}");
         assert_eq!(calls.len(), 10);
-        assert_eq!(s.store.counts(s.record.id).await.unwrap()["pending"], 5);
+        assert_eq!(
+            s.store.counts(s.record.id).await.unwrap()[State::Pending],
+            5
+        );
     }
 
     /// Regression: a connection lost after the final "." was retried, so a
@@ -1172,7 +1181,7 @@ mod tests {
         assert_eq!(end, RunEnd::Done);
         assert_eq!(calls.iter().filter(|c| c.1 == "u2@example.com").count(), 1);
         let counts = s.store.counts(s.record.id).await.unwrap();
-        assert_eq!((counts["sent"], counts["unknown"]), (2, 1));
+        assert_eq!((counts[State::Sent], counts[State::Unknown]), (2, 1));
     }
 
     /// Regression: every claimed recipient failing against an unreachable
@@ -1207,7 +1216,7 @@ mod tests {
         assert_eq!(first_send, 1_000_000 + 31_000, "{connects:?}");
         assert_eq!(calls.len(), 20);
         let counts = s.store.counts(s.record.id).await.unwrap();
-        assert_eq!(counts["sent"], 20);
+        assert_eq!(counts[State::Sent], 20);
         let attempts: i64 = {
             let mut total = 0;
             s.store

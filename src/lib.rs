@@ -20,4 +20,5 @@ pub mod reply;
 pub mod schedule;
 pub mod store;
 pub mod template;
+pub mod time;
 pub mod transport;

@@ -15,7 +15,8 @@ use mail_parser::{Address, HeaderValue, Message, MessageParser};
 
 use crate::campaign::{Campaign, ImapConfig};
 use crate::recipients::parse_address;
-use crate::store::{message_id_key, now_ms, NoticeRow, State, Store};
+use crate::store::{message_id_key, NoticeRow, State, Store};
+use crate::time::now_ms;
 use dsn::{Action, Delivery, Notice, Report};
 
 /// Larger messages are left unread: a notification quotes at most the

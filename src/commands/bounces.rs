@@ -66,7 +66,7 @@ pub async fn bounces(
             let created = store
                 .campaign_created_at(record.id)
                 .await?
-                .unwrap_or_else(crate::store::now_ms);
+                .unwrap_or_else(crate::time::now_ms);
             chrono::DateTime::from_timestamp_millis(created)
                 .map(|t| t.date_naive() - chrono::Days::new(MARGIN_DAYS as u64))
                 .unwrap_or_default()

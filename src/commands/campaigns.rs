@@ -12,7 +12,8 @@ use super::status::local_time;
 use super::{output, Global};
 use crate::campaign::Campaign;
 use crate::error::{input_error, Exit};
-use crate::store::{rfc3339, CampaignSummary, Counts};
+use crate::store::{CampaignSummary, Counts};
+use crate::time::rfc3339;
 
 #[derive(Serialize)]
 struct CampaignJson<'a> {
@@ -86,11 +87,11 @@ fn describe(c: &CampaignSummary) -> String {
 
 /// "12 rows: 10 sent, 2 skipped": the states that hold rows.
 fn states(counts: &Counts) -> String {
-    let total: i64 = counts.values().sum();
+    let total: i64 = counts.total();
     let held: Vec<String> = counts
         .iter()
-        .filter(|(_, n)| **n > 0)
-        .map(|(state, n)| format!("{n} {state}"))
+        .filter(|(_, n)| *n > 0)
+        .map(|(state, n)| format!("{n} {}", state.as_str()))
         .collect();
     let rows = plural(u64::try_from(total).unwrap_or(0), "row");
     if held.is_empty() {

@@ -12,6 +12,7 @@ use crate::campaign::{Campaign, PasswordSource, TlsMode, TransportConfig};
 use crate::error::Exit;
 use crate::message::mailbox;
 use crate::reply::ReplyClass;
+use crate::store::State;
 use crate::transport::{AnyTransport, Transport};
 
 pub async fn check(global: &Global, path: &Path, connect: bool) -> Result<Exit> {
@@ -64,9 +65,9 @@ pub async fn check(global: &Global, path: &Path, connect: bool) -> Result<Exit> 
         "{}: {} rows, {} to send, {} already sent, {} skipped",
         path.display(),
         found.rows,
-        counts["pending"] + counts["deferred"],
-        counts["sent"],
-        counts["skipped"],
+        counts[State::Pending] + counts[State::Deferred],
+        counts[State::Sent],
+        counts[State::Skipped],
     )?;
     Ok(Exit::Done)
 }

@@ -11,7 +11,8 @@ use super::send::rehearsal_note;
 use super::{identity, output, unstarted, Global};
 use crate::campaign::Campaign;
 use crate::error::Exit;
-use crate::store::{rfc3339, ExportRow, State};
+use crate::store::{ExportRow, State};
+use crate::time::rfc3339;
 
 pub async fn export(
     global: &Global,

@@ -11,7 +11,8 @@ use tracing_indicatif::span_ext::IndicatifSpanExt;
 use super::status::{local_time, outlook};
 use crate::campaign::Campaign;
 use crate::engine::{describe_wait, Event};
-use crate::store::{now_ms, Store};
+use crate::store::Store;
+use crate::time::now_ms;
 
 /// How often plain output reports progress.
 const PLAIN_EVERY: Duration = Duration::from_secs(10);

@@ -18,7 +18,8 @@ use crate::message::Variant;
 use crate::personalize::{row_place, RowError};
 use crate::recipients::{parse_address, RecipientReader};
 use crate::reply::{Origin, Reply, ReplyClass};
-use crate::store::{now_ms, Store};
+use crate::store::{State, Store};
+use crate::time::now_ms;
 use crate::transport::{is_gmail, AnyTransport, Transport};
 
 /// The flags of `hikyaku send` (SPEC §9), parsed by clap in `main`.
@@ -233,14 +234,14 @@ async fn send_locked(
         } else {
             0
         };
-        let ready = counts["pending"]
+        let ready = counts[State::Pending]
             + retried
             + if opts.resend_unknown {
-                counts["unknown"]
+                counts[State::Unknown]
             } else {
                 0
             };
-        let remaining = ready + counts["deferred"];
+        let remaining = ready + counts[State::Deferred];
         let look = outlook(store, campaign, Some(record.id), remaining, ready).await?;
         let mut out = output::stdout();
         writeln!(
@@ -248,10 +249,10 @@ async fn send_locked(
             "dry run{}: {} rows, {remaining} would be sent, {} already sent, {} skipped, {} failed, {} unknown",
             rehearsal_note(campaign),
             found.rows,
-            counts["sent"],
-            counts["skipped"],
-            counts["failed"],
-            counts["unknown"]
+            counts[State::Sent],
+            counts[State::Skipped],
+            counts[State::Failed],
+            counts[State::Unknown]
         )?;
         writeln!(out, "account {}", campaign.account())?;
         for (w, used) in &look.usage {
@@ -275,8 +276,8 @@ async fn send_locked(
             .await?;
     }
     let counts = store.counts(record.id).await?;
-    let total: i64 = counts.values().sum();
-    let to_do = counts["pending"] + counts["deferred"] + counts["sending"];
+    let total: i64 = counts.total();
+    let to_do = counts[State::Pending] + counts[State::Deferred] + counts[State::Sending];
     let progress_counts = progress::Counts {
         total: u64::try_from(total).unwrap_or(0),
         done: u64::try_from(total - to_do).unwrap_or(0),
@@ -328,7 +329,7 @@ async fn send_locked(
     let end = end?;
 
     let counts = store.counts(record.id).await?;
-    let left = counts["pending"] + counts["deferred"];
+    let left = counts[State::Pending] + counts[State::Deferred];
     let secs = (now_ms() - started).max(1) as f64 / 1000.0;
     let rate = progress::rate(stats.sent as f64 / secs);
     let (done, sent) = match &campaign.transport {
@@ -346,10 +347,10 @@ async fn send_locked(
         target: OUTCOME,
         "{}: {done}; total: {} {sent}, {} failed, {} unknown, {} skipped, {} left",
         campaign.name,
-        counts["sent"],
-        counts["failed"],
-        counts["unknown"],
-        counts["skipped"],
+        counts[State::Sent],
+        counts[State::Failed],
+        counts[State::Unknown],
+        counts[State::Skipped],
         left
     );
     Ok(match end {

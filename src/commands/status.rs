@@ -10,7 +10,8 @@ use super::send::rehearsal_note;
 use super::{identity, output, unstarted, Global};
 use crate::campaign::Campaign;
 use crate::error::Exit;
-use crate::store::{now_ms, rfc3339, Counts, Store};
+use crate::store::{Counts, State, Store};
+use crate::time::{now_ms, rfc3339};
 
 #[derive(Serialize)]
 struct StatusJson {
@@ -120,30 +121,30 @@ pub async fn status(global: &Global, path: &Path, json: bool) -> Result<Exit> {
             .await?
         }
     };
-    let remaining = counts["pending"] + counts["deferred"];
+    let remaining = counts[State::Pending] + counts[State::Deferred];
     let look = outlook(
         &store,
         &campaign,
         record.as_ref().map(|r| r.id),
         remaining,
-        counts["pending"],
+        counts[State::Pending],
     )
     .await?;
-    let total: i64 = counts.values().sum();
+    let total: i64 = counts.total();
     if json {
         let out = StatusJson {
             campaign: campaign.name.clone(),
             rehearsal: id.delivery.is_rehearsal(),
             total,
             states: States {
-                pending: counts["pending"],
-                sending: counts["sending"],
-                deferred: counts["deferred"],
-                sent: counts["sent"],
-                failed: counts["failed"],
-                unknown: counts["unknown"],
-                skipped: counts["skipped"],
-                bounced: counts["bounced"],
+                pending: counts[State::Pending],
+                sending: counts[State::Sending],
+                deferred: counts[State::Deferred],
+                sent: counts[State::Sent],
+                failed: counts[State::Failed],
+                unknown: counts[State::Unknown],
+                skipped: counts[State::Skipped],
+                bounced: counts[State::Bounced],
             },
             account: campaign.account(),
             windows: look
@@ -179,9 +180,9 @@ pub async fn status(global: &Global, path: &Path, json: bool) -> Result<Exit> {
             path.display()
         )?;
     }
-    let states: Vec<String> = crate::store::State::ALL
+    let states: Vec<String> = counts
         .iter()
-        .map(|s| format!("{} {}", s.as_str(), counts[s.as_str()]))
+        .map(|(s, n)| format!("{} {n}", s.as_str()))
         .collect();
     writeln!(out, "  {}", states.join(", "))?;
     writeln!(out, "account {}", campaign.account())?;

@@ -11,7 +11,7 @@ use super::{output, Global};
 use crate::csv_lines::{open_regular, Fields, LineReader};
 use crate::error::{input_error, Exit};
 use crate::recipients::parse_address;
-use crate::store::rfc3339;
+use crate::time::rfc3339;
 
 #[derive(Debug, Clone)]
 pub enum SuppressAction {

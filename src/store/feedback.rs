@@ -8,7 +8,8 @@ use std::str::FromStr;
 use anyhow::Result;
 use sqlx::Row as _;
 
-use super::{insert_suppression, State, Store};
+use super::sqlite::{insert_suppression, SqliteStore};
+use super::State;
 
 /// A recipient that a notification may be about.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,7 +49,7 @@ pub fn message_id_key(id: &str) -> String {
         .to_lowercase()
 }
 
-impl Store {
+impl SqliteStore {
     /// When the campaign's state was created, Unix ms.
     pub async fn campaign_created_at(&self, campaign_id: i64) -> Result<Option<i64>> {
         Ok(
@@ -204,7 +205,8 @@ impl Store {
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::{ident, import, out, store};
+    use super::super::sqlite::tests::{ident, import, out, store};
+    use super::super::sqlite::SqliteStore as Store;
     use super::super::{Claim, Outcome};
     use super::*;
 
@@ -255,7 +257,7 @@ mod tests {
             )
             .await
             .unwrap());
-        assert_eq!(store.counts(c.id).await.unwrap()["bounced"], 1);
+        assert_eq!(store.counts(c.id).await.unwrap()[State::Bounced], 1);
         assert_eq!(store.suppressions().await.unwrap().len(), 1);
         // The user takes the address off the list; a second read of the
         // same notification puts nothing back.
@@ -304,7 +306,7 @@ mod tests {
         let ids = sent(&store, c.id, 1).await;
         assert!(store.note_delay(ids[0], "delayed: 4.4.1").await.unwrap());
         assert!(!store.note_delay(ids[0], "delayed: 4.4.1").await.unwrap());
-        assert_eq!(store.counts(c.id).await.unwrap()["sent"], 1);
+        assert_eq!(store.counts(c.id).await.unwrap()[State::Sent], 1);
     }
 
     #[tokio::test]

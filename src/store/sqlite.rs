@@ -1,175 +1,24 @@
-//! The state store on SQLite (SPEC §7, §10): one file, WAL, every
-//! recipient's outcome committed as it happens.
-//!
-//! The order of writes is the at-most-once guarantee: a recipient is
-//! durably `sending` (and its send logged for the account's limits) before
-//! its SMTP transaction starts, and `sent` after the server accepted it. A
-//! row left `sending` by a dead process becomes `unknown`, never `pending`.
+//! The state store on SQLite: one file, WAL, one runner per campaign
+//! (SPEC §7.4), claims serialised by `BEGIN IMMEDIATE`.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use serde::Serialize;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 use sqlx::{ConnectOptions as _, Connection as _, Row as _, Sqlite, Transaction};
 
+use super::{
+    Before, CampaignRecord, CampaignSummary, Candidate, Claim, Counts, Delivery, ExportRow,
+    Identity, Outcome, Ready, RowStatus, SkipReason, State, WaitReason,
+};
 use crate::error::input_error;
 use crate::limits::{Schedule, Send, Slot, Window};
 use crate::message::Outgoing;
-
-mod feedback;
-pub use feedback::{message_id_key, NoticeRow, SendEntry};
-
-/// A recipient's delivery state (SPEC §7).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum State {
-    Pending,
-    Sending,
-    Sent,
-    Deferred,
-    Failed,
-    Unknown,
-    Skipped,
-    /// Accepted, then a delivery status notification came back.
-    Bounced,
-}
-
-impl State {
-    pub const ALL: [State; 8] = [
-        State::Pending,
-        State::Sending,
-        State::Sent,
-        State::Deferred,
-        State::Failed,
-        State::Unknown,
-        State::Skipped,
-        State::Bounced,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            State::Pending => "pending",
-            State::Sending => "sending",
-            State::Sent => "sent",
-            State::Deferred => "deferred",
-            State::Failed => "failed",
-            State::Unknown => "unknown",
-            State::Skipped => "skipped",
-            State::Bounced => "bounced",
-        }
-    }
-}
-
-impl FromStr for State {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<State, String> {
-        State::ALL
-            .into_iter()
-            .find(|st| st.as_str() == s)
-            .ok_or_else(|| {
-                let known: Vec<&str> = State::ALL.map(State::as_str).to_vec();
-                format!("unknown state {s:?} ({})", known.join(", "))
-            })
-    }
-}
-
-pub fn now_ms() -> i64 {
-    chrono::Utc::now().timestamp_millis()
-}
-
-/// `2026-11-27T09:14:03Z` for a Unix-millisecond time; `None` past what a
-/// calendar can write (a time the database holds may be anything).
-pub fn rfc3339(ms: i64) -> Option<String> {
-    chrono::DateTime::from_timestamp_millis(ms)
-        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
-}
-
-/// Where the state lives.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DbLocation {
-    pub path: PathBuf,
-    /// The platform default: its folder is created when missing; the
-    /// folder of a path the user gave must exist (a typo is not a new folder).
-    pub default: bool,
-}
-
-/// Where the state lives: `--db`, `HIKYAKU_DB`, or the platform default.
-pub fn resolve_db(arg: Option<&str>) -> Result<DbLocation> {
-    match arg {
-        Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
-            Err(input_error(format!(
-                "--db {}: PostgreSQL state databases are not supported by this build yet; use a SQLite file path",
-                mask_password(url)
-            )))
-        }
-        Some(url) => Ok(DbLocation {
-            path: PathBuf::from(url.strip_prefix("sqlite://").unwrap_or(url)),
-            default: false,
-        }),
-        None => {
-            let base = dirs::data_dir().ok_or_else(|| {
-                input_error("no platform data directory is known here: give --db PATH or set HIKYAKU_DB")
-            })?;
-            Ok(DbLocation {
-                path: base.join("hikyaku").join("hikyaku.db"),
-                default: true,
-            })
-        }
-    }
-}
-
-/// A database URL fit to print: the password of `scheme://user:password@host` as `***`.
-pub fn mask_password(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
-    };
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(authority_end);
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) => match userinfo.split_once(':') {
-            Some((user, _)) => format!("{scheme}://{user}:***@{host}{tail}"),
-            None => url.to_string(),
-        },
-        None => url.to_string(),
-    }
-}
-
-/// Names the state database in an error that came from it, whichever
-/// command met it: SQLite's own words never stand alone.
-pub fn name_in_error(path: &Path, err: anyhow::Error) -> anyhow::Error {
-    let from_db = err
-        .chain()
-        .any(|e| e.is::<sqlx::Error>() || e.is::<sqlx::migrate::MigrateError>());
-    let shown = path.display().to_string();
-    if !from_db || format!("{err:#}").contains(&shown) {
-        return err;
-    }
-    let hint = match sqlite_code(&err).as_deref() {
-        Some("8") => " (the file or its folder is read-only for hikyaku)",
-        Some("11" | "26") => " (the file is damaged or not a SQLite database)",
-        Some("14") => " (can hikyaku create and write files in its folder?)",
-        _ => "",
-    };
-    err.context(format!("state database {shown}{hint}"))
-}
-
-/// SQLite's primary result code of an error from the database, if any.
-fn sqlite_code(err: &anyhow::Error) -> Option<String> {
-    err.chain().find_map(|e| {
-        let db = match e.downcast_ref::<sqlx::Error>()? {
-            sqlx::Error::Database(db) => db,
-            _ => return None,
-        };
-        let code = db.code()?;
-        let primary = code.parse::<i64>().ok()? & 0xff;
-        Some(primary.to_string())
-    })
-}
+use crate::time::now_ms;
 
 /// The rows of a campaign (bound first) that `--retry-failed` sends again.
 const RETRYABLE_FAILED: &str = "campaign_id = ? AND state = 'failed' \
@@ -283,173 +132,18 @@ async fn ensure_ours(path: &Path, migrator: &sqlx::migrate::Migrator) -> Result<
     Ok(())
 }
 
-#[derive(Clone)]
-pub struct Store {
-    pool: SqlitePool,
-}
-
-/// Which sends a campaign's state records (SPEC §7.5). The file transport
-/// rehearses: its state is kept apart and never counts as delivered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Delivery {
-    /// Through SMTP, whichever account: the real thing.
-    Smtp,
-    /// Through the file transport: `.eml` files, nothing delivered.
-    File,
-}
-
-impl Delivery {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Delivery::Smtp => "smtp",
-            Delivery::File => "file",
-        }
-    }
-
-    pub fn is_rehearsal(self) -> bool {
-        self == Delivery::File
-    }
-}
-
-/// What names a campaign's state: its name, the campaign file that owns
-/// the name (SPEC §7.6), and which sends are recorded.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Identity {
-    pub name: String,
-    /// The campaign file's canonical path.
-    pub file: String,
-    pub delivery: Delivery,
-}
-
-/// One campaign of the database, for `hikyaku campaigns`.
-#[derive(Debug, Clone, Serialize)]
-pub struct CampaignSummary {
-    pub name: String,
-    /// The campaign file that owns the name, if known.
-    pub file: Option<String>,
-    /// Counts per state of real delivery (SMTP), if it ever started.
-    pub delivery: Option<Counts>,
-    /// Counts per state of the file transport's rehearsal, if any.
-    pub rehearsal: Option<Counts>,
-    /// The last change to any of its recipients (Unix ms).
-    pub last_activity_ms: Option<i64>,
-    /// The process sending it now, if any.
-    pub running: Option<String>,
-}
-
-/// A campaign's row in the store.
-#[derive(Debug, Clone)]
-pub struct CampaignRecord {
-    pub id: i64,
-    pub columns: Vec<String>,
-    pub fingerprint: Option<String>,
-}
-
-/// A recipient picked for sending.
-#[derive(Debug, Clone)]
-pub struct Candidate {
-    pub id: i64,
-    pub row_number: i64,
-    pub email: String,
-    pub address: String,
-    pub fields: Vec<String>,
-    pub attempts: i64,
-    /// The row as it was before the claim, so that a recipient never offered
-    /// to the server goes back byte for byte (SPEC §8: a refused login
-    /// changes nobody's state).
-    pub before: Before,
-}
-
-/// The columns a claim changes, as they were.
-#[derive(Debug, Clone, Default)]
-pub struct Before {
-    pub state: String,
-    pub message_id: Option<String>,
-    pub updated_at: i64,
-}
-
-/// A recipient durably `sending`, its send logged: go ahead.
-#[derive(Debug)]
-pub struct Ready {
-    pub candidate: Candidate,
-    pub message: Box<Outgoing>,
-    pub log_id: i64,
-}
-
-/// The result of asking for the next recipients to send to.
-#[derive(Debug)]
-pub enum Claim {
-    /// Recipients to send to now, and rows whose message could no longer be
-    /// built (now `skipped (invalid message)`).
-    Ready {
-        ready: Vec<Ready>,
-        unbuildable: Vec<(Candidate, String)>,
-    },
-    /// Something must pass first: pacing, a full window, an account pause.
-    Wait { until_ms: i64, why: WaitReason },
-    /// Nothing is due; deferred retries may be due at `next_due_ms`.
-    Idle { next_due_ms: Option<i64> },
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum WaitReason {
-    Pacing,
-    Window {
-        window: Window,
-        used: u64,
-    },
-    Paused(String),
-    /// Outside the campaign's `[schedule]`.
-    Schedule,
-    /// The account's warm-up cap for its `day`-th day of sending is reached.
-    WarmUp {
-        day: usize,
-        cap: u32,
-    },
-    /// Every recipient that could go now is at a domain that must wait.
-    Domain(String),
-}
-
 /// Recipients one claim passes over for their domain before it waits: a
 /// bound on the rows read while every destination is busy.
 const MAX_PASSED_OVER: usize = 64;
 
-/// One outcome of a send, as written to the store.
-#[derive(Debug, Clone)]
-pub enum Outcome {
-    Sent {
-        reply: String,
-    },
-    Deferred {
-        reply: String,
-        retry_at_ms: i64,
-    },
-    Failed {
-        reply: String,
-        suppress: bool,
-    },
-    /// Back to `pending` as if never tried (account pause, fatal error).
-    Returned {
-        reply: String,
-        unlog: bool,
-    },
-    /// Never offered to the server (the run stopped first, the server could
-    /// not be reached, the login was refused): the row as before the claim.
-    Unclaimed,
-    /// The connection was lost after the whole message was sent, before
-    /// the reply: `unknown`, never sent again unless asked.
-    Unknown {
-        reply: String,
-    },
+#[derive(Clone)]
+pub struct SqliteStore {
+    pub(super) pool: SqlitePool,
 }
 
-/// Counts per state.
-pub type Counts = std::collections::BTreeMap<&'static str, i64>;
-
-impl Store {
+impl SqliteStore {
     /// Opens (creating if needed) the SQLite file and runs the embedded migrations.
-    pub async fn open(path: &Path) -> Result<Store> {
+    pub async fn open(path: &Path) -> Result<SqliteStore> {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             if !parent.is_dir() {
                 return Err(input_error(format!(
@@ -535,7 +229,7 @@ impl Store {
                 missing.join(", ")
             )));
         }
-        Ok(Store { pool })
+        Ok(SqliteStore { pool })
     }
 
     /// Creates the campaign's row on first use and binds its name to its
@@ -758,7 +452,11 @@ impl Store {
 
     /// Starts reading the recipients file into the store; nothing is visible
     /// to others until [`Import::commit`].
-    pub async fn import(&self, campaign: &CampaignRecord, columns: &[String]) -> Result<Import> {
+    pub async fn import(
+        &self,
+        campaign: &CampaignRecord,
+        columns: &[String],
+    ) -> Result<SqliteImport> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let generation: i64 = sqlx::query_scalar("UPDATE campaigns SET import_gen = import_gen + 1, columns = ? WHERE id = ? RETURNING import_gen")
             .bind(serde_json::to_string(columns)?)
@@ -769,7 +467,7 @@ impl Store {
             .bind(campaign.id)
             .execute(&mut *tx)
             .await?;
-        Ok(Import {
+        Ok(SqliteImport {
             tx,
             campaign_id: campaign.id,
             generation,
@@ -856,7 +554,7 @@ impl Store {
                     // The row was checked before the run; something changed
                     // since (an attachment removed): a campaign defect, not a bounce.
                     sqlx::query("UPDATE recipients SET state = 'skipped', reason = ?, updated_at = ? WHERE id = ?")
-                        .bind(format!("invalid message: {why}"))
+                        .bind(SkipReason::InvalidMessage(why.to_string()).to_text())
                         .bind(now)
                         .bind(candidate.id)
                         .execute(&mut *tx)
@@ -1164,7 +862,7 @@ impl Store {
     }
 }
 
-async fn insert_suppression(
+pub(super) async fn insert_suppression(
     conn: &mut sqlx::SqliteConnection,
     address: &str,
     reason: &str,
@@ -1281,40 +979,15 @@ async fn export_rows(
     Ok(())
 }
 
-/// One row of `export`.
-pub struct ExportRow {
-    pub email: String,
-    pub state: String,
-    pub reason: Option<String>,
-    pub attempts: i64,
-    pub last_reply: Option<String>,
-    pub updated_at: i64,
-    pub message_id: Option<String>,
-    pub fields: Vec<String>,
-}
-
 /// A read of the recipients file in progress, inside one transaction.
-pub struct Import {
+pub struct SqliteImport {
     tx: Transaction<'static, Sqlite>,
     campaign_id: i64,
     generation: i64,
     now: i64,
 }
 
-/// What the store knows about a row just read.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RowStatus {
-    /// Still to be sent: its message must be checked.
-    ToSend { id: i64 },
-    /// Already past sending (sent, failed, unknown, skipped on purpose).
-    Settled,
-    /// The same address appeared on an earlier row.
-    Duplicate { first_row: i64 },
-    /// On the suppression list.
-    Suppressed,
-}
-
-impl Import {
+impl SqliteImport {
     /// A row whose address is not valid: `skipped (invalid address)`; the
     /// warning printed for it says why.
     pub async fn invalid_row(
@@ -1323,7 +996,7 @@ impl Import {
         email: &str,
         fields: &[String],
     ) -> Result<()> {
-        self.insert_noise(row_number, email, fields, "invalid address")
+        self.insert_noise(row_number, email, fields, SkipReason::InvalidAddress)
             .await
     }
 
@@ -1332,7 +1005,7 @@ impl Import {
         row_number: u64,
         email: &str,
         fields: &[String],
-        reason: &str,
+        reason: SkipReason,
     ) -> Result<()> {
         sqlx::query(
             "INSERT INTO recipients (campaign_id, row_key, email, row_number, fields, state, reason, seen_gen, updated_at) \
@@ -1343,7 +1016,7 @@ impl Import {
         .bind(email)
         .bind(row_number as i64)
         .bind(serde_json::to_string(fields)?)
-        .bind(reason)
+        .bind(reason.to_text())
         .bind(self.generation)
         .bind(self.now)
         .execute(&mut *self.tx)
@@ -1404,15 +1077,18 @@ impl Import {
         let id: i64 = existing.get("id");
         if existing.get::<i64, _>("seen_gen") == self.generation {
             let first_row: i64 = existing.get("row_number");
-            self.insert_noise(row_number, email, fields, "duplicate")
+            self.insert_noise(row_number, email, fields, SkipReason::Duplicate)
                 .await?;
             return Ok(RowStatus::Duplicate { first_row });
         }
         let state: String = existing.get("state");
         let reason: Option<String> = existing.get("reason");
         // Rows skipped for a reason that may no longer hold are reconsidered.
-        let reconsider = state == "skipped"
-            && matches!(reason.as_deref(), Some(r) if r == "removed" || r == "suppressed" || r.starts_with("invalid message"));
+        let reconsider = state == State::Skipped.as_str()
+            && reason
+                .as_deref()
+                .and_then(SkipReason::parse)
+                .is_some_and(|r| r.reconsidered());
         let (new_state, new_reason, status) = match state.as_str() {
             "pending" | "deferred" if suppressed => (
                 "skipped".to_string(),
@@ -1452,7 +1128,7 @@ impl Import {
         sqlx::query(
             "UPDATE recipients SET state = 'skipped', reason = ?, updated_at = ? WHERE id = ?",
         )
-        .bind(format!("invalid message: {why}"))
+        .bind(SkipReason::InvalidMessage(why.to_string()).to_text())
         .bind(self.now)
         .bind(id)
         .execute(&mut *self.tx)
@@ -1508,10 +1184,10 @@ impl Import {
 
 /// Counts per state from rows of `(st, n)`, every state present.
 fn tally(rows: Vec<sqlx::sqlite::SqliteRow>) -> Counts {
-    let mut counts: Counts = State::ALL.iter().map(|s| (s.as_str(), 0)).collect();
+    let mut counts = Counts::default();
     for row in rows {
         if let Ok(state) = State::from_str(row.get("st")) {
-            counts.insert(state.as_str(), row.get("n"));
+            counts[state] = row.get("n");
         }
     }
     counts
@@ -1603,10 +1279,11 @@ fn process_alive(pid: i64) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
+    use super::SqliteStore as Store;
     use super::*;
 
-    pub(super) fn ident(name: &str) -> Identity {
+    pub(in crate::store) fn ident(name: &str) -> Identity {
         Identity {
             name: name.into(),
             file: format!("/campaigns/{name}.toml"),
@@ -1614,13 +1291,13 @@ mod tests {
         }
     }
 
-    pub(super) async fn store() -> (tempfile::TempDir, Store) {
+    pub(in crate::store) async fn store() -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("state.db")).await.unwrap();
         (dir, store)
     }
 
-    pub(super) fn out(n: u32) -> Outgoing {
+    pub(in crate::store) fn out(n: u32) -> Outgoing {
         let msg = lettre::Message::builder()
             .from("a@example.com".parse().unwrap())
             .to("b@example.com".parse().unwrap())
@@ -1634,7 +1311,11 @@ mod tests {
         }
     }
 
-    pub(super) async fn import(store: &Store, c: &CampaignRecord, rows: &[&str]) -> Vec<RowStatus> {
+    pub(in crate::store) async fn import(
+        store: &Store,
+        c: &CampaignRecord,
+        rows: &[&str],
+    ) -> Vec<RowStatus> {
         let mut imp = store.import(c, &["email".into()]).await.unwrap();
         let mut statuses = Vec::new();
         for (i, email) in rows.iter().enumerate() {
@@ -1656,11 +1337,15 @@ mod tests {
         let st = import(&store, &c, &["a@x.example", "B@x.example", "b@x.example"]).await;
         assert!(matches!(st[2], RowStatus::Duplicate { first_row: 2 }));
         let counts = store.counts(c.id).await.unwrap();
-        assert_eq!((counts["pending"], counts["skipped"]), (2, 1));
+        assert_eq!((counts[State::Pending], counts[State::Skipped]), (2, 1));
         // b leaves the file, c joins.
         import(&store, &c, &["a@x.example", "c@x.example"]).await;
         let counts = store.counts(c.id).await.unwrap();
-        assert_eq!((counts["pending"], counts["skipped"]), (2, 1), "{counts:?}");
+        assert_eq!(
+            (counts[State::Pending], counts[State::Skipped]),
+            (2, 1),
+            "{counts:?}"
+        );
         let mut reasons = Vec::new();
         store
             .export(c.id, Some(State::Skipped), |r| {
@@ -1692,7 +1377,7 @@ mod tests {
         let Ready {
             candidate, log_id, ..
         } = ready.remove(0);
-        assert_eq!(store.counts(c.id).await.unwrap()["sending"], 1);
+        assert_eq!(store.counts(c.id).await.unwrap()[State::Sending], 1);
         match store
             .claim(c.id, "acct", "acct", &[win], now + 10, 1, |_| Ok(out(1)))
             .await
@@ -1712,7 +1397,7 @@ mod tests {
             )
             .await
             .unwrap();
-        assert_eq!(store.counts(c.id).await.unwrap()["sent"], 1);
+        assert_eq!(store.counts(c.id).await.unwrap()[State::Sent], 1);
         // Another campaign on the same account shares the window.
         let c2 = store.campaign(&ident("c2")).await.unwrap();
         import(&store, &c2, &["z@x.example"]).await;
@@ -1743,7 +1428,7 @@ mod tests {
             panic!("expected a claim")
         };
         assert_eq!((ready.len(), unbuildable.len()), (3, 0));
-        assert_eq!(store.counts(c.id).await.unwrap()["sending"], 3);
+        assert_eq!(store.counts(c.id).await.unwrap()[State::Sending], 3);
         for r in &ready[1..] {
             store
                 .record(&r.candidate, r.log_id, &Outcome::Unclaimed, 8)
@@ -1751,7 +1436,7 @@ mod tests {
                 .unwrap();
         }
         let counts = store.counts(c.id).await.unwrap();
-        assert_eq!((counts["sending"], counts["pending"]), (1, 3));
+        assert_eq!((counts[State::Sending], counts[State::Pending]), (1, 3));
         let rows = store
             .schedule(
                 "acct",
@@ -1775,7 +1460,7 @@ mod tests {
         assert!(matches!(claim, Claim::Ready { .. }));
         assert_eq!(store.settle_interrupted(c.id).await.unwrap(), 1);
         let counts = store.counts(c.id).await.unwrap();
-        assert_eq!((counts["unknown"], counts["pending"]), (1, 0));
+        assert_eq!((counts[State::Unknown], counts[State::Pending]), (1, 0));
         assert!(matches!(
             store
                 .claim(c.id, "acct", "acct", &[], 2, 1, |_| Ok(out(1)))
@@ -1825,7 +1510,7 @@ mod tests {
             )
             .await
             .unwrap();
-        assert_eq!(store.counts(c.id).await.unwrap()["pending"], 1);
+        assert_eq!(store.counts(c.id).await.unwrap()[State::Pending], 1);
         assert!(matches!(
             store
                 .claim(c.id, "acct", "acct", &[win], 6, 1, |_| Ok(out(1)))
@@ -1891,8 +1576,14 @@ mod tests {
         let all = store.campaigns().await.unwrap();
         let by_name = |n: &str| all.iter().find(|c| c.name == n).unwrap();
         assert!(by_name("rehearsed").delivery.is_none());
-        assert_eq!(by_name("rehearsed").rehearsal.as_ref().unwrap()["sent"], 1);
-        assert_eq!(by_name("delivered").delivery.as_ref().unwrap()["sent"], 1);
+        assert_eq!(
+            by_name("rehearsed").rehearsal.as_ref().unwrap()[State::Sent],
+            1
+        );
+        assert_eq!(
+            by_name("delivered").delivery.as_ref().unwrap()[State::Sent],
+            1
+        );
         assert!(by_name("delivered").rehearsal.is_none());
         // The first file to use a name from before binding owns it.
         let id = Identity {
@@ -1917,36 +1608,5 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(left, 1);
-    }
-
-    #[test]
-    fn db_location() {
-        assert_eq!(
-            resolve_db(Some("sqlite:///tmp/x.db")).unwrap(),
-            DbLocation {
-                path: PathBuf::from("/tmp/x.db"),
-                default: false
-            }
-        );
-        let refused = resolve_db(Some("postgres://me:pa55@h:5432/db")).unwrap_err();
-        assert!(!format!("{refused:#}").contains("pa55"), "{refused:#}");
-        assert!(resolve_db(None).unwrap().default);
-    }
-
-    #[test]
-    fn passwords_in_urls_are_masked() {
-        assert_eq!(
-            mask_password("postgres://me:pa55@db.example:5432/x?sslmode=require"),
-            "postgres://me:***@db.example:5432/x?sslmode=require"
-        );
-        assert_eq!(
-            mask_password("postgres://db.example/x"),
-            "postgres://db.example/x"
-        );
-        assert_eq!(
-            mask_password("postgres://me@db.example/x"),
-            "postgres://me@db.example/x"
-        );
-        assert_eq!(mask_password("/var/lib/x.db"), "/var/lib/x.db");
     }
 }

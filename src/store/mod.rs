@@ -1,0 +1,796 @@
+//! The state store (SPEC §7, §10): the domain types and the API every
+//! command uses, whatever database holds the state.
+//!
+//! The order of writes is the at-most-once guarantee: a recipient is
+//! durably `sending` (and its send logged for the account's limits) before
+//! its SMTP transaction starts, and `sent` after the server accepted it. A
+//! row left `sending` by a dead process becomes `unknown`, never `pending`.
+
+mod feedback;
+mod sqlite;
+
+pub use feedback::{message_id_key, NoticeRow, SendEntry};
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use anyhow::Result;
+use serde::Serialize;
+
+use crate::error::input_error;
+use crate::limits::{Schedule, Window};
+use crate::message::Outgoing;
+
+/// A recipient's delivery state (SPEC §7).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    Pending,
+    Sending,
+    Sent,
+    Deferred,
+    Failed,
+    Unknown,
+    Skipped,
+    /// Accepted, then a delivery status notification came back.
+    Bounced,
+}
+
+impl State {
+    pub const ALL: [State; 8] = [
+        State::Pending,
+        State::Sending,
+        State::Sent,
+        State::Deferred,
+        State::Failed,
+        State::Unknown,
+        State::Skipped,
+        State::Bounced,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Pending => "pending",
+            State::Sending => "sending",
+            State::Sent => "sent",
+            State::Deferred => "deferred",
+            State::Failed => "failed",
+            State::Unknown => "unknown",
+            State::Skipped => "skipped",
+            State::Bounced => "bounced",
+        }
+    }
+}
+
+impl FromStr for State {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<State, String> {
+        State::ALL
+            .into_iter()
+            .find(|st| st.as_str() == s)
+            .ok_or_else(|| {
+                let known: Vec<&str> = State::ALL.map(State::as_str).to_vec();
+                format!("unknown state {s:?} ({})", known.join(", "))
+            })
+    }
+}
+
+/// Recipients per state: one slot for each [`State`], so a state that does
+/// not exist cannot be asked for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts([i64; State::ALL.len()]);
+
+impl Counts {
+    /// Every row, whatever its state.
+    pub fn total(&self) -> i64 {
+        self.0.iter().sum()
+    }
+
+    /// `(state, count)` in the order of [`State::ALL`].
+    pub fn iter(&self) -> impl Iterator<Item = (State, i64)> + '_ {
+        State::ALL.into_iter().map(|s| (s, self[s]))
+    }
+}
+
+impl std::ops::Index<State> for Counts {
+    type Output = i64;
+    fn index(&self, state: State) -> &i64 {
+        &self.0[state as usize]
+    }
+}
+
+impl std::ops::IndexMut<State> for Counts {
+    fn index_mut(&mut self, state: State) -> &mut i64 {
+        &mut self.0[state as usize]
+    }
+}
+
+impl Serialize for Counts {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap as _;
+        let mut map = serializer.serialize_map(Some(State::ALL.len()))?;
+        for (state, n) in self.iter() {
+            map.serialize_entry(state.as_str(), &n)?;
+        }
+        map.end()
+    }
+}
+
+/// Why a row is `skipped`, as recorded in its `reason`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SkipReason {
+    InvalidAddress,
+    Duplicate,
+    Suppressed,
+    /// The row left the file before it was sent.
+    Removed,
+    /// Its message could not be built; the text says why.
+    InvalidMessage(String),
+}
+
+impl SkipReason {
+    const INVALID_MESSAGE: &'static str = "invalid message";
+
+    pub fn to_text(&self) -> String {
+        match self {
+            SkipReason::InvalidAddress => "invalid address".into(),
+            SkipReason::Duplicate => "duplicate".into(),
+            SkipReason::Suppressed => "suppressed".into(),
+            SkipReason::Removed => "removed".into(),
+            SkipReason::InvalidMessage(why) => format!("{}: {why}", Self::INVALID_MESSAGE),
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<SkipReason> {
+        Some(match text {
+            "invalid address" => SkipReason::InvalidAddress,
+            "duplicate" => SkipReason::Duplicate,
+            "suppressed" => SkipReason::Suppressed,
+            "removed" => SkipReason::Removed,
+            _ => SkipReason::InvalidMessage(
+                text.strip_prefix(Self::INVALID_MESSAGE)?
+                    .trim_start_matches(':')
+                    .trim_start()
+                    .to_string(),
+            ),
+        })
+    }
+
+    /// A reason that may no longer hold at the next read of the file: the row
+    /// is looked at again.
+    pub fn reconsidered(&self) -> bool {
+        matches!(
+            self,
+            SkipReason::Removed | SkipReason::Suppressed | SkipReason::InvalidMessage(_)
+        )
+    }
+}
+
+/// Where the state lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DbLocation {
+    pub path: PathBuf,
+    /// The platform default: its folder is created when missing; the
+    /// folder of a path the user gave must exist (a typo is not a new folder).
+    pub default: bool,
+}
+
+/// Where the state lives: `--db`, `HIKYAKU_DB`, or the platform default.
+pub fn resolve_db(arg: Option<&str>) -> Result<DbLocation> {
+    match arg {
+        Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+            Err(input_error(format!(
+                "--db {}: PostgreSQL state databases are not supported by this build yet; use a SQLite file path",
+                mask_password(url)
+            )))
+        }
+        Some(url) => Ok(DbLocation {
+            path: PathBuf::from(url.strip_prefix("sqlite://").unwrap_or(url)),
+            default: false,
+        }),
+        None => {
+            let base = dirs::data_dir().ok_or_else(|| {
+                input_error("no platform data directory is known here: give --db PATH or set HIKYAKU_DB")
+            })?;
+            Ok(DbLocation {
+                path: base.join("hikyaku").join("hikyaku.db"),
+                default: true,
+            })
+        }
+    }
+}
+
+/// A database URL fit to print: the password of `scheme://user:password@host` as `***`.
+pub fn mask_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{scheme}://{user}:***@{host}{tail}"),
+            None => url.to_string(),
+        },
+        None => url.to_string(),
+    }
+}
+
+/// Names the state database in an error that came from it, whichever
+/// command met it: SQLite's own words never stand alone.
+pub fn name_in_error(path: &Path, err: anyhow::Error) -> anyhow::Error {
+    let from_db = err
+        .chain()
+        .any(|e| e.is::<sqlx::Error>() || e.is::<sqlx::migrate::MigrateError>());
+    let shown = path.display().to_string();
+    if !from_db || format!("{err:#}").contains(&shown) {
+        return err;
+    }
+    let hint = match sqlite_code(&err).as_deref() {
+        Some("8") => " (the file or its folder is read-only for hikyaku)",
+        Some("11" | "26") => " (the file is damaged or not a SQLite database)",
+        Some("14") => " (can hikyaku create and write files in its folder?)",
+        _ => "",
+    };
+    err.context(format!("state database {shown}{hint}"))
+}
+
+/// SQLite's primary result code of an error from the database, if any.
+fn sqlite_code(err: &anyhow::Error) -> Option<String> {
+    err.chain().find_map(|e| {
+        let db = match e.downcast_ref::<sqlx::Error>()? {
+            sqlx::Error::Database(db) => db,
+            _ => return None,
+        };
+        let code = db.code()?;
+        let primary = code.parse::<i64>().ok()? & 0xff;
+        Some(primary.to_string())
+    })
+}
+
+/// Which sends a campaign's state records (SPEC §7.5). The file transport
+/// rehearses: its state is kept apart and never counts as delivered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Delivery {
+    /// Through SMTP, whichever account: the real thing.
+    Smtp,
+    /// Through the file transport: `.eml` files, nothing delivered.
+    File,
+}
+
+impl Delivery {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Delivery::Smtp => "smtp",
+            Delivery::File => "file",
+        }
+    }
+
+    pub fn is_rehearsal(self) -> bool {
+        self == Delivery::File
+    }
+}
+
+/// What names a campaign's state: its name, the campaign file that owns
+/// the name (SPEC §7.6), and which sends are recorded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub name: String,
+    /// The campaign file's canonical path.
+    pub file: String,
+    pub delivery: Delivery,
+}
+
+/// One campaign of the database, for `hikyaku campaigns`.
+#[derive(Debug, Clone, Serialize)]
+pub struct CampaignSummary {
+    pub name: String,
+    /// The campaign file that owns the name, if known.
+    pub file: Option<String>,
+    /// Counts per state of real delivery (SMTP), if it ever started.
+    pub delivery: Option<Counts>,
+    /// Counts per state of the file transport's rehearsal, if any.
+    pub rehearsal: Option<Counts>,
+    /// The last change to any of its recipients (Unix ms).
+    pub last_activity_ms: Option<i64>,
+    /// The process sending it now, if any.
+    pub running: Option<String>,
+}
+
+/// A campaign's row in the store.
+#[derive(Debug, Clone)]
+pub struct CampaignRecord {
+    pub id: i64,
+    pub columns: Vec<String>,
+    pub fingerprint: Option<String>,
+}
+
+/// A recipient picked for sending.
+#[derive(Debug, Clone)]
+pub struct Candidate {
+    pub id: i64,
+    pub row_number: i64,
+    pub email: String,
+    pub address: String,
+    pub fields: Vec<String>,
+    pub attempts: i64,
+    /// The row as it was before the claim, so that a recipient never offered
+    /// to the server goes back byte for byte (SPEC §8: a refused login
+    /// changes nobody's state).
+    pub before: Before,
+}
+
+/// The columns a claim changes, as they were.
+#[derive(Debug, Clone, Default)]
+pub struct Before {
+    pub state: String,
+    pub message_id: Option<String>,
+    pub updated_at: i64,
+}
+
+/// A recipient durably `sending`, its send logged: go ahead.
+#[derive(Debug)]
+pub struct Ready {
+    pub candidate: Candidate,
+    pub message: Box<Outgoing>,
+    pub log_id: i64,
+}
+
+/// The result of asking for the next recipients to send to.
+#[derive(Debug)]
+pub enum Claim {
+    /// Recipients to send to now, and rows whose message could no longer be
+    /// built (now `skipped (invalid message)`).
+    Ready {
+        ready: Vec<Ready>,
+        unbuildable: Vec<(Candidate, String)>,
+    },
+    /// Something must pass first: pacing, a full window, an account pause.
+    Wait { until_ms: i64, why: WaitReason },
+    /// Nothing is due; deferred retries may be due at `next_due_ms`.
+    Idle { next_due_ms: Option<i64> },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WaitReason {
+    Pacing,
+    Window {
+        window: Window,
+        used: u64,
+    },
+    Paused(String),
+    /// Outside the campaign's `[schedule]`.
+    Schedule,
+    /// The account's warm-up cap for its `day`-th day of sending is reached.
+    WarmUp {
+        day: usize,
+        cap: u32,
+    },
+    /// Every recipient that could go now is at a domain that must wait.
+    Domain(String),
+}
+
+/// One outcome of a send, as written to the store.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    Sent {
+        reply: String,
+    },
+    Deferred {
+        reply: String,
+        retry_at_ms: i64,
+    },
+    Failed {
+        reply: String,
+        suppress: bool,
+    },
+    /// Back to `pending` as if never tried (account pause, fatal error).
+    Returned {
+        reply: String,
+        unlog: bool,
+    },
+    /// Never offered to the server (the run stopped first, the server could
+    /// not be reached, the login was refused): the row as before the claim.
+    Unclaimed,
+    /// The connection was lost after the whole message was sent, before
+    /// the reply: `unknown`, never sent again unless asked.
+    Unknown {
+        reply: String,
+    },
+}
+
+/// One row of `export`.
+pub struct ExportRow {
+    pub email: String,
+    pub state: String,
+    pub reason: Option<String>,
+    pub attempts: i64,
+    pub last_reply: Option<String>,
+    pub updated_at: i64,
+    pub message_id: Option<String>,
+    pub fields: Vec<String>,
+}
+
+/// What the store knows about a row just read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RowStatus {
+    /// Still to be sent: its message must be checked.
+    ToSend { id: i64 },
+    /// Already past sending (sent, failed, unknown, skipped on purpose).
+    Settled,
+    /// The same address appeared on an earlier row.
+    Duplicate { first_row: i64 },
+    /// On the suppression list.
+    Suppressed,
+}
+
+/// The state database: one type for the commands, whichever backend.
+#[derive(Clone)]
+pub enum Store {
+    Sqlite(sqlite::SqliteStore),
+}
+
+/// A read of the recipients file in progress, inside one transaction.
+pub enum Import {
+    Sqlite(sqlite::SqliteImport),
+}
+
+/// Runs the same call on whichever backend holds the state.
+macro_rules! on_backend {
+    ($value:expr, $ty:ident, $b:ident => $call:expr) => {
+        match $value {
+            $ty::Sqlite($b) => $call,
+        }
+    };
+}
+
+impl Store {
+    /// Opens (creating if needed) the SQLite file and runs the embedded migrations.
+    pub async fn open(path: &Path) -> Result<Store> {
+        Ok(Store::Sqlite(sqlite::SqliteStore::open(path).await?))
+    }
+
+    /// Creates the campaign's row on first use; a name another file owns is refused.
+    pub async fn campaign(&self, id: &Identity) -> Result<CampaignRecord> {
+        on_backend!(self, Store, b => b.campaign(id).await)
+    }
+
+    /// The campaign's row, if it was ever used; a name another file owns
+    /// is refused.
+    pub async fn find_campaign(&self, id: &Identity) -> Result<Option<CampaignRecord>> {
+        on_backend!(self, Store, b => b.find_campaign(id).await)
+    }
+
+    /// Every campaign of the database, by name.
+    pub async fn campaigns(&self) -> Result<Vec<CampaignSummary>> {
+        on_backend!(self, Store, b => b.campaigns().await)
+    }
+
+    /// Forgets everything recorded for a campaign name, rehearsal included;
+    /// refused while a live process sends it. Returns how many recipient
+    /// rows were forgotten, or `None` if the name is unknown.
+    pub async fn reset(&self, name: &str) -> Result<Option<u64>> {
+        on_backend!(self, Store, b => b.reset(name).await)
+    }
+
+    /// Removes a campaign row that holds no recipients: `check` and
+    /// `send --dry-run` leave no trace of a campaign they saw first.
+    pub async fn forget_if_empty(&self, campaign_id: i64) -> Result<()> {
+        on_backend!(self, Store, b => b.forget_if_empty(campaign_id).await)
+    }
+
+    pub async fn set_fingerprint(&self, campaign_id: i64, fingerprint: &str) -> Result<()> {
+        on_backend!(self, Store, b => b.set_fingerprint(campaign_id, fingerprint).await)
+    }
+
+    /// Takes the campaign's runner lock, or says which live process has it.
+    pub async fn lock(&self, campaign_id: i64, token: &str) -> Result<()> {
+        on_backend!(self, Store, b => b.lock(campaign_id, token).await)
+    }
+
+    pub async fn unlock(&self, campaign_id: i64, token: &str) -> Result<()> {
+        on_backend!(self, Store, b => b.unlock(campaign_id, token).await)
+    }
+
+    /// Rows a dead runner left `sending` become `unknown` (SPEC §7.3).
+    pub async fn settle_interrupted(&self, campaign_id: i64) -> Result<u64> {
+        on_backend!(self, Store, b => b.settle_interrupted(campaign_id).await)
+    }
+
+    /// `unknown` rows go back to `pending` (`--resend-unknown`).
+    pub async fn requeue_unknown(&self, campaign_id: i64) -> Result<u64> {
+        on_backend!(self, Store, b => b.requeue_unknown(campaign_id).await)
+    }
+
+    /// `failed` rows whose address is not on the suppression list go back to
+    /// `pending` for one more round (`--retry-failed`), attempts reset.
+    pub async fn requeue_failed(&self, campaign_id: i64) -> Result<u64> {
+        on_backend!(self, Store, b => b.requeue_failed(campaign_id).await)
+    }
+
+    /// How many rows `--retry-failed` would send again.
+    pub async fn retryable_failed(&self, campaign_id: i64) -> Result<i64> {
+        on_backend!(self, Store, b => b.retryable_failed(campaign_id).await)
+    }
+
+    /// Starts reading the recipients file into the store; nothing is visible
+    /// to others until [`Import::commit`].
+    pub async fn import(&self, campaign: &CampaignRecord, columns: &[String]) -> Result<Import> {
+        on_backend!(self, Store, b => Ok(Import::Sqlite(b.import(campaign, columns).await?)))
+    }
+
+    /// Picks up to `max` recipients and, if the account's windows allow it
+    /// now, marks them `sending` and logs their sends, committed before any
+    /// of them is sent.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn claim(
+        &self,
+        campaign_id: i64,
+        account: &str,
+        pause_key: &str,
+        windows: &[Window],
+        now: i64,
+        max: usize,
+        build: impl Fn(&Candidate) -> std::result::Result<Outgoing, String>,
+    ) -> Result<Claim> {
+        on_backend!(self, Store, b => b.claim(campaign_id, account, pause_key, windows, now, max, build).await)
+    }
+
+    /// [`Store::claim`], passing over recipients that `hold` says must wait
+    /// (until when, and the domain that holds them), so that one slow
+    /// destination never holds up the others.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn claim_held(
+        &self,
+        campaign_id: i64,
+        account: &str,
+        pause_key: &str,
+        windows: &[Window],
+        now: i64,
+        max: usize,
+        build: impl Fn(&Candidate) -> std::result::Result<Outgoing, String>,
+        hold: impl FnMut(&Candidate) -> Option<(i64, String)>,
+    ) -> Result<Claim> {
+        on_backend!(self, Store, b => b.claim_held(campaign_id, account, pause_key, windows, now, max, build, hold).await)
+    }
+
+    /// When the account first sent, for its warm-up (SPEC §6b).
+    pub async fn first_send(&self, account: &str) -> Result<Option<i64>> {
+        on_backend!(self, Store, b => b.first_send(account).await)
+    }
+
+    /// Recipients the account sent to at or after `since_ms`.
+    pub async fn recipients_since(&self, account: &str, since_ms: i64) -> Result<u64> {
+        on_backend!(self, Store, b => b.recipients_since(account, since_ms).await)
+    }
+
+    /// When the campaign's state was created, Unix ms.
+    pub async fn campaign_created_at(&self, campaign_id: i64) -> Result<Option<i64>> {
+        on_backend!(self, Store, b => b.campaign_created_at(campaign_id).await)
+    }
+
+    /// The campaign's recipients whose message may have come back, among
+    /// those named by `message_ids` or by `addresses`.
+    pub async fn notice_rows(
+        &self,
+        campaign_id: i64,
+        message_ids: &std::collections::HashSet<String>,
+        addresses: &std::collections::HashSet<String>,
+    ) -> Result<Vec<NoticeRow>> {
+        on_backend!(self, Store, b => b.notice_rows(campaign_id, message_ids, addresses).await)
+    }
+
+    /// Records a bounce (and suppresses the address when `suppress`), once.
+    pub async fn record_bounce(
+        &self,
+        id: i64,
+        address: &str,
+        status: &str,
+        diagnostic: &str,
+        suppress: bool,
+        now: i64,
+    ) -> Result<bool> {
+        on_backend!(self, Store, b => b.record_bounce(id, address, status, diagnostic, suppress, now).await)
+    }
+
+    /// Notes a delayed delivery on a `sent` row's reason.
+    pub async fn note_delay(&self, id: i64, note: &str) -> Result<bool> {
+        on_backend!(self, Store, b => b.note_delay(id, note).await)
+    }
+
+    /// Every logged SMTP transaction of the campaign's recipients.
+    pub async fn send_entries(
+        &self,
+        campaign_id: i64,
+        visit: impl FnMut(SendEntry) -> Result<()>,
+    ) -> Result<()> {
+        on_backend!(self, Store, b => b.send_entries(campaign_id, visit).await)
+    }
+
+    /// Account pauses recorded for these accounts: (account, until, reason).
+    pub async fn pauses(&self, accounts: &[String]) -> Result<Vec<(String, i64, String)>> {
+        on_backend!(self, Store, b => b.pauses(accounts).await)
+    }
+
+    /// Records what happened to a claimed recipient.
+    pub async fn record(
+        &self,
+        candidate: &Candidate,
+        log_id: i64,
+        outcome: &Outcome,
+        now: i64,
+    ) -> Result<()> {
+        on_backend!(self, Store, b => b.record(candidate, log_id, outcome, now).await)
+    }
+
+    /// Pauses an account (by its pause key) for every process using this store.
+    pub async fn pause_account(&self, account: &str, until_ms: i64, reason: &str) -> Result<()> {
+        on_backend!(self, Store, b => b.pause_account(account, until_ms, reason).await)
+    }
+
+    pub async fn account_pause(&self, account: &str, now: i64) -> Result<Option<(i64, String)>> {
+        on_backend!(self, Store, b => b.account_pause(account, now).await)
+    }
+
+    /// The account's windows with the sends that count in them now.
+    pub async fn schedule(&self, account: &str, windows: &[Window], now: i64) -> Result<Schedule> {
+        on_backend!(self, Store, b => b.schedule(account, windows, now).await)
+    }
+
+    pub async fn counts(&self, campaign_id: i64) -> Result<Counts> {
+        on_backend!(self, Store, b => b.counts(campaign_id).await)
+    }
+
+    /// The earliest retry time among deferred recipients.
+    pub async fn next_retry(&self, campaign_id: i64) -> Result<Option<i64>> {
+        on_backend!(self, Store, b => b.next_retry(campaign_id).await)
+    }
+
+    /// Every row for export, in file order; `visit` is called once per row.
+    pub async fn export(
+        &self,
+        campaign_id: i64,
+        state: Option<State>,
+        visit: impl FnMut(ExportRow) -> Result<()>,
+    ) -> Result<()> {
+        on_backend!(self, Store, b => b.export(campaign_id, state, visit).await)
+    }
+
+    pub async fn suppress(&self, address: &str, reason: &str) -> Result<bool> {
+        on_backend!(self, Store, b => b.suppress(address, reason).await)
+    }
+
+    /// Adds every address in one transaction: all of them or, on an
+    /// error, none. Returns how many were not on the list yet.
+    pub async fn suppress_all(&self, addresses: &[String], reason: &str) -> Result<u64> {
+        on_backend!(self, Store, b => b.suppress_all(addresses, reason).await)
+    }
+
+    pub async fn unsuppress(&self, key: &str) -> Result<bool> {
+        on_backend!(self, Store, b => b.unsuppress(key).await)
+    }
+
+    pub async fn suppressions(&self) -> Result<Vec<(String, String, i64)>> {
+        on_backend!(self, Store, b => b.suppressions().await)
+    }
+
+    pub async fn close(&self) {
+        on_backend!(self, Store, b => b.close().await)
+    }
+}
+
+impl Import {
+    /// A row whose address is not valid: `skipped (invalid address)`.
+    pub async fn invalid_row(
+        &mut self,
+        row_number: u64,
+        email: &str,
+        fields: &[String],
+    ) -> Result<()> {
+        on_backend!(self, Import, b => b.invalid_row(row_number, email, fields).await)
+    }
+
+    /// A row with a valid address: added as `pending` if new, refreshed if known.
+    pub async fn row(
+        &mut self,
+        row_number: u64,
+        email: &str,
+        address: &str,
+        key: &str,
+        fields: &[String],
+    ) -> Result<RowStatus> {
+        on_backend!(self, Import, b => b.row(row_number, email, address, key, fields).await)
+    }
+
+    /// A row whose message cannot be built, with `--skip-invalid`.
+    pub async fn skip_invalid_message(&mut self, id: i64, why: &str) -> Result<()> {
+        on_backend!(self, Import, b => b.skip_invalid_message(id, why).await)
+    }
+
+    /// Rows that left the file and were never sent become `skipped (removed)`;
+    /// then everything read becomes visible at once. Returns how many left.
+    pub async fn commit(self) -> Result<u64> {
+        on_backend!(self, Import, b => b.commit().await)
+    }
+
+    /// Leaves the store as it was (check, dry run, refused send).
+    pub async fn rollback(self) -> Result<()> {
+        on_backend!(self, Import, b => b.rollback().await)
+    }
+
+    /// Every row as it would be after commit, for `export`.
+    pub async fn export(
+        &mut self,
+        state: Option<State>,
+        visit: impl FnMut(ExportRow) -> Result<()>,
+    ) -> Result<()> {
+        on_backend!(self, Import, b => b.export(state, visit).await)
+    }
+
+    /// Counts per state as they would be after commit (for dry runs).
+    pub async fn counts(&mut self) -> Result<Counts> {
+        on_backend!(self, Import, b => b.counts().await)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn skip_reasons_read_back() {
+        for r in [
+            SkipReason::InvalidAddress,
+            SkipReason::Duplicate,
+            SkipReason::Suppressed,
+            SkipReason::Removed,
+            SkipReason::InvalidMessage("attachment a.pdf: not found".into()),
+        ] {
+            assert_eq!(SkipReason::parse(&r.to_text()), Some(r));
+        }
+        assert_eq!(SkipReason::parse("something else"), None);
+    }
+
+    #[test]
+    fn counts_index_by_state_and_serialize_every_state() {
+        let mut c = Counts::default();
+        c[State::Sent] = 3;
+        c[State::Skipped] = 1;
+        assert_eq!(c.total(), 4);
+        let json = serde_json::to_value(c).unwrap();
+        assert_eq!(json["sent"], 3);
+        assert_eq!(json.as_object().unwrap().len(), State::ALL.len());
+    }
+
+    #[test]
+    fn db_location() {
+        assert_eq!(
+            resolve_db(Some("sqlite:///tmp/x.db")).unwrap(),
+            DbLocation {
+                path: PathBuf::from("/tmp/x.db"),
+                default: false
+            }
+        );
+        let refused = resolve_db(Some("postgres://me:pa55@h:5432/db")).unwrap_err();
+        assert!(!format!("{refused:#}").contains("pa55"), "{refused:#}");
+        assert!(resolve_db(None).unwrap().default);
+    }
+
+    #[test]
+    fn passwords_in_urls_are_masked() {
+        assert_eq!(
+            mask_password("postgres://me:pa55@db.example:5432/x?sslmode=require"),
+            "postgres://me:***@db.example:5432/x?sslmode=require"
+        );
+        assert_eq!(
+            mask_password("postgres://db.example/x"),
+            "postgres://db.example/x"
+        );
+        assert_eq!(
+            mask_password("postgres://me@db.example/x"),
+            "postgres://me@db.example/x"
+        );
+        assert_eq!(mask_password("/var/lib/x.db"), "/var/lib/x.db");
+    }
+}
