@@ -195,6 +195,9 @@ pub struct ImapConfig {
     /// The SMTP account's password source: the same account, the same
     /// password (for Gmail, the same app password).
     pub password: PasswordSource,
+    /// `password` prints an OAuth 2 access token (`auth = "xoauth2"` in
+    /// `[transport]`): log in with SASL XOAUTH2.
+    pub xoauth2: bool,
     pub folder: String,
     pub ca_file: Option<PathBuf>,
     pub timeout: Duration,
@@ -1024,6 +1027,7 @@ fn imap_config(
             || PasswordSource::Env(DEFAULT_PASSWORD_ENV.to_string()),
             |s| s.password.clone(),
         ),
+        xoauth2: smtp.is_some_and(|s| s.xoauth2),
         folder,
         ca_file: raw.ca_file.map(|f| dir.join(f)),
         timeout: smtp.map_or(Duration::from_secs(30), |s| s.timeout),

@@ -17,6 +17,7 @@ pub mod message;
 pub mod personalize;
 pub mod recipients;
 pub mod reply;
+pub mod report;
 pub mod schedule;
 pub mod store;
 pub mod template;

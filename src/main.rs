@@ -111,6 +111,14 @@ enum Command {
         #[arg(long, value_name = "FOLDER")]
         move_to: Option<String>,
     },
+    /// Write the campaign's report: one self-contained HTML page with charts.
+    Report {
+        /// The campaign file (TOML).
+        campaign: PathBuf,
+        /// Write to FILE instead of standard output.
+        #[arg(short, long, value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
     /// Every campaign in the state database: name, campaign file, counts per state, last activity.
     Campaigns {
         /// One JSON array instead of text.
@@ -258,6 +266,9 @@ async fn run(command: Command, global: &Global) -> anyhow::Result<Exit> {
             since,
             move_to,
         } => commands::bounces(global, &campaign, since.as_deref(), move_to.as_deref()).await,
+        Command::Report { campaign, output } => {
+            commands::report(global, &campaign, output.as_deref()).await
+        }
         Command::Suppress { action } => {
             let action = match action {
                 Suppress::Add { emails } => SuppressAction::Add(emails),

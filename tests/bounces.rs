@@ -7,7 +7,8 @@ mod common;
 
 use std::collections::HashMap;
 
-use common::imap::ImapServer;
+use common::imap::{dsn_about as about, dsn_fixture as fixture, ImapServer};
+use common::imap::{DELAYED, EXCHANGE, GOOGLE, POSTFIX};
 use common::{text, CampaignDir, SmtpServer, FILE_TRANSPORT, PASSWORD, USER};
 
 const UNSUBSCRIBE: &str = "news+unsubscribe@acme.example";
@@ -25,39 +26,6 @@ fn campaign(dir: &CampaignDir, n: usize, sections: &str) {
             ),
         );
 }
-
-fn fixture(name: &str) -> String {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/data/dsn")
-        .join(name);
-    std::fs::read_to_string(path).unwrap()
-}
-
-/// A fixture about `address` and `message_id` instead of its own.
-fn about(name: &str, own: (&str, &str), address: &str, message_id: &str) -> Vec<u8> {
-    let id = message_id.trim_matches(['<', '>']);
-    fixture(name)
-        .replace(own.0, address)
-        .replace(own.1, id)
-        .into_bytes()
-}
-
-const POSTFIX: (&str, &str) = (
-    "user3@example.com",
-    "5b0c6e2f9d1a4c3b8e7f6a5d4c3b2a19@acme.example",
-);
-const EXCHANGE: (&str, &str) = (
-    "user5@contoso.example",
-    "0a9b8c7d6e5f40312a3b4c5d6e7f8091@acme.example",
-);
-const GOOGLE: (&str, &str) = (
-    "user7@example.org",
-    "c4d5e6f7a8b94c0d1e2f3a4b5c6d7e8f@acme.example",
-);
-const DELAYED: (&str, &str) = (
-    "user9@slow.example",
-    "9e8d7c6b5a4f40312e1d0c9b8a7f6e5d@acme.example",
-);
 
 fn by_email(rows: Vec<HashMap<String, String>>) -> HashMap<String, HashMap<String, String>> {
     rows.into_iter().map(|r| (r["email"].clone(), r)).collect()

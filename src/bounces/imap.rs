@@ -57,6 +57,8 @@ pub enum ImapError {
 const GMAIL_HINT: &str = " (Gmail: IMAP is on by default for Gmail accounts; a Workspace \
     administrator may have turned it off. Use the same app password as for SMTP, \
     created with 2-step verification on)";
+const GMAIL_OAUTH_HINT: &str = " (Gmail: the access token needs the https://mail.google.com/ \
+    scope, which covers IMAP as well as SMTP)";
 
 type Stream = TlsStream<TcpStream>;
 
@@ -134,7 +136,18 @@ impl Mailbox {
         if cfg.tls != TlsMode::StartTls {
             within(&server, timeout, "with a greeting", greeting(&mut client)).await?;
         }
-        let login = client.login(&cfg.user, password.expose());
+        let login = async {
+            if cfg.xoauth2 {
+                let sasl = XOAuth2 {
+                    user: &cfg.user,
+                    token: password.expose(),
+                    sent: false,
+                };
+                client.authenticate("XOAUTH2", sasl).await
+            } else {
+                client.login(&cfg.user, password.expose()).await
+            }
+        };
         let mut session = match tokio::time::timeout(timeout, login).await {
             Ok(Ok(session)) => session,
             Ok(Err((e, _))) => {
@@ -143,7 +156,11 @@ impl Mailbox {
                     server,
                     user: cfg.user.clone(),
                     detail: server_words(&e.to_string()),
-                    hint: if google { GMAIL_HINT } else { "" },
+                    hint: match (google, cfg.xoauth2) {
+                        (true, false) => GMAIL_HINT,
+                        (true, true) => GMAIL_OAUTH_HINT,
+                        (false, _) => "",
+                    },
                 });
             }
             Err(_) => {
@@ -311,6 +328,26 @@ async fn within<T, E: std::fmt::Display>(
     }
 }
 
+/// SASL XOAUTH2 (Gmail, Outlook): the user and an OAuth 2 access token.
+struct XOAuth2<'a> {
+    user: &'a str,
+    token: &'a str,
+    sent: bool,
+}
+
+impl async_imap::Authenticator for XOAuth2<'_> {
+    type Response = Vec<u8>;
+
+    fn process(&mut self, _challenge: &[u8]) -> Vec<u8> {
+        // A second challenge carries the server's error; RFC 7628 answers
+        // it with an empty response, after which the server says NO.
+        if std::mem::replace(&mut self.sent, true) {
+            return Vec::new();
+        }
+        format!("user={}\x01auth=Bearer {}\x01\x01", self.user, self.token).into_bytes()
+    }
+}
+
 /// The server's first line, before anything is sent.
 async fn greeting<T>(client: &mut Client<T>) -> Result<(), String>
 where
@@ -384,6 +421,21 @@ mod tests {
     #[test]
     fn uid_sets_are_comma_lists() {
         assert_eq!(uid_set(&[1, 5, 7]), "1,5,7");
+    }
+
+    #[test]
+    fn xoauth2_sends_the_token_once_then_an_empty_answer() {
+        use async_imap::Authenticator as _;
+        let mut sasl = XOAuth2 {
+            user: "me@gmail.com",
+            token: "ya29.token",
+            sent: false,
+        };
+        assert_eq!(
+            sasl.process(b""),
+            b"user=me@gmail.com\x01auth=Bearer ya29.token\x01\x01"
+        );
+        assert!(sasl.process(b"{\"status\":\"400\"}").is_empty());
     }
 
     #[test]

@@ -252,6 +252,43 @@ impl ImapServer {
     }
 }
 
+/// A delivery status notification of tests/data/dsn, by file name.
+pub fn dsn_fixture(name: &str) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data/dsn")
+        .join(name);
+    std::fs::read_to_string(path).unwrap()
+}
+
+/// The recipient address and Message-ID a fixture is about.
+pub type About = (&'static str, &'static str);
+
+pub const POSTFIX: About = (
+    "user3@example.com",
+    "5b0c6e2f9d1a4c3b8e7f6a5d4c3b2a19@acme.example",
+);
+pub const EXCHANGE: About = (
+    "user5@contoso.example",
+    "0a9b8c7d6e5f40312a3b4c5d6e7f8091@acme.example",
+);
+pub const GOOGLE: About = (
+    "user7@example.org",
+    "c4d5e6f7a8b94c0d1e2f3a4b5c6d7e8f@acme.example",
+);
+pub const DELAYED: About = (
+    "user9@slow.example",
+    "9e8d7c6b5a4f40312e1d0c9b8a7f6e5d@acme.example",
+);
+
+/// A fixture about `address` and `message_id` instead of its own.
+pub fn dsn_about(name: &str, own: About, address: &str, message_id: &str) -> Vec<u8> {
+    let id = message_id.trim_matches(['<', '>']);
+    dsn_fixture(name)
+        .replace(own.0, address)
+        .replace(own.1, id)
+        .into_bytes()
+}
+
 fn now_secs() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
