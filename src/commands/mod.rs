@@ -51,24 +51,29 @@ pub struct Global {
 impl Global {
     pub async fn store(&self) -> Result<Store> {
         let db = store::resolve_db(self.db.as_deref())?;
-        tracing::debug!("state database {}", db.path.display());
-        if db.default {
-            if let Some(parent) = db.path.parent() {
-                std::fs::create_dir_all(parent).with_context(|| {
-                    format!(
-                        "creating the folder of the state database {}",
-                        parent.display()
-                    )
-                })?;
+        tracing::debug!("state database {}", db.shown());
+        match db {
+            store::DbLocation::Postgres { url } => Store::open_postgres(&url).await,
+            store::DbLocation::Sqlite { path, default } => {
+                if default {
+                    if let Some(parent) = path.parent() {
+                        std::fs::create_dir_all(parent).with_context(|| {
+                            format!(
+                                "creating the folder of the state database {}",
+                                parent.display()
+                            )
+                        })?;
+                    }
+                }
+                Store::open(&path).await
             }
         }
-        Store::open(&db.path).await
     }
 
     /// Names the state database in an error that came from it.
     pub fn name_database(&self, err: anyhow::Error) -> anyhow::Error {
         match store::resolve_db(self.db.as_deref()) {
-            Ok(db) => store::name_in_error(&db.path, err),
+            Ok(db) => store::name_in_error(&db.shown(), err),
             Err(_) => err,
         }
     }
@@ -146,6 +151,10 @@ pub async fn scan(
         scan.warnings.push(note.clone());
     }
     let mut import = store.import(record, &scan.columns).await?;
+    if import.joined() {
+        tracing::info!("another worker read the recipients file: this one shares its sending");
+        return Ok((import, scan));
+    }
     let mut checking = progress::Checking::start(progress_bar, reader.path());
     loop {
         let row = match reader.next_row() {

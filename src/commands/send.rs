@@ -131,7 +131,28 @@ pub async fn send(
     if !opts.dry_run {
         store.lock(record.id, &token).await?;
     }
+    // Several workers share a campaign on PostgreSQL: this one renews its
+    // lease while it runs, and settles what dead ones left in flight.
+    let heartbeat = (!opts.dry_run && store.shared()).then(|| {
+        let (store, id) = (store.clone(), record.id);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(store.heartbeat_every()).await;
+                match store.heartbeat(id).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::warn!(
+                        "{} in flight on a worker that stopped: now `unknown`",
+                        plural(n, "recipient")
+                    ),
+                    Err(e) => tracing::warn!("renewing this worker's lease: {e:#}"),
+                }
+            }
+        })
+    });
     let result = send_locked(global, loaded, &store, &record, opts, stop).await;
+    if let Some(heartbeat) = heartbeat {
+        heartbeat.abort();
+    }
     if !opts.dry_run {
         store.unlock(record.id, &token).await?;
     }

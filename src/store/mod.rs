@@ -7,7 +7,10 @@
 //! row left `sending` by a dead process becomes `unknown`, never `pending`.
 
 mod feedback;
+mod postgres;
 mod sqlite;
+#[cfg(test)]
+mod tests_backends;
 
 pub use feedback::{message_id_key, NoticeRow, SendEntry};
 
@@ -168,31 +171,47 @@ impl SkipReason {
 
 /// Where the state lives.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DbLocation {
-    pub path: PathBuf,
-    /// The platform default: its folder is created when missing; the
-    /// folder of a path the user gave must exist (a typo is not a new folder).
-    pub default: bool,
+pub enum DbLocation {
+    Sqlite {
+        path: PathBuf,
+        /// The platform default: its folder is created when missing; the
+        /// folder of a path the user gave must exist (a typo is not a new folder).
+        default: bool,
+    },
+    Postgres {
+        url: String,
+    },
+}
+
+impl DbLocation {
+    /// The location fit to print: a URL's password masked.
+    pub fn shown(&self) -> String {
+        match self {
+            DbLocation::Sqlite { path, .. } => path.display().to_string(),
+            DbLocation::Postgres { url } => mask_password(url),
+        }
+    }
 }
 
 /// Where the state lives: `--db`, `HIKYAKU_DB`, or the platform default.
 pub fn resolve_db(arg: Option<&str>) -> Result<DbLocation> {
     match arg {
         Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
-            Err(input_error(format!(
-                "--db {}: PostgreSQL state databases are not supported by this build yet; use a SQLite file path",
-                mask_password(url)
-            )))
+            Ok(DbLocation::Postgres {
+                url: url.to_string(),
+            })
         }
-        Some(url) => Ok(DbLocation {
+        Some(url) => Ok(DbLocation::Sqlite {
             path: PathBuf::from(url.strip_prefix("sqlite://").unwrap_or(url)),
             default: false,
         }),
         None => {
             let base = dirs::data_dir().ok_or_else(|| {
-                input_error("no platform data directory is known here: give --db PATH or set HIKYAKU_DB")
+                input_error(
+                    "no platform data directory is known here: give --db PATH or set HIKYAKU_DB",
+                )
             })?;
-            Ok(DbLocation {
+            Ok(DbLocation::Sqlite {
                 path: base.join("hikyaku").join("hikyaku.db"),
                 default: true,
             })
@@ -218,12 +237,11 @@ pub fn mask_password(url: &str) -> String {
 
 /// Names the state database in an error that came from it, whichever
 /// command met it: SQLite's own words never stand alone.
-pub fn name_in_error(path: &Path, err: anyhow::Error) -> anyhow::Error {
+pub fn name_in_error(shown: &str, err: anyhow::Error) -> anyhow::Error {
     let from_db = err
         .chain()
         .any(|e| e.is::<sqlx::Error>() || e.is::<sqlx::migrate::MigrateError>());
-    let shown = path.display().to_string();
-    if !from_db || format!("{err:#}").contains(&shown) {
+    if !from_db || format!("{err:#}").contains(shown) {
         return err;
     }
     let hint = match sqlite_code(&err).as_deref() {
@@ -429,11 +447,13 @@ pub enum RowStatus {
 #[derive(Clone)]
 pub enum Store {
     Sqlite(sqlite::SqliteStore),
+    Postgres(postgres::PgStore),
 }
 
 /// A read of the recipients file in progress, inside one transaction.
 pub enum Import {
     Sqlite(sqlite::SqliteImport),
+    Postgres(postgres::PgImport),
 }
 
 /// Runs the same call on whichever backend holds the state.
@@ -441,6 +461,7 @@ macro_rules! on_backend {
     ($value:expr, $ty:ident, $b:ident => $call:expr) => {
         match $value {
             $ty::Sqlite($b) => $call,
+            $ty::Postgres($b) => $call,
         }
     };
 }
@@ -449,6 +470,31 @@ impl Store {
     /// Opens (creating if needed) the SQLite file and runs the embedded migrations.
     pub async fn open(path: &Path) -> Result<Store> {
         Ok(Store::Sqlite(sqlite::SqliteStore::open(path).await?))
+    }
+
+    /// Connects to a PostgreSQL database and runs its embedded migrations.
+    pub async fn open_postgres(url: &str) -> Result<Store> {
+        Ok(Store::Postgres(postgres::PgStore::open(url).await?))
+    }
+
+    /// Whether several workers may send one campaign at once (PostgreSQL).
+    pub fn shared(&self) -> bool {
+        matches!(self, Store::Postgres(_))
+    }
+
+    /// How often a running worker renews its lease.
+    pub fn heartbeat_every(&self) -> std::time::Duration {
+        postgres::HEARTBEAT
+    }
+
+    /// Renews this worker's lease and settles what dead workers left
+    /// `sending`; returns how many became `unknown`. SQLite's one runner
+    /// holds no lease.
+    pub async fn heartbeat(&self, campaign_id: i64) -> Result<u64> {
+        match self {
+            Store::Sqlite(_) => Ok(0),
+            Store::Postgres(b) => b.heartbeat(campaign_id).await,
+        }
     }
 
     /// Creates the campaign's row on first use; a name another file owns is refused.
@@ -517,7 +563,10 @@ impl Store {
     /// Starts reading the recipients file into the store; nothing is visible
     /// to others until [`Import::commit`].
     pub async fn import(&self, campaign: &CampaignRecord, columns: &[String]) -> Result<Import> {
-        on_backend!(self, Store, b => Ok(Import::Sqlite(b.import(campaign, columns).await?)))
+        match self {
+            Store::Sqlite(b) => Ok(Import::Sqlite(b.import(campaign, columns).await?)),
+            Store::Postgres(b) => Ok(Import::Postgres(b.import(campaign, columns).await?)),
+        }
     }
 
     /// Picks up to `max` recipients and, if the account's windows allow it
@@ -681,6 +730,15 @@ impl Store {
 }
 
 impl Import {
+    /// Another live worker read the file: this one shares its sending
+    /// without reading it again.
+    pub fn joined(&self) -> bool {
+        match self {
+            Import::Sqlite(_) => false,
+            Import::Postgres(b) => b.joined(),
+        }
+    }
+
     /// A row whose address is not valid: `skipped (invalid address)`.
     pub async fn invalid_row(
         &mut self,
@@ -734,6 +792,40 @@ impl Import {
     }
 }
 
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "localhost".to_string())
+}
+
+/// Whether a process of ours still runs under that id. A recycled id held by
+/// another program does not count.
+fn process_alive(pid: i64) -> bool {
+    if pid == i64::from(std::process::id()) {
+        return true;
+    }
+    let proc_dir = Path::new("/proc");
+    if !proc_dir.is_dir() {
+        // No procfs: assume the holder lives rather than risk two runners.
+        return true;
+    }
+    match std::fs::read(proc_dir.join(pid.to_string()).join("cmdline")) {
+        Ok(cmdline) => {
+            let stat = std::fs::read_to_string(proc_dir.join(pid.to_string()).join("stat"))
+                .unwrap_or_default();
+            // A zombie (state Z) has exited; its lock is free.
+            let zombie = stat
+                .rsplit(')')
+                .next()
+                .map(|s| s.trim_start().starts_with('Z'))
+                .unwrap_or(false);
+            !zombie && String::from_utf8_lossy(&cmdline).contains("hikyaku")
+        }
+        Err(_) => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -767,14 +859,17 @@ mod tests {
     fn db_location() {
         assert_eq!(
             resolve_db(Some("sqlite:///tmp/x.db")).unwrap(),
-            DbLocation {
+            DbLocation::Sqlite {
                 path: PathBuf::from("/tmp/x.db"),
                 default: false
             }
         );
-        let refused = resolve_db(Some("postgres://me:pa55@h:5432/db")).unwrap_err();
-        assert!(!format!("{refused:#}").contains("pa55"), "{refused:#}");
-        assert!(resolve_db(None).unwrap().default);
+        let pg = resolve_db(Some("postgres://me:pa55@h:5432/db")).unwrap();
+        assert_eq!(pg.shown(), "postgres://me:***@h:5432/db");
+        assert!(matches!(
+            resolve_db(None).unwrap(),
+            DbLocation::Sqlite { default: true, .. }
+        ));
     }
 
     #[test]

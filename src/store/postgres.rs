@@ -1,0 +1,1355 @@
+//! The state store on PostgreSQL (SPEC §10): several workers, on several
+//! machines, share one campaign. Claims hand out recipients with
+//! `FOR UPDATE SKIP LOCKED`; one worker at a time decides a slot for an
+//! account (an advisory lock on the account); every `sending` row names its
+//! worker and a lease the worker renews, so that only a dead worker's
+//! in-flight rows become `unknown`.
+
+use std::collections::HashSet;
+use std::str::FromStr;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::{Postgres, Row as _, Transaction};
+
+use super::{
+    mask_password, message_id_key, Before, CampaignRecord, CampaignSummary, Candidate, Claim,
+    Counts, Delivery, ExportRow, Identity, NoticeRow, Outcome, Ready, RowStatus, SendEntry,
+    SkipReason, State, WaitReason,
+};
+use crate::error::input_error;
+use crate::limits::{Schedule, Send, Slot, Window};
+use crate::message::Outgoing;
+use crate::time::now_ms;
+
+/// How long a worker's claim on its rows and its place among the workers
+/// last without renewal; renewed every [`HEARTBEAT`].
+pub const LEASE: Duration = Duration::from_secs(30);
+/// How often a running worker renews its lease.
+pub const HEARTBEAT: Duration = Duration::from_secs(5);
+
+fn lease_ms() -> i64 {
+    i64::try_from(LEASE.as_millis()).unwrap_or(30_000)
+}
+
+/// The rows of a campaign (bound first) that `--retry-failed` sends again.
+const RETRYABLE_FAILED: &str = "campaign_id = $1 AND state = 'failed' \
+     AND NOT EXISTS (SELECT 1 FROM suppressions s WHERE s.email_key = recipients.row_key)";
+
+/// Recipients one claim passes over for their domain before it waits.
+const MAX_PASSED_OVER: usize = 64;
+
+#[derive(Clone)]
+pub struct PgStore {
+    pool: PgPool,
+    /// This process's worker id: on its `sending` rows and its lease.
+    worker: String,
+}
+
+/// Serialises one decision among all workers until the transaction ends.
+async fn advisory_lock(conn: &mut sqlx::PgConnection, what: &str, key: &str) -> Result<()> {
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
+        .bind(format!("hikyaku {what} {key}"))
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+impl PgStore {
+    /// Connects and runs the embedded migrations (sqlx serialises
+    /// concurrent migrations with an advisory lock).
+    pub async fn open(url: &str) -> Result<PgStore> {
+        let shown = mask_password(url);
+        let options: PgConnectOptions = url.parse().map_err(|e: sqlx::Error| {
+            input_error(format!("--db {shown}: {}", strip_url(&e.to_string(), url)))
+        })?;
+        let pool = PgPoolOptions::new()
+            .max_connections(8)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(options)
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!("state database {shown}: {}", strip_url(&e.to_string(), url))
+            })?;
+        sqlx::migrate!("./migrations/postgres")
+            .run(&pool)
+            .await
+            .with_context(|| format!("migrating the state database {shown}"))?;
+        Ok(PgStore {
+            pool,
+            worker: uuid::Uuid::new_v4().to_string(),
+        })
+    }
+
+    /// Creates the campaign's row on first use and binds its name to its
+    /// file; a name another file owns is refused (SPEC §7.6).
+    pub async fn campaign(&self, id: &Identity) -> Result<CampaignRecord> {
+        let mut tx = self.pool.begin().await?;
+        check_owner(&mut tx, id).await?;
+        sqlx::query(
+            "INSERT INTO campaigns (name, transport, file, created_at) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (name, transport) DO NOTHING",
+        )
+        .bind(&id.name)
+        .bind(id.delivery.as_str())
+        .bind(&id.file)
+        .bind(now_ms())
+        .execute(&mut *tx)
+        .await?;
+        // Rows recorded before names were bound belong to the first file that uses them.
+        sqlx::query("UPDATE campaigns SET file = $1 WHERE name = $2 AND file IS NULL")
+            .bind(&id.file)
+            .bind(&id.name)
+            .execute(&mut *tx)
+            .await?;
+        let record = find(&mut tx, id)
+            .await?
+            .context("the campaign row vanished right after it was created")?;
+        tx.commit().await?;
+        Ok(record)
+    }
+
+    /// The campaign's row, if it was ever used; a name another file owns
+    /// is refused.
+    pub async fn find_campaign(&self, id: &Identity) -> Result<Option<CampaignRecord>> {
+        let mut conn = self.pool.acquire().await?;
+        check_owner(&mut conn, id).await?;
+        find(&mut conn, id).await
+    }
+
+    /// Every campaign of the database, by name.
+    pub async fn campaigns(&self) -> Result<Vec<CampaignSummary>> {
+        let rows = sqlx::query(
+            "SELECT c.id, c.name, c.transport, c.file, \
+             (SELECT MAX(updated_at) FROM recipients r WHERE r.campaign_id = c.id) AS last \
+             FROM campaigns c ORDER BY c.name, c.transport",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out: Vec<CampaignSummary> = Vec::new();
+        for row in rows {
+            let name: String = row.get("name");
+            if out.last().is_none_or(|s| s.name != name) {
+                out.push(CampaignSummary {
+                    name: name.clone(),
+                    file: None,
+                    delivery: None,
+                    rehearsal: None,
+                    last_activity_ms: None,
+                    running: None,
+                });
+            }
+            let Some(summary) = out.last_mut() else {
+                continue;
+            };
+            summary.file = summary.file.take().or(row.get("file"));
+            summary.last_activity_ms = summary.last_activity_ms.max(row.get("last"));
+            if summary.running.is_none() {
+                let mut conn = self.pool.acquire().await?;
+                summary.running = live_workers(&mut conn, row.get("id"))
+                    .await?
+                    .into_iter()
+                    .next()
+                    .map(|(_, who)| who);
+            }
+            let counts = Some(self.counts(row.get("id")).await?);
+            if row.get::<&str, _>("transport") == Delivery::File.as_str() {
+                summary.rehearsal = counts;
+            } else {
+                summary.delivery = counts;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Forgets everything recorded for a campaign name, rehearsal included;
+    /// refused while a live process sends it. Returns how many recipient
+    /// rows were forgotten, or `None` if the name is unknown.
+    pub async fn reset(&self, name: &str) -> Result<Option<u64>> {
+        let mut tx = self.pool.begin().await?;
+        let ids: Vec<i64> = sqlx::query_scalar("SELECT id FROM campaigns WHERE name = $1")
+            .bind(name)
+            .fetch_all(&mut *tx)
+            .await?;
+        if ids.is_empty() {
+            return Ok(None);
+        }
+        let mut holder = None;
+        for id in ids {
+            holder = holder.or(live_workers(&mut tx, id).await?.into_iter().next());
+        }
+        if let Some((_, holder)) = holder {
+            anyhow::bail!(
+                "campaign {name:?} is being sent by {holder}; stop it first (Ctrl-C), then reset"
+            );
+        }
+        let forgotten: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM recipients WHERE campaign_id IN (SELECT id FROM campaigns WHERE name = $1)",
+        )
+        .bind(name)
+        .fetch_one(&mut *tx)
+        .await?;
+        sqlx::query("DELETE FROM campaigns WHERE name = $1")
+            .bind(name)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(Some(u64::try_from(forgotten).unwrap_or(0)))
+    }
+
+    /// Removes a campaign row that holds no recipients: `check` and
+    /// `send --dry-run` leave no trace of a campaign they saw first.
+    pub async fn forget_if_empty(&self, campaign_id: i64) -> Result<()> {
+        sqlx::query("DELETE FROM campaigns WHERE id = $1 AND NOT EXISTS (SELECT 1 FROM recipients WHERE campaign_id = $2)")
+            .bind(campaign_id)
+            .bind(campaign_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn set_fingerprint(&self, campaign_id: i64, fingerprint: &str) -> Result<()> {
+        sqlx::query("UPDATE campaigns SET fingerprint = $1 WHERE id = $2")
+            .bind(fingerprint)
+            .bind(campaign_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Joins the campaign's workers: on PostgreSQL several may send it at once.
+    pub async fn lock(&self, campaign_id: i64, _token: &str) -> Result<()> {
+        self.renew(campaign_id).await
+    }
+
+    /// Leaves the campaign's workers.
+    pub async fn unlock(&self, campaign_id: i64, _token: &str) -> Result<()> {
+        sqlx::query("DELETE FROM workers WHERE campaign_id = $1 AND token = $2")
+            .bind(campaign_id)
+            .bind(&self.worker)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn renew(&self, campaign_id: i64) -> Result<()> {
+        let until = now_ms() + lease_ms();
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO workers (campaign_id, token, host, pid, lease_until) VALUES ($1, $2, $3, $4, $5) \
+             ON CONFLICT (campaign_id, token) DO UPDATE SET lease_until = excluded.lease_until",
+        )
+        .bind(campaign_id)
+        .bind(&self.worker)
+        .bind(super::hostname())
+        .bind(i64::from(std::process::id()))
+        .bind(until)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("UPDATE recipients SET lease_until = $1 WHERE campaign_id = $2 AND worker = $3 AND state = 'sending'")
+            .bind(until)
+            .bind(campaign_id)
+            .bind(&self.worker)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Renews this worker's lease on its rows and its place among the
+    /// workers, and settles what dead workers left `sending`.
+    pub async fn heartbeat(&self, campaign_id: i64) -> Result<u64> {
+        self.renew(campaign_id).await?;
+        self.settle_interrupted(campaign_id).await
+    }
+
+    /// Rows a dead worker left `sending` may or may not have been delivered:
+    /// they become `unknown` (SPEC §7.3). A worker is dead when its lease ran
+    /// out, or at once when it ran on this host and its process is gone;
+    /// the rows of live workers are theirs.
+    pub async fn settle_interrupted(&self, campaign_id: i64) -> Result<u64> {
+        let mut tx = self.pool.begin().await?;
+        let mut live: Vec<String> = live_workers(&mut tx, campaign_id)
+            .await?
+            .into_iter()
+            .map(|(token, _)| token)
+            .collect();
+        live.push(self.worker.clone());
+        sqlx::query("DELETE FROM workers WHERE campaign_id = $1 AND NOT (token = ANY($2))")
+            .bind(campaign_id)
+            .bind(&live)
+            .execute(&mut *tx)
+            .await?;
+        let done = sqlx::query(
+            "UPDATE recipients SET state = 'unknown', reason = 'interrupted while sending: may or may not have been delivered', \
+             updated_at = $1, worker = NULL, lease_until = NULL \
+             WHERE campaign_id = $2 AND state = 'sending' AND (worker IS NULL OR NOT (worker = ANY($3)))",
+        )
+        .bind(now_ms())
+        .bind(campaign_id)
+        .bind(&live)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(done.rows_affected())
+    }
+
+    /// `unknown` rows go back to `pending` (`--resend-unknown`).
+    pub async fn requeue_unknown(&self, campaign_id: i64) -> Result<u64> {
+        let done = sqlx::query(
+            "UPDATE recipients SET state = 'pending', reason = NULL, updated_at = $1 WHERE campaign_id = $2 AND state = 'unknown'",
+        )
+        .bind(now_ms())
+        .bind(campaign_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    /// Starts reading the recipients file into the store; nothing is visible
+    /// to others until [`PgImport::commit`]. One worker reads the file: a
+    /// worker that finds another live one whose read is done joins it
+    /// instead, and a worker that comes while another reads waits for it.
+    pub async fn import(&self, campaign: &CampaignRecord, columns: &[String]) -> Result<PgImport> {
+        let mut tx = self.pool.begin().await?;
+        advisory_lock(&mut tx, "import", &campaign.id.to_string()).await?;
+        let readers: Vec<String> = sqlx::query_scalar(
+            "SELECT token FROM workers WHERE campaign_id = $1 AND ready AND token != $2",
+        )
+        .bind(campaign.id)
+        .bind(&self.worker)
+        .fetch_all(&mut *tx)
+        .await?;
+        let live = live_workers(&mut tx, campaign.id).await?;
+        let joined = live.iter().any(|(token, _)| readers.contains(token));
+        let generation: i64 = if joined {
+            sqlx::query_scalar("SELECT import_gen FROM campaigns WHERE id = $1")
+                .bind(campaign.id)
+                .fetch_one(&mut *tx)
+                .await?
+        } else {
+            let generation = sqlx::query_scalar("UPDATE campaigns SET import_gen = import_gen + 1, columns = $1 WHERE id = $2 RETURNING import_gen")
+                .bind(serde_json::to_string(columns)?)
+                .bind(campaign.id)
+                .fetch_one(&mut *tx)
+                .await?;
+            sqlx::query("DELETE FROM recipients WHERE campaign_id = $1 AND row_key LIKE 'row:%'")
+                .bind(campaign.id)
+                .execute(&mut *tx)
+                .await?;
+            generation
+        };
+        Ok(PgImport {
+            tx,
+            campaign_id: campaign.id,
+            generation,
+            now: now_ms(),
+            worker: self.worker.clone(),
+            joined,
+        })
+    }
+
+    /// Picks up to `max` recipients and, if the account's windows allow it
+    /// now, marks them `sending` and logs their sends, in one transaction
+    /// synced to disk before any of them is sent. `build` renders a message
+    /// (its recipient count decides what the windows see). With windows,
+    /// claim one at a time: each send needs its own slot.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn claim(
+        &self,
+        campaign_id: i64,
+        account: &str,
+        pause_key: &str,
+        windows: &[Window],
+        now: i64,
+        max: usize,
+        build: impl Fn(&Candidate) -> std::result::Result<Outgoing, String>,
+    ) -> Result<Claim> {
+        self.claim_held(
+            campaign_id,
+            account,
+            pause_key,
+            windows,
+            now,
+            max,
+            build,
+            |_| None,
+        )
+        .await
+    }
+
+    /// [`Store::claim`], passing over recipients that `hold` says must wait
+    /// (until when, and the domain that holds them): they stay as they are,
+    /// and the next recipients are tried, so that one slow destination
+    /// never holds up the others. `hold` is asked last, when the recipient
+    /// would otherwise be claimed.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn claim_held(
+        &self,
+        campaign_id: i64,
+        account: &str,
+        pause_key: &str,
+        windows: &[Window],
+        now: i64,
+        max: usize,
+        build: impl Fn(&Candidate) -> std::result::Result<Outgoing, String>,
+        mut hold: impl FnMut(&Candidate) -> Option<(i64, String)>,
+    ) -> Result<Claim> {
+        let mut tx = self.pool.begin().await?;
+        // One worker at a time decides the account's next slot; the others
+        // wait here, then see its send in the log.
+        advisory_lock(&mut tx, "account", account).await?;
+        let paused = sqlx::query(
+            "SELECT until, reason FROM account_pauses WHERE account = $1 AND until > $2",
+        )
+        .bind(pause_key)
+        .bind(now)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some(p) = paused {
+            return Ok(Claim::Wait {
+                until_ms: p.get("until"),
+                why: WaitReason::Paused(p.get("reason")),
+            });
+        }
+        let mut ready = Vec::new();
+        let mut unbuildable = Vec::new();
+        let mut passed_over: Vec<i64> = Vec::new();
+        let mut held: Option<(i64, String)> = None;
+        while ready.len() < max.max(1) && passed_over.len() < MAX_PASSED_OVER {
+            let Some(candidate) = next_candidate(&mut tx, campaign_id, now, &passed_over).await?
+            else {
+                break;
+            };
+            let message = match build(&candidate) {
+                Ok(m) => m,
+                Err(why) => {
+                    // The row was checked before the run; something changed
+                    // since (an attachment removed): a campaign defect, not a bounce.
+                    sqlx::query("UPDATE recipients SET state = 'skipped', reason = $1, updated_at = $2 WHERE id = $3")
+                        .bind(SkipReason::InvalidMessage(why.to_string()).to_text())
+                        .bind(now)
+                        .bind(candidate.id)
+                        .execute(&mut *tx)
+                        .await?;
+                    unbuildable.push((candidate, why));
+                    continue;
+                }
+            };
+            if !windows.is_empty() {
+                let schedule = load_schedule(&mut tx, account, windows, now).await?;
+                let slot: Slot = schedule.next_slot(now, message.recipient_count);
+                if slot.at_ms > now {
+                    if !unbuildable.is_empty() {
+                        break;
+                    }
+                    let why = match slot.hold {
+                        Some(crate::limits::Hold::Full(window)) => {
+                            let used = schedule
+                                .usage(now)
+                                .into_iter()
+                                .find(|(w, _)| *w == window)
+                                .map(|(_, u)| u)
+                                .unwrap_or(0);
+                            WaitReason::Window { window, used }
+                        }
+                        _ => WaitReason::Pacing,
+                    };
+                    return Ok(Claim::Wait {
+                        until_ms: slot.at_ms,
+                        why,
+                    });
+                }
+            }
+            if let Some((until_ms, domain)) = hold(&candidate) {
+                passed_over.push(candidate.id);
+                if held.as_ref().is_none_or(|(u, _)| until_ms < *u) {
+                    held = Some((until_ms, domain));
+                }
+                continue;
+            }
+            sqlx::query(
+                "UPDATE recipients SET state = 'sending', attempts = attempts + 1, message_id = $1, updated_at = $2, \
+                 worker = $4, lease_until = $5 WHERE id = $3",
+            )
+            .bind(&message.message_id)
+            .bind(now)
+            .bind(candidate.id)
+            .bind(&self.worker)
+            .bind(now_ms() + lease_ms())
+            .execute(&mut *tx)
+            .await?;
+            let log_id: i64 = sqlx::query_scalar(
+                "INSERT INTO send_log (account, at, recipients, recipient_id) VALUES ($1, $2, $3, $4) RETURNING id",
+            )
+            .bind(account)
+            .bind(now)
+            .bind(i64::from(message.recipient_count))
+            .bind(candidate.id)
+            .fetch_one(&mut *tx)
+            .await?;
+            ready.push(Ready {
+                candidate,
+                message: Box::new(message),
+                log_id,
+            });
+            if !windows.is_empty() {
+                break;
+            }
+        }
+        if ready.is_empty() && unbuildable.is_empty() {
+            if let Some((until_ms, domain)) = held {
+                return Ok(Claim::Wait {
+                    until_ms,
+                    why: WaitReason::Domain(domain),
+                });
+            }
+            let next_due_ms: Option<i64> = sqlx::query_scalar(
+                "SELECT MIN(next_attempt_at) FROM recipients WHERE campaign_id = $1 AND state = 'deferred'",
+            )
+            .bind(campaign_id)
+            .fetch_one(&mut *tx)
+            .await?;
+            return Ok(Claim::Idle { next_due_ms });
+        }
+        tx.commit().await?;
+        Ok(Claim::Ready { ready, unbuildable })
+    }
+
+    /// Records what happened to a claimed recipient.
+    pub async fn record(
+        &self,
+        candidate: &Candidate,
+        log_id: i64,
+        outcome: &Outcome,
+        now: i64,
+    ) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("UPDATE send_log SET done_at = GREATEST(at, $1) WHERE id = $2")
+            .bind(now)
+            .bind(log_id)
+            .execute(&mut *tx)
+            .await?;
+        match outcome {
+            Outcome::Sent { reply } => {
+                sqlx::query("UPDATE recipients SET state = 'sent', reason = NULL, last_reply = $1, next_attempt_at = NULL, updated_at = $2 WHERE id = $3")
+                    .bind(reply)
+                    .bind(now)
+                    .bind(candidate.id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            Outcome::Deferred { reply, retry_at_ms } => {
+                sqlx::query("UPDATE recipients SET state = 'deferred', reason = 'transient failure, will retry', last_reply = $1, next_attempt_at = $2, updated_at = $3 WHERE id = $4")
+                    .bind(reply)
+                    .bind(retry_at_ms)
+                    .bind(now)
+                    .bind(candidate.id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            Outcome::Failed { reply, suppress } => {
+                sqlx::query("UPDATE recipients SET state = 'failed', reason = $1, last_reply = $2, next_attempt_at = NULL, updated_at = $3 WHERE id = $4")
+                    .bind(format!("rejected: {reply}"))
+                    .bind(reply)
+                    .bind(now)
+                    .bind(candidate.id)
+                    .execute(&mut *tx)
+                    .await?;
+                if *suppress {
+                    insert_suppression(
+                        &mut tx,
+                        &candidate.address,
+                        &format!("bounced: {reply}"),
+                        now,
+                    )
+                    .await?;
+                }
+            }
+            Outcome::Unclaimed => {
+                let before = &candidate.before;
+                sqlx::query("UPDATE recipients SET state = $1, attempts = $2, message_id = $3, updated_at = $4 WHERE id = $5")
+                    .bind(&before.state)
+                    .bind(candidate.attempts)
+                    .bind(&before.message_id)
+                    .bind(before.updated_at)
+                    .bind(candidate.id)
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query("DELETE FROM send_log WHERE id = $1")
+                    .bind(log_id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            Outcome::Unknown { reply } => {
+                sqlx::query("UPDATE recipients SET state = 'unknown', reason = 'connection lost after the message was sent: may or may not have been delivered', last_reply = $1, next_attempt_at = NULL, updated_at = $2 WHERE id = $3")
+                    .bind(reply)
+                    .bind(now)
+                    .bind(candidate.id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            Outcome::Returned { reply, unlog } => {
+                sqlx::query("UPDATE recipients SET state = 'pending', attempts = GREATEST(attempts - 1, 0), last_reply = $1, updated_at = $2 WHERE id = $3")
+                    .bind(reply)
+                    .bind(now)
+                    .bind(candidate.id)
+                    .execute(&mut *tx)
+                    .await?;
+                if *unlog {
+                    sqlx::query("DELETE FROM send_log WHERE id = $1")
+                        .bind(log_id)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+            }
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Pauses an account (by its pause key) for every process using this store.
+    pub async fn pause_account(&self, account: &str, until_ms: i64, reason: &str) -> Result<()> {
+        sqlx::query("INSERT INTO account_pauses (account, until, reason) VALUES ($1, $2, $3) ON CONFLICT (account) DO UPDATE SET until = GREATEST(account_pauses.until, excluded.until), reason = excluded.reason")
+            .bind(account)
+            .bind(until_ms)
+            .bind(reason)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn account_pause(&self, account: &str, now: i64) -> Result<Option<(i64, String)>> {
+        let row = sqlx::query(
+            "SELECT until, reason FROM account_pauses WHERE account = $1 AND until > $2",
+        )
+        .bind(account)
+        .bind(now)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|r| (r.get("until"), r.get("reason"))))
+    }
+
+    /// The account's windows with the sends that count in them now.
+    pub async fn schedule(&self, account: &str, windows: &[Window], now: i64) -> Result<Schedule> {
+        let mut conn = self.pool.acquire().await?;
+        load_schedule(&mut conn, account, windows, now).await
+    }
+
+    pub async fn counts(&self, campaign_id: i64) -> Result<Counts> {
+        let rows = sqlx::query(
+            "SELECT state AS st, COUNT(*) AS n FROM recipients WHERE campaign_id = $1 GROUP BY state",
+        )
+        .bind(campaign_id)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(tally(rows))
+    }
+
+    /// The earliest retry time among deferred recipients.
+    pub async fn next_retry(&self, campaign_id: i64) -> Result<Option<i64>> {
+        Ok(sqlx::query_scalar("SELECT MIN(next_attempt_at) FROM recipients WHERE campaign_id = $1 AND state = 'deferred'")
+            .bind(campaign_id)
+            .fetch_one(&self.pool)
+            .await?)
+    }
+
+    /// Every row for export, in file order; `visit` is called once per row.
+    pub async fn export(
+        &self,
+        campaign_id: i64,
+        state: Option<State>,
+        visit: impl FnMut(ExportRow) -> Result<()>,
+    ) -> Result<()> {
+        let mut conn = self.pool.acquire().await?;
+        export_rows(&mut conn, campaign_id, state, visit).await
+    }
+
+    pub async fn suppress(&self, address: &str, reason: &str) -> Result<bool> {
+        let mut tx = self.pool.begin().await?;
+        let added = insert_suppression(&mut tx, address, reason, now_ms()).await?;
+        tx.commit().await?;
+        Ok(added)
+    }
+
+    pub async fn unsuppress(&self, key: &str) -> Result<bool> {
+        let done = sqlx::query("DELETE FROM suppressions WHERE email_key = $1")
+            .bind(key)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    pub async fn suppressions(&self) -> Result<Vec<(String, String, i64)>> {
+        let rows =
+            sqlx::query("SELECT email, reason, created_at FROM suppressions ORDER BY email_key")
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| (r.get("email"), r.get("reason"), r.get("created_at")))
+            .collect())
+    }
+
+    /// `failed` rows whose address is not on the suppression list go back to
+    /// `pending` for one more round (`--retry-failed`), their attempts reset
+    /// so that a transient failure gets `max_attempts` again.
+    pub async fn requeue_failed(&self, campaign_id: i64) -> Result<u64> {
+        let done = sqlx::query(&format!(
+            "UPDATE recipients SET state = 'pending', reason = NULL, attempts = 0, next_attempt_at = NULL, updated_at = $1 \
+             WHERE {RETRYABLE_FAILED}"
+        ))
+        .bind(now_ms())
+        .bind(campaign_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    /// How many rows `--retry-failed` would send again.
+    pub async fn retryable_failed(&self, campaign_id: i64) -> Result<i64> {
+        Ok(sqlx::query_scalar(&format!(
+            "SELECT COUNT(*) FROM recipients WHERE {RETRYABLE_FAILED}"
+        ))
+        .bind(campaign_id)
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    /// When the account first sent, for its warm-up (SPEC §6b).
+    pub async fn first_send(&self, account: &str) -> Result<Option<i64>> {
+        Ok(
+            sqlx::query_scalar("SELECT MIN(at) FROM send_log WHERE account = $1")
+                .bind(account)
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+
+    /// Recipients the account sent to at or after `since_ms`.
+    pub async fn recipients_since(&self, account: &str, since_ms: i64) -> Result<u64> {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT COALESCE(SUM(recipients), 0) FROM send_log WHERE account = $1 AND at >= $2",
+        )
+        .bind(account)
+        .bind(since_ms)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    /// Adds every address in one transaction: all of them or, on an
+    /// error, none. Returns how many were not on the list yet.
+    pub async fn suppress_all(&self, addresses: &[String], reason: &str) -> Result<u64> {
+        let mut tx = self.pool.begin().await?;
+        let now = now_ms();
+        let mut added = 0;
+        for address in addresses {
+            added += u64::from(insert_suppression(&mut tx, address, reason, now).await?);
+        }
+        tx.commit().await?;
+        Ok(added)
+    }
+
+    /// When the campaign's state was created, Unix ms.
+    pub async fn campaign_created_at(&self, campaign_id: i64) -> Result<Option<i64>> {
+        Ok(
+            sqlx::query_scalar("SELECT created_at FROM campaigns WHERE id = $1")
+                .bind(campaign_id)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
+    }
+
+    /// The campaign's recipients whose message may have come back, among
+    /// those named by `message_ids` (keys of [`message_id_key`]) or by
+    /// `addresses` (lowercase), found in one pass over the campaign's rows
+    /// whatever the number of notifications.
+    pub async fn notice_rows(
+        &self,
+        campaign_id: i64,
+        message_ids: &HashSet<String>,
+        addresses: &HashSet<String>,
+    ) -> Result<Vec<NoticeRow>> {
+        use futures_util::TryStreamExt;
+        let mut found = Vec::new();
+        if message_ids.is_empty() && addresses.is_empty() {
+            return Ok(found);
+        }
+        // Only a message a server accepted (or may have) can bounce.
+        let mut rows = sqlx::query(
+            "SELECT id, email, address, row_key, state, reason, message_id FROM recipients \
+             WHERE campaign_id = $1 AND state IN ('sent', 'unknown', 'bounced')",
+        )
+        .bind(campaign_id)
+        .fetch(&self.pool);
+        while let Some(row) = rows.try_next().await? {
+            let message_id: Option<String> = row.get("message_id");
+            let address: String = row.get::<Option<String>, _>("address").unwrap_or_default();
+            let by_id = message_id
+                .as_deref()
+                .is_some_and(|id| message_ids.contains(&message_id_key(id)));
+            let by_address = addresses.contains(&address.to_lowercase())
+                || addresses.contains(row.get::<&str, _>("row_key"));
+            if !(by_id || by_address) {
+                continue;
+            }
+            let Ok(state) = State::from_str(row.get("state")) else {
+                continue;
+            };
+            found.push(NoticeRow {
+                id: row.get("id"),
+                email: row.get("email"),
+                address,
+                state,
+                reason: row.get("reason"),
+                message_id: message_id.map(|id| message_id_key(&id)),
+            });
+        }
+        Ok(found)
+    }
+
+    /// Records a bounce: the row becomes `bounced` with the notification's
+    /// status and diagnostic and, when `suppress`, its address joins the
+    /// suppression list, in one transaction. A row already `bounced` (or no
+    /// longer in an accepted state) is left as it is and nothing is
+    /// suppressed again: a second read of the same mailbox changes nothing,
+    /// even for an address the user took off the list since.
+    pub async fn record_bounce(
+        &self,
+        id: i64,
+        address: &str,
+        status: &str,
+        diagnostic: &str,
+        suppress: bool,
+        now: i64,
+    ) -> Result<bool> {
+        let mut tx = self.pool.begin().await?;
+        let reply = if diagnostic.is_empty() {
+            status
+        } else {
+            diagnostic
+        };
+        let changed = sqlx::query(
+            "UPDATE recipients SET state = 'bounced', reason = $1, last_reply = $2, next_attempt_at = NULL, updated_at = $3 \
+             WHERE id = $4 AND state IN ('sent', 'unknown')",
+        )
+        .bind(format!("bounced: {status}"))
+        .bind(reply)
+        .bind(now)
+        .bind(id)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            > 0;
+        if changed && suppress {
+            insert_suppression(&mut tx, address, &format!("bounced: {status} {reply}"), now)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(changed)
+    }
+
+    /// Notes a delayed delivery on a `sent` row's reason; nothing else
+    /// changes. False when the same note is already there.
+    pub async fn note_delay(&self, id: i64, note: &str) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE recipients SET reason = $1 WHERE id = $2 AND state = 'sent' AND reason IS DISTINCT FROM $1",
+        )
+        .bind(note)
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    /// Every logged SMTP transaction of the campaign's recipients, by
+    /// account then time; `visit` is called once per entry.
+    pub async fn send_entries(
+        &self,
+        campaign_id: i64,
+        mut visit: impl FnMut(SendEntry) -> Result<()>,
+    ) -> Result<()> {
+        use futures_util::TryStreamExt;
+        let mut rows = sqlx::query(
+            "SELECT l.account, l.at, l.done_at, l.recipients, r.email, r.last_reply \
+             FROM send_log l JOIN recipients r ON r.id = l.recipient_id \
+             WHERE r.campaign_id = $1 ORDER BY l.account, l.at, l.id",
+        )
+        .bind(campaign_id)
+        .fetch(&self.pool);
+        while let Some(row) = rows.try_next().await? {
+            visit(SendEntry {
+                account: row.get("account"),
+                at: row.get("at"),
+                done_at: row.get("done_at"),
+                recipients: row.get("recipients"),
+                email: row.get("email"),
+                last_reply: row.get("last_reply"),
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Account pauses recorded for these accounts: (account, until, reason).
+    pub async fn pauses(&self, accounts: &[String]) -> Result<Vec<(String, i64, String)>> {
+        let rows = sqlx::query("SELECT account, until, reason FROM account_pauses ORDER BY until")
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| (r.get("account"), r.get("until"), r.get("reason")))
+            .filter(|(account, _, _): &(String, i64, String)| accounts.contains(account))
+            .collect())
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+async fn insert_suppression(
+    conn: &mut sqlx::PgConnection,
+    address: &str,
+    reason: &str,
+    now: i64,
+) -> Result<bool> {
+    let done = sqlx::query("INSERT INTO suppressions (email_key, email, reason, created_at) VALUES ($1, $2, $3, $4) ON CONFLICT (email_key) DO NOTHING")
+        .bind(address.to_lowercase())
+        .bind(address)
+        .bind(reason)
+        .bind(now)
+        .execute(conn)
+        .await?;
+    Ok(done.rows_affected() > 0)
+}
+
+/// The next recipient due: a deferred one whose retry time has come, else
+/// the first pending one.
+async fn next_candidate(
+    conn: &mut sqlx::PgConnection,
+    campaign_id: i64,
+    now: i64,
+    passed_over: &[i64],
+) -> Result<Option<Candidate>> {
+    let columns = "id, row_number, email, address, fields, attempts, state, message_id, updated_at";
+    let mut row = sqlx::query(&format!(
+        "SELECT {columns} FROM recipients WHERE campaign_id = $1 AND state = 'deferred' AND next_attempt_at <= $2 AND NOT (id = ANY($3)) ORDER BY next_attempt_at, id LIMIT 1 FOR UPDATE SKIP LOCKED"
+    ))
+    .bind(campaign_id)
+    .bind(now)
+    .bind(passed_over)
+    .fetch_optional(&mut *conn)
+    .await?;
+    if row.is_none() {
+        row = sqlx::query(&format!(
+            "SELECT {columns} FROM recipients WHERE campaign_id = $1 AND state = 'pending' AND NOT (id = ANY($2)) ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED"
+        ))
+        .bind(campaign_id)
+        .bind(passed_over)
+        .fetch_optional(&mut *conn)
+        .await?;
+    }
+    row.map(|row| {
+        Ok(Candidate {
+            id: row.get("id"),
+            row_number: row.get("row_number"),
+            email: row.get("email"),
+            address: row.get::<Option<String>, _>("address").unwrap_or_default(),
+            fields: serde_json::from_str(row.get::<&str, _>("fields"))?,
+            attempts: row.get("attempts"),
+            before: Before {
+                state: row.get("state"),
+                message_id: row.get("message_id"),
+                updated_at: row.get("updated_at"),
+            },
+        })
+    })
+    .transpose()
+}
+
+async fn load_schedule(
+    conn: &mut sqlx::PgConnection,
+    account: &str,
+    windows: &[Window],
+    now: i64,
+) -> Result<Schedule> {
+    let horizon = i64::try_from(Schedule::horizon(windows).as_millis()).unwrap_or(i64::MAX / 4);
+    let rows = sqlx::query(
+        "SELECT at, COALESCE(done_at, at) AS done_at, recipients FROM send_log \
+             WHERE account = $1 AND at > $2 AND COALESCE(done_at, at) > $3",
+    )
+    .bind(account)
+    // A transaction ends at most a few timeouts after it starts; the
+    // first bound lets the index narrow the scan.
+    .bind(now.saturating_sub(horizon).saturating_sub(3_600_000))
+    .bind(now.saturating_sub(horizon))
+    .fetch_all(conn)
+    .await?;
+    let log = rows.into_iter().map(|r| Send {
+        at_ms: r.get("at"),
+        done_ms: r.get("done_at"),
+        count: u32::try_from(r.get::<i64, _>("recipients")).unwrap_or(1),
+    });
+    Ok(Schedule::new(windows, log))
+}
+
+async fn export_rows(
+    conn: &mut sqlx::PgConnection,
+    campaign_id: i64,
+    state: Option<State>,
+    mut visit: impl FnMut(ExportRow) -> Result<()>,
+) -> Result<()> {
+    use futures_util::TryStreamExt;
+    let mut rows = sqlx::query(
+        "SELECT email, state, reason, attempts, last_reply, updated_at, message_id, fields FROM recipients \
+         WHERE campaign_id = $1 AND ($2 IS NULL OR state = $3) ORDER BY row_number, id",
+    )
+    .bind(campaign_id)
+    .bind(state.map(State::as_str))
+    .bind(state.map(State::as_str))
+    .fetch(conn);
+    while let Some(row) = rows.try_next().await? {
+        visit(ExportRow {
+            email: row.get("email"),
+            state: row.get("state"),
+            reason: row.get("reason"),
+            attempts: row.get("attempts"),
+            last_reply: row.get("last_reply"),
+            updated_at: row.get("updated_at"),
+            message_id: row.get("message_id"),
+            fields: serde_json::from_str(row.get::<&str, _>("fields"))?,
+        })?;
+    }
+    Ok(())
+}
+
+/// A read of the recipients file in progress, inside one transaction.
+pub struct PgImport {
+    tx: Transaction<'static, Postgres>,
+    campaign_id: i64,
+    generation: i64,
+    now: i64,
+    worker: String,
+    /// Another live worker read the file: this one shares its sending.
+    joined: bool,
+}
+
+impl PgImport {
+    /// A row whose address is not valid: `skipped (invalid address)`; the
+    /// warning printed for it says why.
+    pub async fn invalid_row(
+        &mut self,
+        row_number: u64,
+        email: &str,
+        fields: &[String],
+    ) -> Result<()> {
+        self.insert_noise(row_number, email, fields, SkipReason::InvalidAddress)
+            .await
+    }
+
+    async fn insert_noise(
+        &mut self,
+        row_number: u64,
+        email: &str,
+        fields: &[String],
+        reason: SkipReason,
+    ) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO recipients (campaign_id, row_key, email, row_number, fields, state, reason, seen_gen, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, 'skipped', $6, $7, $8)",
+        )
+        .bind(self.campaign_id)
+        .bind(format!("row:{row_number}"))
+        .bind(email)
+        .bind(row_number as i64)
+        .bind(serde_json::to_string(fields)?)
+        .bind(reason.to_text())
+        .bind(self.generation)
+        .bind(self.now)
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(())
+    }
+
+    /// A row with a valid address: added as `pending` if new, refreshed if known.
+    pub async fn row(
+        &mut self,
+        row_number: u64,
+        email: &str,
+        address: &str,
+        key: &str,
+        fields: &[String],
+    ) -> Result<RowStatus> {
+        // One round trip: whether the address is suppressed, and its row if known.
+        let found = sqlx::query(
+            "SELECT EXISTS (SELECT 1 FROM suppressions WHERE email_key = $1) AS suppressed, \
+             r.id, r.seen_gen, r.state, r.reason, r.row_number \
+             FROM (SELECT 1) AS one LEFT JOIN recipients r ON r.campaign_id = $2 AND r.row_key = $1",
+        )
+        .bind(key)
+        .bind(self.campaign_id)
+        .fetch_one(&mut *self.tx)
+        .await?;
+        let suppressed: bool = found.get("suppressed");
+        let existing = found.get::<Option<i64>, _>("id").map(|_| found);
+        let fields_json = serde_json::to_string(fields)?;
+        let Some(existing) = existing else {
+            let (state, reason) = if suppressed {
+                ("skipped", Some("suppressed"))
+            } else {
+                ("pending", None)
+            };
+            let id: i64 = sqlx::query_scalar(
+                "INSERT INTO recipients (campaign_id, row_key, email, address, row_number, fields, state, reason, seen_gen, updated_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING id",
+            )
+            .bind(self.campaign_id)
+            .bind(key)
+            .bind(email)
+            .bind(address)
+            .bind(row_number as i64)
+            .bind(&fields_json)
+            .bind(state)
+            .bind(reason)
+            .bind(self.generation)
+            .bind(self.now)
+            .fetch_one(&mut *self.tx)
+            .await?;
+            return Ok(if suppressed {
+                RowStatus::Suppressed
+            } else {
+                RowStatus::ToSend { id }
+            });
+        };
+        let id: i64 = existing.get("id");
+        if existing.get::<i64, _>("seen_gen") == self.generation {
+            let first_row: i64 = existing.get("row_number");
+            self.insert_noise(row_number, email, fields, SkipReason::Duplicate)
+                .await?;
+            return Ok(RowStatus::Duplicate { first_row });
+        }
+        let state: String = existing.get("state");
+        let reason: Option<String> = existing.get("reason");
+        // Rows skipped for a reason that may no longer hold are reconsidered.
+        let reconsider = state == State::Skipped.as_str()
+            && reason
+                .as_deref()
+                .and_then(SkipReason::parse)
+                .is_some_and(|r| r.reconsidered());
+        let (new_state, new_reason, status) = match state.as_str() {
+            "pending" | "deferred" if suppressed => (
+                "skipped".to_string(),
+                Some("suppressed".to_string()),
+                RowStatus::Suppressed,
+            ),
+            "pending" | "deferred" => (state.clone(), reason.clone(), RowStatus::ToSend { id }),
+            _ if reconsider && suppressed => (
+                "skipped".to_string(),
+                Some("suppressed".to_string()),
+                RowStatus::Suppressed,
+            ),
+            _ if reconsider => ("pending".to_string(), None, RowStatus::ToSend { id }),
+            _ => (state.clone(), reason.clone(), RowStatus::Settled),
+        };
+        sqlx::query(
+            "UPDATE recipients SET email = $1, address = $2, row_number = $3, fields = $4, seen_gen = $5, state = $6, reason = $7, \
+             updated_at = CASE WHEN state = $8 THEN updated_at ELSE $9 END WHERE id = $10",
+        )
+        .bind(email)
+        .bind(address)
+        .bind(row_number as i64)
+        .bind(&fields_json)
+        .bind(self.generation)
+        .bind(&new_state)
+        .bind(&new_reason)
+        .bind(&new_state)
+        .bind(self.now)
+        .bind(id)
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(status)
+    }
+
+    /// A row whose message cannot be built, with `--skip-invalid`.
+    pub async fn skip_invalid_message(&mut self, id: i64, why: &str) -> Result<()> {
+        sqlx::query(
+            "UPDATE recipients SET state = 'skipped', reason = $1, updated_at = $2 WHERE id = $3",
+        )
+        .bind(SkipReason::InvalidMessage(why.to_string()).to_text())
+        .bind(self.now)
+        .bind(id)
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(())
+    }
+
+    /// Rows that left the file and were never sent become `skipped (removed)`;
+    /// then everything read becomes visible at once. Returns how many left.
+    /// Whether another live worker read the file and this one joins it.
+    pub fn joined(&self) -> bool {
+        self.joined
+    }
+
+    pub async fn commit(mut self) -> Result<u64> {
+        sqlx::query("UPDATE workers SET ready = TRUE WHERE campaign_id = $1 AND token = $2")
+            .bind(self.campaign_id)
+            .bind(&self.worker)
+            .execute(&mut *self.tx)
+            .await?;
+        if self.joined {
+            self.tx.commit().await?;
+            return Ok(0);
+        }
+        let removed = sqlx::query(
+            "UPDATE recipients SET state = 'skipped', reason = 'removed', updated_at = $1 \
+             WHERE campaign_id = $2 AND seen_gen < $3 AND state IN ('pending', 'deferred')",
+        )
+        .bind(self.now)
+        .bind(self.campaign_id)
+        .bind(self.generation)
+        .execute(&mut *self.tx)
+        .await?
+        .rows_affected();
+        self.tx.commit().await?;
+        Ok(removed)
+    }
+
+    /// Leaves the store as it was (check, dry run, refused send).
+    pub async fn rollback(self) -> Result<()> {
+        self.tx.rollback().await?;
+        Ok(())
+    }
+
+    /// Every row as it would be after commit, for `export`.
+    pub async fn export(
+        &mut self,
+        state: Option<State>,
+        visit: impl FnMut(ExportRow) -> Result<()>,
+    ) -> Result<()> {
+        export_rows(&mut self.tx, self.campaign_id, state, visit).await
+    }
+
+    /// Counts per state as they would be after commit (for dry runs).
+    pub async fn counts(&mut self) -> Result<Counts> {
+        let rows = sqlx::query(
+            "SELECT CASE WHEN seen_gen < $1 AND state IN ('pending', 'deferred') THEN 'skipped' ELSE state END AS st, COUNT(*) AS n \
+             FROM recipients WHERE campaign_id = $2 GROUP BY st",
+        )
+        .bind(self.generation)
+        .bind(self.campaign_id)
+        .fetch_all(&mut *self.tx)
+        .await?;
+        Ok(tally(rows))
+    }
+}
+
+/// Counts per state from rows of `(st, n)`, every state present.
+fn tally(rows: Vec<sqlx::postgres::PgRow>) -> Counts {
+    let mut counts = Counts::default();
+    for row in rows {
+        if let Ok(state) = row.get::<&str, _>("st").parse::<State>() {
+            counts[state] = row.get("n");
+        }
+    }
+    counts
+}
+
+/// The campaign's live workers as `(token, "process N on HOST")`: a lease
+/// not run out, and on this host a process that still runs.
+async fn live_workers(
+    conn: &mut sqlx::PgConnection,
+    campaign_id: i64,
+) -> Result<Vec<(String, String)>> {
+    let rows = sqlx::query(
+        "SELECT token, host, pid FROM workers WHERE campaign_id = $1 AND lease_until > $2 ORDER BY host, pid",
+    )
+    .bind(campaign_id)
+    .bind(now_ms())
+    .fetch_all(conn)
+    .await?;
+    let here = super::hostname();
+    Ok(rows
+        .into_iter()
+        .filter_map(|r| {
+            let host: String = r.get("host");
+            let pid: i64 = r.get("pid");
+            (host != here || super::process_alive(pid))
+                .then(|| (r.get("token"), format!("process {pid} on {host}")))
+        })
+        .collect())
+}
+
+/// Refuses a name that another campaign file owns (SPEC §7.6).
+async fn check_owner(conn: &mut sqlx::PgConnection, id: &Identity) -> Result<()> {
+    let owner: Option<String> = sqlx::query_scalar(
+        "SELECT file FROM campaigns WHERE name = $1 AND file IS NOT NULL AND file != $2 LIMIT 1",
+    )
+    .bind(&id.name)
+    .bind(&id.file)
+    .fetch_optional(&mut *conn)
+    .await?;
+    match owner {
+        None => Ok(()),
+        Some(owner) => {
+            let gone = if std::path::Path::new(&owner).exists() {
+                ""
+            } else {
+                " (that file no longer exists)"
+            };
+            Err(input_error(format!(
+                "the campaign name {:?} belongs to another campaign file, {owner}{gone}; \
+                 give {} its own `name`, or forget the other campaign's state with `hikyaku reset {:?}`",
+                id.name, id.file, id.name
+            )))
+        }
+    }
+}
+
+async fn find(conn: &mut sqlx::PgConnection, id: &Identity) -> Result<Option<CampaignRecord>> {
+    let row = sqlx::query(
+        "SELECT id, columns, fingerprint FROM campaigns WHERE name = $1 AND transport = $2",
+    )
+    .bind(&id.name)
+    .bind(id.delivery.as_str())
+    .fetch_optional(&mut *conn)
+    .await?;
+    row.map(|row| {
+        Ok(CampaignRecord {
+            id: row.get("id"),
+            columns: serde_json::from_str(row.get::<&str, _>("columns"))?,
+            fingerprint: row.get("fingerprint"),
+        })
+    })
+    .transpose()
+}
+
+/// A driver's message with the URL's password taken out, wherever it shows.
+fn strip_url(message: &str, url: &str) -> String {
+    let masked = message.replace(url, &mask_password(url));
+    let password = url
+        .split_once("://")
+        .map(|(_, rest)| &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())])
+        .and_then(|authority| authority.rsplit_once('@'))
+        .and_then(|(userinfo, _)| userinfo.split_once(':'))
+        .map(|(_, password)| password)
+        .filter(|p| !p.is_empty());
+    match password {
+        Some(p) => masked.replace(p, "***"),
+        None => masked,
+    }
+}
+
+#[cfg(test)]
+impl PgStore {
+    /// As if this worker's machine had died: its lease has run out.
+    pub(super) async fn expire_lease_for_test(&self, campaign_id: i64) {
+        sqlx::query("UPDATE workers SET lease_until = 0 WHERE campaign_id = $1 AND token = $2")
+            .bind(campaign_id)
+            .bind(&self.worker)
+            .execute(&self.pool)
+            .await
+            .unwrap();
+    }
+}

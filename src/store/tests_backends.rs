@@ -1,0 +1,431 @@
+//! The store's behaviour, the same on every backend: each test runs on a
+//! SQLite file and on a throwaway PostgreSQL database.
+
+use std::time::Duration;
+
+use super::*;
+use crate::message::Outgoing;
+
+/// A PostgreSQL database made for one test: `HIKYAKU_TEST_PG` names the
+/// server (default: the local one, user postgres); dropped by [`TestPg::drop`].
+pub(crate) struct TestPg {
+    admin: String,
+    name: String,
+    pub url: String,
+}
+
+const DEFAULT_PG: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+
+impl TestPg {
+    /// A fresh database, or `None` (said once) where no server answers;
+    /// `HIKYAKU_REQUIRE_PG=1` makes that a failure.
+    pub async fn create() -> Option<TestPg> {
+        use sqlx::Connection as _;
+        let admin = std::env::var("HIKYAKU_TEST_PG").unwrap_or_else(|_| DEFAULT_PG.to_string());
+        let connected =
+            tokio::time::timeout(Duration::from_secs(5), sqlx::PgConnection::connect(&admin)).await;
+        let mut conn = match connected {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(e)) => return skip(&format!("{}: {e}", mask_password(&admin))),
+            Err(_) => return skip(&format!("{}: no answer in 5 s", mask_password(&admin))),
+        };
+        let name = format!("hikyaku_test_{}", uuid::Uuid::new_v4().simple());
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        conn.close().await.ok();
+        let url = with_database(&admin, &name);
+        Some(TestPg { admin, name, url })
+    }
+
+    pub async fn drop(self) {
+        use sqlx::Connection as _;
+        if let Ok(mut conn) = sqlx::PgConnection::connect(&self.admin).await {
+            sqlx::query(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            ))
+            .execute(&mut conn)
+            .await
+            .ok();
+            conn.close().await.ok();
+        }
+    }
+}
+
+/// The server's URL with another database.
+fn with_database(url: &str, name: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("postgres", url));
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    let query = tail.find('?').map(|q| &tail[q..]).unwrap_or("");
+    format!("{scheme}://{authority}/{name}{query}")
+}
+
+fn skip<T>(why: &str) -> Option<T> {
+    use std::io::Write as _;
+    if std::env::var("HIKYAKU_REQUIRE_PG").is_ok_and(|v| v == "1") {
+        panic!("HIKYAKU_REQUIRE_PG=1 but PostgreSQL is not reachable: {why}");
+    }
+    static SAID: std::sync::Once = std::sync::Once::new();
+    SAID.call_once(|| {
+        // Straight to stderr: the test harness captures print macros.
+        let _ = writeln!(
+            std::io::stderr(),
+            "PostgreSQL tests skipped: {why} (HIKYAKU_TEST_PG names the server; HIKYAKU_REQUIRE_PG=1 fails instead)"
+        );
+    });
+    None
+}
+
+/// Runs the body once on SQLite and once on PostgreSQL (if a server answers).
+macro_rules! on_both {
+    (|$store:ident| $body:block) => {{
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let $store = Store::open(&dir.path().join("state.db")).await.unwrap();
+            $body
+            $store.close().await;
+        }
+        if let Some(pg) = TestPg::create().await {
+            let $store = Store::open_postgres(&pg.url).await.unwrap();
+            $body
+            $store.close().await;
+            pg.drop().await;
+        }
+    }};
+}
+
+fn ident(name: &str) -> Identity {
+    Identity {
+        name: name.into(),
+        file: format!("/campaigns/{name}.toml"),
+        delivery: Delivery::Smtp,
+    }
+}
+
+fn out(n: u32) -> Outgoing {
+    let msg = lettre::Message::builder()
+        .from("a@example.com".parse().unwrap())
+        .to("b@example.com".parse().unwrap())
+        .body(String::from("x"))
+        .unwrap();
+    Outgoing {
+        envelope: msg.envelope().clone(),
+        bytes: msg.formatted(),
+        message_id: "<id@example.com>".into(),
+        recipient_count: n,
+    }
+}
+
+async fn import(store: &Store, c: &CampaignRecord, rows: &[&str]) -> Vec<RowStatus> {
+    let mut imp = store.import(c, &["email".into()]).await.unwrap();
+    let mut statuses = Vec::new();
+    for (i, email) in rows.iter().enumerate() {
+        let key = email.to_lowercase();
+        statuses.push(
+            imp.row(i as u64 + 1, email, email, &key, &[email.to_string()])
+                .await
+                .unwrap(),
+        );
+    }
+    imp.commit().await.unwrap();
+    statuses
+}
+
+#[tokio::test]
+async fn duplicates_removed_rows_and_reimport() {
+    on_both!(|store| {
+        let c = store.campaign(&ident("c")).await.unwrap();
+        let st = import(&store, &c, &["a@x.example", "B@x.example", "b@x.example"]).await;
+        assert!(matches!(st[2], RowStatus::Duplicate { first_row: 2 }));
+        let counts = store.counts(c.id).await.unwrap();
+        assert_eq!((counts[State::Pending], counts[State::Skipped]), (2, 1));
+        // b leaves the file, c joins.
+        import(&store, &c, &["a@x.example", "c@x.example"]).await;
+        let counts = store.counts(c.id).await.unwrap();
+        assert_eq!(
+            (counts[State::Pending], counts[State::Skipped]),
+            (2, 1),
+            "{counts:?}"
+        );
+        let mut reasons = Vec::new();
+        store
+            .export(c.id, Some(State::Skipped), |r| {
+                reasons.push((r.email, r.reason.unwrap_or_default()));
+                Ok(())
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            reasons,
+            [("B@x.example".to_string(), "removed".to_string())]
+        );
+    });
+}
+
+#[tokio::test]
+async fn claim_marks_sending_and_logs_then_windows_hold() {
+    on_both!(|store| {
+        let c = store.campaign(&ident("c")).await.unwrap();
+        import(&store, &c, &["a@x.example", "b@x.example"]).await;
+        let win = Window::new(1, Duration::from_secs(60)).unwrap();
+        let now = 1_000_000;
+        let Claim::Ready { mut ready, .. } = store
+            .claim(c.id, "acct", "acct", &[win], now, 1, |_| Ok(out(1)))
+            .await
+            .unwrap()
+        else {
+            panic!("expected a claim")
+        };
+        let Ready {
+            candidate, log_id, ..
+        } = ready.remove(0);
+        assert_eq!(store.counts(c.id).await.unwrap()[State::Sending], 1);
+        match store
+            .claim(c.id, "acct", "acct", &[win], now + 10, 1, |_| Ok(out(1)))
+            .await
+            .unwrap()
+        {
+            Claim::Wait { until_ms, .. } => assert_eq!(until_ms, now + 60_000),
+            other => panic!("expected a wait, got {other:?}"),
+        }
+        store
+            .record(
+                &candidate,
+                log_id,
+                &Outcome::Sent {
+                    reply: "250 ok".into(),
+                },
+                now,
+            )
+            .await
+            .unwrap();
+        assert_eq!(store.counts(c.id).await.unwrap()[State::Sent], 1);
+        // Another campaign on the same account shares the window.
+        let c2 = store.campaign(&ident("c2")).await.unwrap();
+        import(&store, &c2, &["z@x.example"]).await;
+        assert!(matches!(
+            store
+                .claim(c2.id, "acct", "acct", &[win], now + 20, 1, |_| Ok(out(1)))
+                .await
+                .unwrap(),
+            Claim::Wait { .. }
+        ));
+    });
+}
+
+#[tokio::test]
+async fn a_batch_claim_marks_each_sending_and_unclaimed_ones_go_back() {
+    on_both!(|store| {
+        let c = store.campaign(&ident("c")).await.unwrap();
+        import(
+            &store,
+            &c,
+            &["a@x.example", "b@x.example", "c@x.example", "d@x.example"],
+        )
+        .await;
+        let Claim::Ready { ready, unbuildable } = store
+            .claim(c.id, "acct", "acct", &[], 7, 3, |_| Ok(out(1)))
+            .await
+            .unwrap()
+        else {
+            panic!("expected a claim")
+        };
+        assert_eq!((ready.len(), unbuildable.len()), (3, 0));
+        assert_eq!(store.counts(c.id).await.unwrap()[State::Sending], 3);
+        for r in &ready[1..] {
+            store
+                .record(&r.candidate, r.log_id, &Outcome::Unclaimed, 8)
+                .await
+                .unwrap();
+        }
+        let counts = store.counts(c.id).await.unwrap();
+        assert_eq!((counts[State::Sending], counts[State::Pending]), (1, 3));
+        let rows = store
+            .schedule(
+                "acct",
+                &[Window::new(9, Duration::from_secs(60)).unwrap()],
+                9,
+            )
+            .await
+            .unwrap();
+        assert_eq!(rows.usage(9)[0].1, 1, "unclaimed sends leave the log");
+    });
+}
+
+#[tokio::test]
+async fn suppressed_addresses_are_skipped_and_come_back_when_removed() {
+    on_both!(|store| {
+        let c = store.campaign(&ident("c")).await.unwrap();
+        store.suppress("a@x.example", "manual").await.unwrap();
+        let st = import(&store, &c, &["A@x.example"]).await;
+        assert_eq!(st[0], RowStatus::Suppressed);
+        store.unsuppress("a@x.example").await.unwrap();
+        let st = import(&store, &c, &["A@x.example"]).await;
+        assert!(matches!(st[0], RowStatus::ToSend { .. }));
+    });
+}
+
+#[tokio::test]
+async fn returned_recipient_is_pending_again_and_unlogged() {
+    on_both!(|store| {
+        let c = store.campaign(&ident("c")).await.unwrap();
+        import(&store, &c, &["a@x.example"]).await;
+        let win = Window::new(1, Duration::from_secs(60)).unwrap();
+        let Claim::Ready { mut ready, .. } = store
+            .claim(c.id, "acct", "acct", &[win], 5, 1, |_| Ok(out(1)))
+            .await
+            .unwrap()
+        else {
+            panic!()
+        };
+        let Ready {
+            candidate, log_id, ..
+        } = ready.remove(0);
+        store
+            .record(
+                &candidate,
+                log_id,
+                &Outcome::Returned {
+                    reply: "535".into(),
+                    unlog: true,
+                },
+                6,
+            )
+            .await
+            .unwrap();
+        assert_eq!(store.counts(c.id).await.unwrap()[State::Pending], 1);
+        assert!(matches!(
+            store
+                .claim(c.id, "acct", "acct", &[win], 6, 1, |_| Ok(out(1)))
+                .await
+                .unwrap(),
+            Claim::Ready { .. }
+        ));
+    });
+}
+
+#[test]
+fn test_databases_keep_the_server_and_its_options() {
+    assert_eq!(
+        with_database("postgres://u:p@h:5/postgres?sslmode=disable", "t1"),
+        "postgres://u:p@h:5/t1?sslmode=disable"
+    );
+    assert_eq!(with_database("postgres://h", "t2"), "postgres://h/t2");
+}
+
+/// Two workers on one PostgreSQL campaign, as two processes would be.
+async fn two_workers() -> Option<(TestPg, Store, Store, CampaignRecord)> {
+    let pg = TestPg::create().await?;
+    let a = Store::open_postgres(&pg.url).await.unwrap();
+    let b = Store::open_postgres(&pg.url).await.unwrap();
+    let c = a.campaign(&ident("c")).await.unwrap();
+    Some((pg, a, b, c))
+}
+
+#[tokio::test]
+async fn workers_never_claim_the_same_recipient_and_share_the_windows() {
+    let Some((pg, a, b, c)) = two_workers().await else {
+        return;
+    };
+    let emails: Vec<String> = (0..40).map(|i| format!("r{i}@x.example")).collect();
+    let rows: Vec<&str> = emails.iter().map(String::as_str).collect();
+    import(&a, &c, &rows).await;
+    let mut seen = std::collections::HashSet::new();
+    loop {
+        let (x, y) = tokio::join!(
+            a.claim(c.id, "acct", "acct", &[], 1, 3, |_| Ok(out(1))),
+            b.claim(c.id, "acct", "acct", &[], 1, 3, |_| Ok(out(1)))
+        );
+        let mut got = 0;
+        for claim in [x.unwrap(), y.unwrap()] {
+            if let Claim::Ready { ready, .. } = claim {
+                for r in ready {
+                    got += 1;
+                    assert!(
+                        seen.insert(r.candidate.id),
+                        "claimed twice: {}",
+                        r.candidate.email
+                    );
+                }
+            }
+        }
+        if got == 0 {
+            break;
+        }
+    }
+    assert_eq!(seen.len(), 40);
+    // One send a minute for the account, whichever worker asks.
+    let c2 = a.campaign(&ident("c2")).await.unwrap();
+    import(&a, &c2, &["y@x.example", "z@x.example"]).await;
+    let win = Window::new(1, Duration::from_secs(60)).unwrap();
+    let windows = [win];
+    let (x, y) = tokio::join!(
+        a.claim(c2.id, "acct2", "acct2", &windows, 10, 1, |_| Ok(out(1))),
+        b.claim(c2.id, "acct2", "acct2", &windows, 10, 1, |_| Ok(out(1)))
+    );
+    let ready = [x.unwrap(), y.unwrap()]
+        .into_iter()
+        .filter(|c| matches!(c, Claim::Ready { .. }))
+        .count();
+    assert_eq!(ready, 1, "one slot, one claim");
+    a.close().await;
+    b.close().await;
+    pg.drop().await;
+}
+
+#[tokio::test]
+async fn a_dead_workers_rows_become_unknown_and_a_live_ones_stay_theirs() {
+    let Some((pg, a, b, c)) = two_workers().await else {
+        return;
+    };
+    import(&a, &c, &["a@x.example", "b@x.example"]).await;
+    a.lock(c.id, "a").await.unwrap();
+    b.lock(c.id, "b").await.unwrap();
+    for w in [&a, &b] {
+        let claim = w
+            .claim(c.id, "acct", "acct", &[], 1, 1, |_| Ok(out(1)))
+            .await
+            .unwrap();
+        assert!(matches!(claim, Claim::Ready { .. }));
+    }
+    assert_eq!(b.settle_interrupted(c.id).await.unwrap(), 0, "a lives");
+    // a's lease runs out (its machine died): b settles a's row only.
+    let Store::Postgres(pa) = &a else {
+        unreachable!()
+    };
+    pa.expire_lease_for_test(c.id).await;
+    assert_eq!(b.settle_interrupted(c.id).await.unwrap(), 1);
+    let counts = b.counts(c.id).await.unwrap();
+    assert_eq!((counts[State::Unknown], counts[State::Sending]), (1, 1));
+    a.close().await;
+    b.close().await;
+    pg.drop().await;
+}
+
+#[tokio::test]
+async fn a_worker_arriving_after_the_read_joins_it() {
+    let Some((pg, a, b, c)) = two_workers().await else {
+        return;
+    };
+    a.lock(c.id, "a").await.unwrap();
+    import(&a, &c, &["a@x.example"]).await;
+    b.lock(c.id, "b").await.unwrap();
+    let imp = b.import(&c, &["email".into()]).await.unwrap();
+    assert!(imp.joined());
+    imp.commit().await.unwrap();
+    // With a gone, the next worker reads the file itself.
+    a.unlock(c.id, "a").await.unwrap();
+    let other = Store::open_postgres(&pg.url).await.unwrap();
+    other.lock(c.id, "o").await.unwrap();
+    b.unlock(c.id, "b").await.unwrap();
+    let imp = other.import(&c, &["email".into()]).await.unwrap();
+    assert!(!imp.joined());
+    imp.rollback().await.unwrap();
+    for s in [a, b, other] {
+        s.close().await;
+    }
+    pg.drop().await;
+}
