@@ -449,6 +449,56 @@ hostile! {
         ..CASE
     };
 
+    // Headers and paths built to forge or escape.
+    a_line_break_in_a_cell_that_reaches_the_subject: Case {
+        message: "subject = \"News for {{name}}\"\ntext = \"templates/body.txt.hbs\"",
+        setup: |dir| {
+            dir.write("recipients.csv", "email,name\nada@example.com,\"Ada\r\nBcc: victim@example.com\"\n");
+        },
+        cause: &["row 1", "subject", "line break"],
+        ..CASE
+    };
+    a_header_name_that_smuggles_another: Case {
+        message: "subject = \"Hi\"\ntext = \"templates/body.txt.hbs\"\n\
+                  headers = { \"X-A: b\\r\\nBcc\" = \"victim@example.com\" }",
+        cause: &["row 1", "header name"],
+        ..CASE
+    };
+    an_attachment_path_that_climbs_out: Case {
+        message: "subject = \"Hi\"\ntext = \"templates/body.txt.hbs\"\nattachments = [\"../../etc/passwd\"]",
+        cause: &["row 1", "../../etc/passwd", "leaves the campaign folder"],
+        ..CASE
+    };
+    #[cfg(unix)]
+    an_attachment_that_links_outside: Case {
+        message: "subject = \"Hi\"\ntext = \"templates/body.txt.hbs\"\nattachments = [\"files/link.pdf\"]",
+        setup: |dir| {
+            std::fs::create_dir_all(dir.path().join("files")).unwrap();
+            std::os::unix::fs::symlink("/dev/zero", dir.path().join("files/link.pdf")).unwrap();
+        },
+        cause: &["row 1", "files/link.pdf", "outside the campaign folder"],
+        ..CASE
+    };
+    a_from_of_100_kb: Case {
+        message: "subject = \"Hi\"\ntext = \"templates/body.txt.hbs\"",
+        setup: |dir| {
+            let path = dir.campaign();
+            let toml = std::fs::read_to_string(&path).unwrap();
+            let from = format!("from = \"{}\"", "x".repeat(100_000));
+            std::fs::write(&path, toml.replace("from = \"Acme <news@acme.example>\"", &from)).unwrap();
+        },
+        cause: &["campaign.toml", "from"],
+        ..CASE
+    };
+    a_cc_cell_of_100_kb: Case {
+        message: "subject = \"Hi\"\ntext = \"templates/body.txt.hbs\"\ncc = \"{{name}}\"",
+        setup: |dir| {
+            dir.write("recipients.csv", format!("email,name\nada@example.com,{}\n", "y".repeat(100_000)));
+        },
+        cause: &["row 1", "cc"],
+        ..CASE
+    };
+
     #[cfg(unix)]
     a_campaign_file_that_is_a_named_pipe: Case {
         setup: |dir| {
