@@ -161,6 +161,15 @@ fn bounces_from_a_real_mailbox_are_recorded_once() {
     let out = bounces(&dir, &["--move-to", "Processed"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert_eq!((imap.count("INBOX"), imap.count("Processed")), (3, 5));
+
+    // A later send has nothing to do, and its totals count the bounces.
+    let out = dir.send(&[]);
+    let said = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{said}");
+    assert!(
+        said.contains("total: 2 sent, 3 bounced, 0 failed"),
+        "{said}"
+    );
 }
 
 /// STARTTLS on port 143 works; a refused login and a missing folder are

@@ -80,7 +80,7 @@ pub struct Mailbox {
 }
 
 /// UIDs per FETCH: a long command line is refused by some servers.
-const BATCH: usize = 200;
+pub const BATCH: usize = 200;
 
 impl Mailbox {
     /// Connects, logs in and selects the configured folder.

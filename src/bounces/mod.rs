@@ -323,19 +323,26 @@ async fn read_mailbox(
     let uids = mailbox.since(options.since).await?;
     summary.messages = uids.len();
     let mut read = Vec::new();
-    for headers in mailbox.headers(&uids).await? {
-        if !may_matter(&headers.bytes, unsubscribe) {
-            continue;
+    // Headers a batch at a time: a large inbox is never held whole.
+    for batch in uids.chunks(imap::BATCH) {
+        let mut wanted = Vec::new();
+        for headers in mailbox.headers(batch).await? {
+            if !may_matter(&headers.bytes, unsubscribe) {
+                continue;
+            }
+            if headers.size > MAX_MESSAGE_BYTES {
+                summary.too_large += 1;
+                continue;
+            }
+            wanted.push(headers.uid);
         }
-        if headers.size > MAX_MESSAGE_BYTES {
-            summary.too_large += 1;
-            continue;
-        }
-        if let Some(raw) = mailbox.message(headers.uid).await? {
-            read.push(Read {
-                uid: headers.uid,
-                mail: sort(&raw, unsubscribe),
-            });
+        for uid in wanted {
+            if let Some(raw) = mailbox.message(uid).await? {
+                read.push(Read {
+                    uid,
+                    mail: sort(&raw, unsubscribe),
+                });
+            }
         }
     }
     Ok(read)

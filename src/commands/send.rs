@@ -364,9 +364,14 @@ async fn send_locked(
         ),
         TransportConfig::Smtp(_) => (format!("sent {} in this run ({rate})", stats.sent), "sent"),
     };
+    // Bounces come later, from the mailbox; said only once there are some.
+    let bounced = match counts[State::Bounced] {
+        0 => String::new(),
+        n => format!(", {n} bounced"),
+    };
     tracing::info!(
         target: OUTCOME,
-        "{}: {done}; total: {} {sent}, {} failed, {} unknown, {} skipped, {} left",
+        "{}: {done}; total: {} {sent}{bounced}, {} failed, {} unknown, {} skipped, {} left",
         campaign.name,
         counts[State::Sent],
         counts[State::Failed],
