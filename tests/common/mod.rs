@@ -260,12 +260,15 @@ impl Drop for SmtpServer {
 /// A campaign folder in a temporary directory with its own state database.
 pub struct CampaignDir {
     pub dir: tempfile::TempDir,
+    /// A database URL (PostgreSQL) instead of the folder's SQLite file.
+    pub db_url: Option<String>,
 }
 
 impl CampaignDir {
     pub fn new() -> CampaignDir {
         CampaignDir {
             dir: tempfile::tempdir().unwrap(),
+            db_url: None,
         }
     }
 
@@ -295,9 +298,11 @@ impl CampaignDir {
 
     pub fn command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(bin());
-        cmd.arg("--db")
-            .arg(self.db())
-            .args(args)
+        match &self.db_url {
+            Some(url) => cmd.arg("--db").arg(url),
+            None => cmd.arg("--db").arg(self.db()),
+        };
+        cmd.args(args)
             .env("HIKYAKU_SMTP_PASSWORD", PASSWORD)
             .env_remove("HIKYAKU_DB")
             .env("NO_COLOR", "1")

@@ -1,0 +1,269 @@
+//! The state on PostgreSQL through the real binary: resume after kill -9,
+//! several workers sharing one campaign and its account's window, a worker
+//! killed and started again, the URL's password never printed. Each test
+//! makes its own database on the server `HIKYAKU_TEST_PG` names and drops
+//! it; without a server they are skipped with one line
+//! (`HIKYAKU_REQUIRE_PG=1` fails instead).
+
+mod common;
+
+use std::collections::HashMap;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{recipients_csv, standard_campaign, text, CampaignDir, SmtpServer};
+use sqlx::Connection as _;
+
+const DEFAULT_PG: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+
+/// A database made for one test, dropped with it.
+struct TestPg {
+    admin: String,
+    name: String,
+    url: String,
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+impl TestPg {
+    fn create() -> Option<TestPg> {
+        let admin = std::env::var("HIKYAKU_TEST_PG").unwrap_or_else(|_| DEFAULT_PG.to_string());
+        let name = format!("hikyaku_test_{}", uuid::Uuid::new_v4().simple());
+        let made = runtime().block_on(async {
+            let mut conn =
+                tokio::time::timeout(Duration::from_secs(5), sqlx::PgConnection::connect(&admin))
+                    .await
+                    .map_err(|_| "no answer in 5 s".to_string())?
+                    .map_err(|e| e.to_string())?;
+            sqlx::query(&format!("CREATE DATABASE {name}"))
+                .execute(&mut conn)
+                .await
+                .map_err(|e| e.to_string())?;
+            conn.close().await.ok();
+            Ok::<_, String>(())
+        });
+        if let Err(why) = made {
+            use std::io::Write as _;
+            assert!(
+                std::env::var("HIKYAKU_REQUIRE_PG").map_or(true, |v| v != "1"),
+                "HIKYAKU_REQUIRE_PG=1 but PostgreSQL is not reachable: {why}"
+            );
+            static SAID: std::sync::Once = std::sync::Once::new();
+            SAID.call_once(|| {
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "PostgreSQL tests skipped: no server at HIKYAKU_TEST_PG: {why}"
+                );
+            });
+            return None;
+        }
+        let base = admin.rsplit_once('/').map_or(admin.as_str(), |(b, _)| b);
+        let url = format!("{base}/{name}");
+        Some(TestPg { admin, name, url })
+    }
+}
+
+impl Drop for TestPg {
+    fn drop(&mut self) {
+        let (admin, name) = (self.admin.clone(), self.name.clone());
+        runtime().block_on(async {
+            if let Ok(mut conn) = sqlx::PgConnection::connect(&admin).await {
+                let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .execute(&mut conn)
+                    .await;
+            }
+        });
+    }
+}
+
+fn on_postgres(pg: &TestPg) -> CampaignDir {
+    let mut dir = CampaignDir::new();
+    dir.db_url = Some(pg.url.clone());
+    dir
+}
+
+fn spawn_send(dir: &CampaignDir) -> Child {
+    dir.send_command(&[])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn wait_for(mut cond: impl FnMut() -> bool, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn states(dir: &CampaignDir) -> HashMap<String, String> {
+    dir.export(None)
+        .into_iter()
+        .map(|r| (r["email"].clone(), r["state"].clone()))
+        .collect()
+}
+
+/// Recipients left `sending` by one kill with `connections = 2`: one
+/// connection's message plus one claimed batch of 8.
+const BOUND: i64 = 9;
+
+#[test]
+fn kill_9_then_resume_on_postgres_sends_nobody_twice() {
+    let Some(pg) = TestPg::create() else {
+        return;
+    };
+    let server = SmtpServer::start(&["--delay-ms", "5"]);
+    let dir = on_postgres(&pg);
+    standard_campaign(
+        &dir,
+        &recipients_csv(150),
+        &server.transport_toml("connections = 2"),
+        "",
+    );
+    let mut child = spawn_send(&dir);
+    wait_for(|| server.received().len() >= 20, "sending to start");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let in_flight = dir.status()["states"]["sending"].as_i64().unwrap();
+    assert!(in_flight <= BOUND, "{in_flight} sending after kill -9");
+
+    let out = dir.send(&[]);
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
+    assert!(server.deliveries().values().all(|n| *n == 1));
+    let status = dir.status();
+    let (sent, unknown) = (
+        status["states"]["sent"].as_i64().unwrap(),
+        status["states"]["unknown"].as_i64().unwrap(),
+    );
+    assert_eq!(sent + unknown, 150, "{status}");
+    assert!(unknown <= BOUND, "{status}");
+    // Sent rows were received; an unknown one may or may not have been.
+    let received = server.received().len() as i64;
+    assert!(
+        sent <= received && received <= sent + unknown,
+        "{received} received, {status}"
+    );
+}
+
+/// Three workers on one campaign under one window for the account; one is
+/// killed with SIGKILL mid-run and started again. Every recipient is
+/// delivered once or is `unknown` (at most one worker's in-flight per
+/// kill), and the server never sees more than the window across all workers.
+#[test]
+fn three_workers_share_a_campaign_and_its_window_through_a_kill() {
+    let Some(pg) = TestPg::create() else {
+        return;
+    };
+    const N: usize = 300;
+    const MAX: usize = 40;
+    let server = SmtpServer::start(&["--delay-ms", "20"]);
+    let dir = on_postgres(&pg);
+    standard_campaign(
+        &dir,
+        &recipients_csv(N),
+        &server.transport_toml("connections = 2"),
+        &format!("[limits]\nwindows = [{{ max = {MAX}, period = \"1s\" }}]\n"),
+    );
+    let mut workers: Vec<Child> = (0..3).map(|_| spawn_send(&dir)).collect();
+    wait_for(
+        || server.received().len() >= N / 4,
+        "sending to be under way",
+    );
+    workers[0].kill().unwrap();
+    workers[0].wait().unwrap();
+    workers[0] = spawn_send(&dir);
+    for w in &mut workers {
+        let out = w.wait_with_output_ref();
+        assert_eq!(out, Some(0), "a worker failed");
+    }
+    // Every worker finished: what the killed one left in flight is settled.
+    let status = dir.status();
+    let (sent, unknown) = (
+        status["states"]["sent"].as_i64().unwrap(),
+        status["states"]["unknown"].as_i64().unwrap(),
+    );
+    assert_eq!(status["states"]["sending"], 0, "{status}");
+    assert_eq!(sent + unknown, N as i64, "{status}");
+    assert!(unknown <= BOUND, "{unknown} unknown after one kill");
+    let deliveries = server.deliveries();
+    assert!(
+        deliveries.values().all(|n| *n == 1),
+        "someone got two messages"
+    );
+    let states = states(&dir);
+    for address in deliveries.keys() {
+        assert!(matches!(
+            states.get(address).map(String::as_str),
+            Some("sent" | "unknown")
+        ));
+    }
+    let mut times: Vec<f64> = server.received().iter().map(|r| r.received_at).collect();
+    times.sort_by(f64::total_cmp);
+    let worst = (0..times.len())
+        .map(|i| {
+            times[i..]
+                .iter()
+                .take_while(|u| **u < times[i] + 1.0)
+                .count()
+        })
+        .max()
+        .unwrap_or(0);
+    assert!(
+        worst <= MAX,
+        "{worst} messages within one second at the server"
+    );
+}
+
+#[test]
+fn the_url_password_is_never_printed() {
+    let Some(pg) = TestPg::create() else {
+        return;
+    };
+    let with_password =
+        pg.url
+            .replacen("postgres://postgres@", "postgres://postgres:pw-s3cr3t@", 1);
+    let mut dir = CampaignDir::new();
+    dir.db_url = Some(with_password);
+    standard_campaign(&dir, &recipients_csv(2), common::FILE_TRANSPORT, "");
+    let out = dir.run(&["-v", "send", dir.campaign().to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
+    let all = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    assert!(all.contains("postgres:***@"), "{all}");
+    assert!(!all.contains("pw-s3cr3t"), "{all}");
+    // A server that does not answer: the error names the URL, masked.
+    dir.db_url = Some("postgres://me:pw-s3cr3t@127.0.0.1:1/x".into());
+    let out = dir.run(&["status", dir.campaign().to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("me:***@127.0.0.1:1") && !err.contains("pw-s3cr3t"),
+        "{err}"
+    );
+}
+
+trait WaitCode {
+    fn wait_with_output_ref(&mut self) -> Option<i32>;
+}
+
+impl WaitCode for Child {
+    /// Waits for the worker, its stderr shown if it failed.
+    fn wait_with_output_ref(&mut self) -> Option<i32> {
+        use std::io::Read as _;
+        let status = self.wait().unwrap();
+        if !status.success() {
+            let mut err = String::new();
+            if let Some(mut e) = self.stderr.take() {
+                let _ = e.read_to_string(&mut err);
+            }
+            eprintln!("worker stderr: {err}");
+        }
+        status.code()
+    }
+}
