@@ -234,6 +234,39 @@ fn starttls_wrong_password_and_missing_folder() {
     assert!(said.contains("no folder \"Nope\""), "{said}");
 }
 
+/// A server that accepts the connection and never speaks is given up on
+/// after the transport's timeout (exit 1), not waited for.
+#[test]
+fn a_silent_imap_server_is_given_up_on() {
+    let smtp = SmtpServer::start(&[]);
+    let dir = CampaignDir::new();
+    campaign(&dir, 1, &smtp.transport_toml(""));
+    let out = dir.send(&[]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let held = std::thread::spawn(move || silent.accept().map(|(conn, _)| conn));
+    campaign(
+        &dir,
+        1,
+        &format!(
+            "{}[imap]\nhost = \"127.0.0.1\"\nport = {port}\n",
+            smtp.transport_toml("")
+                .replace("timeout = \"10s\"", "timeout = \"2s\"")
+        ),
+    );
+    let started = std::time::Instant::now();
+    let out = bounces(&dir, &[]);
+    let said = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(
+        said.contains("the TLS handshake took longer than 2s"),
+        "{said}"
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(30));
+    drop(held.join());
+}
+
 /// Without a mailbox to read, `bounces` says what to add (exit 2).
 #[test]
 fn a_campaign_without_a_known_mailbox_is_refused() {

@@ -39,13 +39,13 @@ pub enum ImapError {
         folder: String,
         detail: String,
     },
-    #[error("the IMAP server {server} failed {what}: {detail}")]
+    #[error("the IMAP server {server}: {what} failed: {detail}")]
     Command {
         server: String,
         what: &'static str,
         detail: String,
     },
-    #[error("the IMAP server {server} did not answer {what} within {}", humantime::format_duration(*.timeout))]
+    #[error("the IMAP server {server}: {what} took longer than {}", humantime::format_duration(*.timeout))]
     Timeout {
         server: String,
         what: &'static str,
@@ -109,7 +109,7 @@ impl Mailbox {
         })?;
         let tcp = if cfg.tls == TlsMode::StartTls {
             let mut plain = Client::new(tcp);
-            within(&server, timeout, "with a greeting", greeting(&mut plain)).await?;
+            within(&server, timeout, "the greeting", greeting(&mut plain)).await?;
             within(
                 &server,
                 timeout,
@@ -134,7 +134,7 @@ impl Mailbox {
         })?;
         let mut client = Client::new(tls);
         if cfg.tls != TlsMode::StartTls {
-            within(&server, timeout, "with a greeting", greeting(&mut client)).await?;
+            within(&server, timeout, "the greeting", greeting(&mut client)).await?;
         }
         let login = async {
             if cfg.xoauth2 {
