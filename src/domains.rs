@@ -21,7 +21,7 @@ pub struct Rate {
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
-#[error("[limits.per_domain] {key:?} = {value:?}: write a rate as \"20/m\" (per s, m, h or d, or a duration such as \"20/10m\")")]
+#[error("[limits.per_domain] {} = {}: write a rate as \"20/m\" (per s, m, h or d, or a duration such as \"20/10m\")", crate::error::quote(key), crate::error::quote(value))]
 pub struct RateError {
     pub key: String,
     pub value: String,

@@ -96,7 +96,10 @@ pub enum HeaderError {
     UnsubscribeChars { uri: String },
     #[error("header name {} is not a valid header name", quote(name))]
     BadName { name: String },
-    #[error("header {name} is set by hikyaku and cannot be given in [message] headers")]
+    #[error(
+        "header {} is set by hikyaku and cannot be given in [message] headers",
+        quote(name)
+    )]
     Reserved { name: String },
 }
 

@@ -25,7 +25,7 @@ const MAX_REPORTED: usize = 50;
 /// causes that are the same for every row.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RowError {
-    #[error("invalid address {address:?}: {why}")]
+    #[error("invalid address {}: {why}", crate::error::quote(address))]
     Address { address: String, why: AddressError },
     #[error(transparent)]
     Render(#[from] RenderError),

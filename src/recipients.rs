@@ -396,13 +396,13 @@ pub enum AddressError {
     /// Not an RFC 5321 mailbox; the reason in lettre's words.
     #[error("{0}")]
     Syntax(String),
-    #[error("the domain {0:?} is not a valid international domain")]
+    #[error("the domain {} is not a valid international domain", crate::error::quote(.0))]
     Idna(String),
-    #[error("the domain {0:?} is not a full domain name")]
+    #[error("the domain {} is not a full domain name", crate::error::quote(.0))]
     NotFullDomain(String),
-    #[error("the domain {0:?} is an address literal, which mail is not sent to")]
+    #[error("the domain {} is an address literal, which mail is not sent to", crate::error::quote(.0))]
     Literal(String),
-    #[error("the domain {0:?} is a number, not a domain name")]
+    #[error("the domain {} is a number, not a domain name", crate::error::quote(.0))]
     NumericDomain(String),
     #[error("the message cannot carry this address in its To header")]
     Unsendable,

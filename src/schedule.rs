@@ -12,15 +12,16 @@ use crate::limits::{Schedule, Send};
 /// A `[schedule]` value that cannot be understood.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum ScheduleError {
-    #[error("[schedule] hours = {0:?}: write the hours as \"09:00-17:00\" (start before end, 24-hour clock; \"24:00\" ends at midnight)")]
+    #[error("[schedule] hours = {}: write the hours as \"09:00-17:00\" (start before end, 24-hour clock; \"24:00\" ends at midnight)", crate::error::quote(.0))]
     Hours(String),
     #[error(
-        "[schedule] days = {0:?}: write the days as \"mon-fri\", \"mon,wed,fri\" or \"sat-sun\""
+        "[schedule] days = {}: write the days as \"mon-fri\", \"mon,wed,fri\" or \"sat-sun\"",
+        crate::error::quote(.0)
     )]
     Days(String),
-    #[error("[schedule] timezone = {0:?} is not an IANA time zone name such as \"Europe/Berlin\" or \"Asia/Tokyo\"")]
+    #[error("[schedule] timezone = {} is not an IANA time zone name such as \"Europe/Berlin\" or \"Asia/Tokyo\"", crate::error::quote(.0))]
     Zone(String),
-    #[error("[schedule] start_at = {0:?}: write a local time as \"2026-12-01T09:00\"")]
+    #[error("[schedule] start_at = {}: write a local time as \"2026-12-01T09:00\"", crate::error::quote(.0))]
     StartAt(String),
 }
 

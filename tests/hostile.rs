@@ -636,3 +636,39 @@ fn a_time_past_the_calendar_is_null_in_status() {
     let human = run_bounded(dir.command(&["status", campaign.to_str().unwrap()]));
     assert_eq!(human.code, Some(0), "{}", human.stderr);
 }
+
+/// Data noise quotes the cell it skips, cut short: an address cell of
+/// 100 KB is one warning of a readable length, and the run goes on.
+#[test]
+fn an_address_cell_of_100_kb_is_quoted_short() {
+    let dir = CampaignDir::new();
+    dir.write(
+        "recipients.csv",
+        format!(
+            "email,name\n{}@example.com,Ada\nbob@{}.example,Bob\ncy@example.com,Cy\n",
+            "y".repeat(100_000),
+            "z".repeat(100_000)
+        ),
+    )
+    .write("templates/body.txt.hbs", "Hello {{name}}\n")
+    .write(
+        "campaign.toml",
+        format!(
+            "name = \"hostile\"\n[recipients]\nfile = \"recipients.csv\"\n[message]\n\
+             from = \"news@acme.example\"\nsubject = \"Hi\"\ntext = \"templates/body.txt.hbs\"\n\
+             {FILE_TRANSPORT}"
+        ),
+    );
+    let campaign = dir.campaign();
+    for command in ["check", "send"] {
+        let run = run_bounded(dir.command(&[command, campaign.to_str().unwrap()]));
+        assert_eq!(run.code, Some(0), "{}", run.stderr);
+        let warnings: Vec<&str> = run.stderr.lines().filter(|l| l.contains("row ")).collect();
+        assert_eq!(warnings.len(), 2, "{}", run.stderr);
+        assert!(
+            warnings.iter().all(|l| l.chars().count() < 1000),
+            "{}",
+            run.stderr
+        );
+    }
+}
