@@ -131,13 +131,13 @@ pub async fn send(
     if !opts.dry_run {
         store.lock(record.id, &token).await?;
     }
-    // Several workers share a campaign on PostgreSQL: this one renews its
-    // lease while it runs, and settles what dead ones left in flight.
-    let heartbeat = (!opts.dry_run && store.shared()).then(|| {
+    // The sender renews its lease while it runs: SQLite's runner lock, or on
+    // PostgreSQL its rows among the workers (settling what dead ones left).
+    let heartbeat = (!opts.dry_run).then(|| {
         let (store, id) = (store.clone(), record.id);
         tokio::spawn(async move {
             loop {
-                tokio::time::sleep(store.heartbeat_every()).await;
+                tokio::time::sleep(crate::store::HEARTBEAT).await;
                 match store.heartbeat(id).await {
                     Ok(0) => {}
                     Ok(n) => tracing::warn!(

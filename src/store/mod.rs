@@ -443,6 +443,16 @@ pub enum RowStatus {
     Suppressed,
 }
 
+/// How long a runner's lock (SQLite) or a worker's claim on its rows
+/// (PostgreSQL) lasts without renewal; renewed every [`HEARTBEAT`].
+pub const LEASE: std::time::Duration = std::time::Duration::from_secs(30);
+/// How often a running sender renews its lease.
+pub const HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(5);
+
+fn lease_ms() -> i64 {
+    i64::try_from(LEASE.as_millis()).unwrap_or(30_000)
+}
+
 /// The state database: one type for the commands, whichever backend.
 #[derive(Clone)]
 pub enum Store {
@@ -477,24 +487,11 @@ impl Store {
         Ok(Store::Postgres(postgres::PgStore::open(url).await?))
     }
 
-    /// Whether several workers may send one campaign at once (PostgreSQL).
-    pub fn shared(&self) -> bool {
-        matches!(self, Store::Postgres(_))
-    }
-
-    /// How often a running worker renews its lease.
-    pub fn heartbeat_every(&self) -> std::time::Duration {
-        postgres::HEARTBEAT
-    }
-
-    /// Renews this worker's lease and settles what dead workers left
-    /// `sending`; returns how many became `unknown`. SQLite's one runner
-    /// holds no lease.
+    /// Renews this sender's lease (SQLite: the runner lock; PostgreSQL: its
+    /// rows and its place among the workers, settling what dead workers
+    /// left `sending`); returns how many rows became `unknown`.
     pub async fn heartbeat(&self, campaign_id: i64) -> Result<u64> {
-        match self {
-            Store::Sqlite(_) => Ok(0),
-            Store::Postgres(b) => b.heartbeat(campaign_id).await,
-        }
+        on_backend!(self, Store, b => b.heartbeat(campaign_id).await)
     }
 
     /// Creates the campaign's row on first use; a name another file owns is refused.

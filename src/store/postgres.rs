@@ -23,15 +23,7 @@ use crate::limits::{Schedule, Send, Slot, Window};
 use crate::message::Outgoing;
 use crate::time::now_ms;
 
-/// How long a worker's claim on its rows and its place among the workers
-/// last without renewal; renewed every [`HEARTBEAT`].
-pub const LEASE: Duration = Duration::from_secs(30);
-/// How often a running worker renews its lease.
-pub const HEARTBEAT: Duration = Duration::from_secs(5);
-
-fn lease_ms() -> i64 {
-    i64::try_from(LEASE.as_millis()).unwrap_or(30_000)
-}
+use super::lease_ms;
 
 /// The rows of a campaign (bound first) that `--retry-failed` sends again.
 const RETRYABLE_FAILED: &str = "campaign_id = $1 AND state = 'failed' \

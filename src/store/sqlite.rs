@@ -271,7 +271,7 @@ impl SqliteStore {
     /// Every campaign of the database, by name.
     pub async fn campaigns(&self) -> Result<Vec<CampaignSummary>> {
         let rows = sqlx::query(
-            "SELECT c.id, c.name, c.transport, c.file, c.lock_pid, c.lock_host, \
+            "SELECT c.id, c.name, c.transport, c.file, c.lock_pid, c.lock_host, c.lock_at, \
              (SELECT MAX(updated_at) FROM recipients r WHERE r.campaign_id = c.id) AS last \
              FROM campaigns c ORDER BY c.name, c.transport",
         )
@@ -296,7 +296,11 @@ impl SqliteStore {
             summary.file = summary.file.take().or(row.get("file"));
             summary.last_activity_ms = summary.last_activity_ms.max(row.get("last"));
             if summary.running.is_none() {
-                summary.running = live_holder(row.get("lock_pid"), row.get("lock_host"));
+                summary.running = live_holder(
+                    row.get("lock_pid"),
+                    row.get("lock_host"),
+                    row.get("lock_at"),
+                );
             }
             let counts = Some(self.counts(row.get("id")).await?);
             if row.get::<&str, _>("transport") == Delivery::File.as_str() {
@@ -313,16 +317,17 @@ impl SqliteStore {
     /// rows were forgotten, or `None` if the name is unknown.
     pub async fn reset(&self, name: &str) -> Result<Option<u64>> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let rows = sqlx::query("SELECT id, lock_pid, lock_host FROM campaigns WHERE name = ?")
-            .bind(name)
-            .fetch_all(&mut *tx)
-            .await?;
+        let rows =
+            sqlx::query("SELECT id, lock_pid, lock_host, lock_at FROM campaigns WHERE name = ?")
+                .bind(name)
+                .fetch_all(&mut *tx)
+                .await?;
         if rows.is_empty() {
             return Ok(None);
         }
         if let Some(holder) = rows
             .iter()
-            .find_map(|r| live_holder(r.get("lock_pid"), r.get("lock_host")))
+            .find_map(|r| live_holder(r.get("lock_pid"), r.get("lock_host"), r.get("lock_at")))
         {
             anyhow::bail!(
                 "campaign {name:?} is being sent by {holder}; stop it first (Ctrl-C), then reset"
@@ -368,11 +373,15 @@ impl SqliteStore {
         let host = hostname();
         let pid = i64::from(std::process::id());
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let row = sqlx::query("SELECT lock_pid, lock_host FROM campaigns WHERE id = ?")
+        let row = sqlx::query("SELECT lock_pid, lock_host, lock_at FROM campaigns WHERE id = ?")
             .bind(campaign_id)
             .fetch_one(&mut *tx)
             .await?;
-        if let Some(holder) = live_holder(row.get("lock_pid"), row.get("lock_host")) {
+        if let Some(holder) = live_holder(
+            row.get("lock_pid"),
+            row.get("lock_host"),
+            row.get("lock_at"),
+        ) {
             anyhow::bail!(
                 "this campaign is being sent by {holder}; \
                  wait for it to finish or stop it (a lock left by a dead process is taken over)"
@@ -388,6 +397,20 @@ impl SqliteStore {
             .await?;
         tx.commit().await?;
         Ok(())
+    }
+
+    /// Renews this process's lock on the campaign, its lease (`lock_at`).
+    pub async fn heartbeat(&self, campaign_id: i64) -> Result<u64> {
+        sqlx::query(
+            "UPDATE campaigns SET lock_at = ? WHERE id = ? AND lock_pid = ? AND lock_host = ?",
+        )
+        .bind(now_ms())
+        .bind(campaign_id)
+        .bind(i64::from(std::process::id()))
+        .bind(hostname())
+        .execute(&self.pool)
+        .await?;
+        Ok(0)
     }
 
     pub async fn unlock(&self, campaign_id: i64, token: &str) -> Result<()> {
@@ -1193,11 +1216,18 @@ fn tally(rows: Vec<sqlx::sqlite::SqliteRow>) -> Counts {
     counts
 }
 
-/// The runner holding a lock, as "process N on HOST", unless it is gone.
-fn live_holder(pid: Option<i64>, host: Option<String>) -> Option<String> {
+/// The runner holding a lock, as "process N on HOST", unless it is gone:
+/// on this host, its process has exited; on another (a database on a
+/// shared disk), its lease, renewed while it runs, has run out.
+fn live_holder(pid: Option<i64>, host: Option<String>, renewed_at: Option<i64>) -> Option<String> {
     let pid = pid?;
     let host = host.unwrap_or_default();
-    (host != hostname() || process_alive(pid)).then(|| format!("process {pid} on {host}"))
+    let live = if host == hostname() {
+        process_alive(pid)
+    } else {
+        renewed_at.unwrap_or(0) > now_ms() - super::lease_ms()
+    };
+    live.then(|| format!("process {pid} on {host}"))
 }
 
 /// Refuses a name that another campaign file owns (SPEC §7.6).
@@ -1350,6 +1380,44 @@ pub(super) mod tests {
                 .unwrap(),
             Claim::Idle { next_due_ms: None }
         ));
+    }
+
+    /// A runner on another machine (a database on a shared disk) holds the
+    /// campaign while it renews its lease; once the lease runs out, its lock
+    /// is taken over.
+    #[tokio::test]
+    async fn another_hosts_lock_holds_while_its_lease_is_renewed() {
+        let (_d, store) = store().await;
+        let c = store.campaign(&ident("c")).await.unwrap();
+        let held_at = |at: i64| {
+            sqlx::query("UPDATE campaigns SET lock_pid = 42, lock_host = 'elsewhere.example', lock_token = 't', lock_at = ? WHERE id = ?")
+                .bind(at)
+                .bind(c.id)
+                .execute(&store.pool)
+        };
+        held_at(now_ms()).await.unwrap();
+        let refused = store.lock(c.id, "mine").await.unwrap_err();
+        assert!(
+            format!("{refused:#}").contains("process 42 on elsewhere.example"),
+            "{refused:#}"
+        );
+        held_at(now_ms() - super::super::lease_ms() - 1)
+            .await
+            .unwrap();
+        store.lock(c.id, "mine").await.unwrap();
+        // Our own lease is renewed while we run.
+        sqlx::query("UPDATE campaigns SET lock_at = 0 WHERE id = ?")
+            .bind(c.id)
+            .execute(&store.pool)
+            .await
+            .unwrap();
+        store.heartbeat(c.id).await.unwrap();
+        let at: i64 = sqlx::query_scalar("SELECT lock_at FROM campaigns WHERE id = ?")
+            .bind(c.id)
+            .fetch_one(&store.pool)
+            .await
+            .unwrap();
+        assert!(at > 0);
     }
 
     /// Regression: two processes starting on a new database at once both
