@@ -331,7 +331,8 @@ impl Composer {
 /// ed25519-sha256).
 fn dkim_key(path: &Path) -> Result<DkimKey, String> {
     use base64::Engine as _;
-    let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
+    // A key is a few kilobytes; a pipe or a device here must not block.
+    let text = bounded::read_to_string(path, 1024 * 1024).map_err(|e| e.to_string())?;
     if !text.contains("-----BEGIN") {
         let seed = base64::engine::general_purpose::STANDARD
             .decode(text.trim())

@@ -499,6 +499,23 @@ hostile! {
         ..CASE
     };
 
+    // A DKIM key that is no key file.
+    #[cfg(unix)]
+    a_dkim_key_that_is_a_named_pipe: Case {
+        rest: "[transport]\nkind = \"file\"\n[dkim]\ndomain = \"acme.example\"\nselector = \"s\"\n\
+               private_key_file = \"keys/dkim.pem\"\n",
+        setup: |dir| fifo(dir, "keys/dkim.pem"),
+        cause: &["[dkim]", "keys/dkim.pem", "named pipe"],
+        ..CASE
+    };
+    a_dkim_key_of_gigabytes: Case {
+        rest: "[transport]\nkind = \"file\"\n[dkim]\ndomain = \"acme.example\"\nselector = \"s\"\n\
+               private_key_file = \"keys/dkim.pem\"\n",
+        setup: |dir| sparse(dir, "keys/dkim.pem", 4 << 30),
+        cause: &["[dkim]", "keys/dkim.pem", "4.0 GB"],
+        ..CASE
+    };
+
     #[cfg(unix)]
     a_campaign_file_that_is_a_named_pipe: Case {
         setup: |dir| {
