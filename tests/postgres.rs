@@ -215,6 +215,11 @@ fn three_workers_share_a_campaign_and_its_window_through_a_kill() {
         })
         .max()
         .unwrap_or(0);
+    println!(
+        "{} delivered, {sent} sent, {unknown} unknown after one kill, \
+         at most {worst} in any second at the server (window {MAX})",
+        deliveries.len()
+    );
     assert!(
         worst <= MAX,
         "{worst} messages within one second at the server"

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
-use sqlx::{Postgres, Row as _, Transaction};
+use sqlx::{ConnectOptions as _, Postgres, Row as _, Transaction};
 
 use super::{
     mask_password, message_id_key, Before, CampaignRecord, CampaignSummary, Candidate, Claim,
@@ -56,6 +56,9 @@ impl PgStore {
         let options: PgConnectOptions = url.parse().map_err(|e: sqlx::Error| {
             input_error(format!("--db {shown}: {}", strip_url(&e.to_string(), url)))
         })?;
+        // Waiting for another worker's read of the file or for an
+        // account's slot is normal here, not a slow statement to warn about.
+        let options = options.disable_statement_logging();
         let pool = PgPoolOptions::new()
             .max_connections(8)
             .acquire_timeout(Duration::from_secs(10))
