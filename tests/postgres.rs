@@ -227,6 +227,70 @@ fn three_workers_share_a_campaign_and_its_window_through_a_kill() {
 }
 
 #[test]
+fn sigint_on_postgres_finishes_in_flight_messages_then_resumes() {
+    let Some(pg) = TestPg::create() else {
+        return;
+    };
+    let server = SmtpServer::start(&["--delay-ms", "100"]);
+    let dir = on_postgres(&pg);
+    standard_campaign(
+        &dir,
+        &recipients_csv(30),
+        &server.transport_toml("connections = 2"),
+        "",
+    );
+    let child = spawn_send(&dir);
+    wait_for(|| server.received().len() >= 3, "a few messages");
+    let status = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = common::finish(child);
+    assert_eq!(
+        out.status.code(),
+        Some(130),
+        "stderr: {}",
+        text(&out.stderr)
+    );
+    let status = dir.status();
+    assert_eq!(status["states"]["sending"], 0, "{status}");
+    assert_eq!(status["states"]["unknown"], 0, "{status}");
+    let sent = status["states"]["sent"].as_u64().unwrap();
+    assert_eq!(sent as usize, server.received().len());
+    assert!(sent < 30, "the stop came too late to test anything");
+
+    let out = dir.send(&[]);
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
+    let deliveries = server.deliveries();
+    assert_eq!(deliveries.len(), 30);
+    assert!(deliveries.values().all(|n| *n == 1));
+}
+
+/// A window filled by one process holds for the next one, as on SQLite.
+#[test]
+fn a_window_filled_by_one_process_holds_for_the_next_on_postgres() {
+    let Some(pg) = TestPg::create() else {
+        return;
+    };
+    let server = SmtpServer::start(&[]);
+    let dir = on_postgres(&pg);
+    standard_campaign(
+        &dir,
+        &recipients_csv(8),
+        &server.transport_toml(""),
+        "[limits]\nper_second = 50\nwindows = [{ max = 5, period = \"1h\" }]\n",
+    );
+    let out = dir.send(&["--no-wait"]);
+    assert_eq!(out.status.code(), Some(75), "stderr: {}", text(&out.stderr));
+    assert_eq!(server.received().len(), 5);
+    let out = dir.send(&["--no-wait"]);
+    assert_eq!(out.status.code(), Some(75), "stderr: {}", text(&out.stderr));
+    assert_eq!(server.received().len(), 5, "the second process waits too");
+    assert_eq!(dir.status()["windows"][0]["used"], 5);
+}
+
+#[test]
 fn the_url_password_is_never_printed() {
     let Some(pg) = TestPg::create() else {
         return;

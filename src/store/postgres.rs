@@ -725,7 +725,7 @@ impl PgStore {
     /// Recipients the account sent to at or after `since_ms`.
     pub async fn recipients_since(&self, account: &str, since_ms: i64) -> Result<u64> {
         let n: i64 = sqlx::query_scalar(
-            "SELECT COALESCE(SUM(recipients), 0) FROM send_log WHERE account = $1 AND at >= $2",
+            "SELECT COALESCE(SUM(recipients), 0)::BIGINT FROM send_log WHERE account = $1 AND at >= $2",
         )
         .bind(account)
         .bind(since_ms)
