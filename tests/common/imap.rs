@@ -91,17 +91,23 @@ impl ImapServer {
         // As root, Dovecot runs its login processes and the user's mail
         // processes as its own unprivileged users, which must reach the
         // temporary folder.
-        let (internal, login, owner) = if root {
+        let (internal, group, login, owner) = if root {
             let owner = system_user("dovecot").expect("the dovecot package creates a dovecot user");
             #[cfg(unix)]
             {
                 use std::os::unix::fs::PermissionsExt;
                 std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
             }
-            ("dovecot".to_string(), "dovenull".to_string(), Some(owner))
+            (
+                "dovecot".into(),
+                "dovecot".into(),
+                "dovenull".into(),
+                Some(owner),
+            )
         } else {
+            // Unprivileged, every process runs as the user running the tests.
             let me = output_of("id", &["-un"]);
-            (me.clone(), me, None)
+            (me.clone(), output_of("id", &["-gn"]), me, None)
         };
         let (uid, gid) = owner.unwrap_or_else(|| {
             (
@@ -144,6 +150,7 @@ impl ImapServer {
              state_dir = {d}/state\n\
              instance_name = hikyaku-test-{port}\n\
              default_internal_user = {internal}\n\
+             default_internal_group = {group}\n\
              default_login_user = {login}\n\
              protocols = imap\n\
              listen = 127.0.0.1\n\
