@@ -327,7 +327,7 @@ impl Checking {
 
     /// `rows` rows have been read so far.
     pub fn rows(&mut self, rows: u64) {
-        if rows % ROWS_PER_TICK != 0 {
+        if !rows.is_multiple_of(ROWS_PER_TICK) {
             return;
         }
         if self.bar {
