@@ -370,7 +370,7 @@ impl SqliteStore {
     /// Takes the campaign's runner lock, or says which live process has it.
     /// A lock whose process is gone (kill -9) is taken over.
     pub async fn lock(&self, campaign_id: i64, token: &str) -> Result<()> {
-        let host = hostname();
+        let host = super::hostname();
         let pid = i64::from(std::process::id());
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let row = sqlx::query("SELECT lock_pid, lock_host, lock_at FROM campaigns WHERE id = ?")
@@ -407,7 +407,7 @@ impl SqliteStore {
         .bind(now_ms())
         .bind(campaign_id)
         .bind(i64::from(std::process::id()))
-        .bind(hostname())
+        .bind(super::hostname())
         .execute(&self.pool)
         .await?;
         Ok(0)
@@ -1222,8 +1222,8 @@ fn tally(rows: Vec<sqlx::sqlite::SqliteRow>) -> Counts {
 fn live_holder(pid: Option<i64>, host: Option<String>, renewed_at: Option<i64>) -> Option<String> {
     let pid = pid?;
     let host = host.unwrap_or_default();
-    let live = if host == hostname() {
-        process_alive(pid)
+    let live = if host == super::hostname() {
+        super::process_alive(pid)
     } else {
         renewed_at.unwrap_or(0) > now_ms() - super::lease_ms()
     };
@@ -1272,40 +1272,6 @@ async fn find(conn: &mut sqlx::SqliteConnection, id: &Identity) -> Result<Option
         })
     })
     .transpose()
-}
-
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
-        .map(|h| h.trim().to_string())
-        .unwrap_or_else(|_| "localhost".to_string())
-}
-
-/// Whether a process of ours still runs under that id. A recycled id held by
-/// another program does not count.
-fn process_alive(pid: i64) -> bool {
-    if pid == i64::from(std::process::id()) {
-        return true;
-    }
-    let proc_dir = Path::new("/proc");
-    if !proc_dir.is_dir() {
-        // No procfs: assume the holder lives rather than risk two runners.
-        return true;
-    }
-    match std::fs::read(proc_dir.join(pid.to_string()).join("cmdline")) {
-        Ok(cmdline) => {
-            let stat = std::fs::read_to_string(proc_dir.join(pid.to_string()).join("stat"))
-                .unwrap_or_default();
-            // A zombie (state Z) has exited; its lock is free.
-            let zombie = stat
-                .rsplit(')')
-                .next()
-                .map(|s| s.trim_start().starts_with('Z'))
-                .unwrap_or(false);
-            !zombie && String::from_utf8_lossy(&cmdline).contains("hikyaku")
-        }
-        Err(_) => false,
-    }
 }
 
 #[cfg(test)]
