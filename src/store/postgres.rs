@@ -196,7 +196,8 @@ impl PgStore {
     /// Removes a campaign row that holds no recipients: `check` and
     /// `send --dry-run` leave no trace of a campaign they saw first.
     pub async fn forget_if_empty(&self, campaign_id: i64) -> Result<()> {
-        sqlx::query("DELETE FROM campaigns WHERE id = $1 AND NOT EXISTS (SELECT 1 FROM recipients WHERE campaign_id = $2)")
+        sqlx::query("DELETE FROM campaigns WHERE id = $1 AND NOT EXISTS (SELECT 1 FROM recipients WHERE campaign_id = $2) \
+             AND NOT EXISTS (SELECT 1 FROM workers WHERE campaign_id = $2)")
             .bind(campaign_id)
             .bind(campaign_id)
             .execute(&self.pool)

@@ -348,9 +348,10 @@ impl SqliteStore {
     }
 
     /// Removes a campaign row that holds no recipients: `check` and
-    /// `send --dry-run` leave no trace of a campaign they saw first.
+    /// `send --dry-run` leave no trace of a campaign they saw first. A row
+    /// a runner holds is its first `send`'s, starting: never removed.
     pub async fn forget_if_empty(&self, campaign_id: i64) -> Result<()> {
-        sqlx::query("DELETE FROM campaigns WHERE id = ? AND NOT EXISTS (SELECT 1 FROM recipients WHERE campaign_id = ?)")
+        sqlx::query("DELETE FROM campaigns WHERE id = ? AND lock_pid IS NULL AND NOT EXISTS (SELECT 1 FROM recipients WHERE campaign_id = ?)")
             .bind(campaign_id)
             .bind(campaign_id)
             .execute(&self.pool)
