@@ -126,11 +126,12 @@ pub async fn send(
         return send_test(&loaded, test_to, opts.limit.unwrap_or(1), opts.dry_run).await;
     }
     let store = global.store().await?;
-    let record = store.campaign(&identity(&loaded.campaign)).await?;
     let token = uuid::Uuid::new_v4().to_string();
-    if !opts.dry_run {
-        store.lock(record.id, &token).await?;
-    }
+    let record = if opts.dry_run {
+        store.campaign(&identity(&loaded.campaign)).await?
+    } else {
+        store.lock(&identity(&loaded.campaign), &token).await?
+    };
     // The sender renews its lease while it runs: SQLite's runner lock, or on
     // PostgreSQL its rows among the workers (settling what dead ones left).
     let heartbeat = (!opts.dry_run).then(|| {

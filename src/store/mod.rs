@@ -527,9 +527,12 @@ impl Store {
         on_backend!(self, Store, b => b.set_fingerprint(campaign_id, fingerprint).await)
     }
 
-    /// Takes the campaign's runner lock, or says which live process has it.
-    pub async fn lock(&self, campaign_id: i64, token: &str) -> Result<()> {
-        on_backend!(self, Store, b => b.lock(campaign_id, token).await)
+    /// Takes the campaign for this sender — SQLite: its runner lock, or says
+    /// which live process has it; PostgreSQL: a place among its workers —
+    /// creating its row in the same transaction if missing: a read-only
+    /// command that forgets an empty row can never remove it between the two.
+    pub async fn lock(&self, id: &Identity, token: &str) -> Result<CampaignRecord> {
+        on_backend!(self, Store, b => b.lock(id, token).await)
     }
 
     pub async fn unlock(&self, campaign_id: i64, token: &str) -> Result<()> {

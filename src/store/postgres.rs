@@ -81,26 +81,7 @@ impl PgStore {
     /// file; a name another file owns is refused (SPEC §7.6).
     pub async fn campaign(&self, id: &Identity) -> Result<CampaignRecord> {
         let mut tx = self.pool.begin().await?;
-        check_owner(&mut tx, id).await?;
-        sqlx::query(
-            "INSERT INTO campaigns (name, transport, file, created_at) VALUES ($1, $2, $3, $4) \
-             ON CONFLICT (name, transport) DO NOTHING",
-        )
-        .bind(&id.name)
-        .bind(id.delivery.as_str())
-        .bind(&id.file)
-        .bind(now_ms())
-        .execute(&mut *tx)
-        .await?;
-        // Rows recorded before names were bound belong to the first file that uses them.
-        sqlx::query("UPDATE campaigns SET file = $1 WHERE name = $2 AND file IS NULL")
-            .bind(&id.file)
-            .bind(&id.name)
-            .execute(&mut *tx)
-            .await?;
-        let record = find(&mut tx, id)
-            .await?
-            .context("the campaign row vanished right after it was created")?;
+        let record = create(&mut tx, id).await?;
         tx.commit().await?;
         Ok(record)
     }
@@ -194,14 +175,21 @@ impl PgStore {
     }
 
     /// Removes a campaign row that holds no recipients: `check` and
-    /// `send --dry-run` leave no trace of a campaign they saw first.
+    /// `send --dry-run` leave no trace of a campaign they saw first. A row
+    /// a worker joined is never removed: the row lock waits for a worker
+    /// joining now, and the check after it sees that worker.
     pub async fn forget_if_empty(&self, campaign_id: i64) -> Result<()> {
-        sqlx::query("DELETE FROM campaigns WHERE id = $1 AND NOT EXISTS (SELECT 1 FROM recipients WHERE campaign_id = $2) \
-             AND NOT EXISTS (SELECT 1 FROM workers WHERE campaign_id = $2)")
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SELECT id FROM campaigns WHERE id = $1 FOR UPDATE")
             .bind(campaign_id)
-            .bind(campaign_id)
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await?;
+        sqlx::query("DELETE FROM campaigns WHERE id = $1 AND NOT EXISTS (SELECT 1 FROM recipients WHERE campaign_id = $1) \
+             AND NOT EXISTS (SELECT 1 FROM workers WHERE campaign_id = $1)")
+            .bind(campaign_id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
         Ok(())
     }
 
@@ -214,9 +202,16 @@ impl PgStore {
         Ok(())
     }
 
-    /// Joins the campaign's workers: on PostgreSQL several may send it at once.
-    pub async fn lock(&self, campaign_id: i64, _token: &str) -> Result<()> {
-        self.renew(campaign_id).await
+    /// Joins the campaign's workers (on PostgreSQL several may send it at
+    /// once); its row is created in the same transaction if missing, so
+    /// that a read-only command forgetting an empty row never removes it
+    /// between the two.
+    pub async fn lock(&self, id: &Identity, _token: &str) -> Result<CampaignRecord> {
+        let mut tx = self.pool.begin().await?;
+        let record = create(&mut tx, id).await?;
+        self.renew_in(&mut tx, record.id).await?;
+        tx.commit().await?;
+        Ok(record)
     }
 
     /// Leaves the campaign's workers.
@@ -230,8 +225,20 @@ impl PgStore {
     }
 
     async fn renew(&self, campaign_id: i64) -> Result<()> {
-        let until = now_ms() + lease_ms();
         let mut tx = self.pool.begin().await?;
+        self.renew_in(&mut tx, campaign_id).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// This worker's place among the campaign's workers and the lease on
+    /// its rows, renewed in the caller's transaction.
+    async fn renew_in(
+        &self,
+        tx: &mut Transaction<'static, Postgres>,
+        campaign_id: i64,
+    ) -> Result<()> {
+        let until = now_ms() + lease_ms();
         sqlx::query(
             "INSERT INTO workers (campaign_id, token, host, pid, lease_until) VALUES ($1, $2, $3, $4, $5) \
              ON CONFLICT (campaign_id, token) DO UPDATE SET lease_until = excluded.lease_until",
@@ -241,15 +248,14 @@ impl PgStore {
         .bind(super::hostname())
         .bind(i64::from(std::process::id()))
         .bind(until)
-        .execute(&mut *tx)
+        .execute(&mut **tx)
         .await?;
         sqlx::query("UPDATE recipients SET lease_until = $1 WHERE campaign_id = $2 AND worker = $3 AND state = 'sending'")
             .bind(until)
             .bind(campaign_id)
             .bind(&self.worker)
-            .execute(&mut *tx)
+            .execute(&mut **tx)
             .await?;
-        tx.commit().await?;
         Ok(())
     }
 
@@ -1301,6 +1307,33 @@ async fn check_owner(conn: &mut sqlx::PgConnection, id: &Identity) -> Result<()>
             )))
         }
     }
+}
+
+/// The campaign's row, created on first use with its name bound to its
+/// file; a name another file owns is refused (SPEC §7.6). The row stays
+/// locked until the transaction ends: a concurrent `forget_if_empty` waits
+/// for it, and one already under way makes the upsert insert it anew.
+async fn create(tx: &mut Transaction<'static, Postgres>, id: &Identity) -> Result<CampaignRecord> {
+    check_owner(tx, id).await?;
+    sqlx::query(
+        "INSERT INTO campaigns (name, transport, file, created_at) VALUES ($1, $2, $3, $4) \
+         ON CONFLICT (name, transport) DO UPDATE SET file = COALESCE(campaigns.file, excluded.file)",
+    )
+    .bind(&id.name)
+    .bind(id.delivery.as_str())
+    .bind(&id.file)
+    .bind(now_ms())
+    .execute(&mut **tx)
+    .await?;
+    // Rows recorded before names were bound belong to the first file that uses them.
+    sqlx::query("UPDATE campaigns SET file = $1 WHERE name = $2 AND file IS NULL")
+        .bind(&id.file)
+        .bind(&id.name)
+        .execute(&mut **tx)
+        .await?;
+    find(tx, id)
+        .await?
+        .context("the campaign row vanished right after it was created")
 }
 
 async fn find(conn: &mut sqlx::PgConnection, id: &Identity) -> Result<Option<CampaignRecord>> {

@@ -236,26 +236,7 @@ impl SqliteStore {
     /// file; a name another file owns is refused (SPEC §7.6).
     pub async fn campaign(&self, id: &Identity) -> Result<CampaignRecord> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        check_owner(&mut tx, id).await?;
-        sqlx::query(
-            "INSERT INTO campaigns (name, transport, file, created_at) VALUES (?, ?, ?, ?) \
-             ON CONFLICT (name, transport) DO NOTHING",
-        )
-        .bind(&id.name)
-        .bind(id.delivery.as_str())
-        .bind(&id.file)
-        .bind(now_ms())
-        .execute(&mut *tx)
-        .await?;
-        // Rows recorded before names were bound belong to the first file that uses them.
-        sqlx::query("UPDATE campaigns SET file = ? WHERE name = ? AND file IS NULL")
-            .bind(&id.file)
-            .bind(&id.name)
-            .execute(&mut *tx)
-            .await?;
-        let record = find(&mut tx, id)
-            .await?
-            .context("the campaign row vanished right after it was created")?;
+        let record = create(&mut tx, id).await?;
         tx.commit().await?;
         Ok(record)
     }
@@ -368,14 +349,17 @@ impl SqliteStore {
         Ok(())
     }
 
-    /// Takes the campaign's runner lock, or says which live process has it.
-    /// A lock whose process is gone (kill -9) is taken over.
-    pub async fn lock(&self, campaign_id: i64, token: &str) -> Result<()> {
+    /// Takes the campaign's runner lock, or says which live process has it;
+    /// its row is created in the same transaction if missing, so that a
+    /// read-only command forgetting an empty row never removes it between
+    /// the two. A lock whose process is gone (kill -9) is taken over.
+    pub async fn lock(&self, id: &Identity, token: &str) -> Result<CampaignRecord> {
         let host = super::hostname();
         let pid = i64::from(std::process::id());
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let record = create(&mut tx, id).await?;
         let row = sqlx::query("SELECT lock_pid, lock_host, lock_at FROM campaigns WHERE id = ?")
-            .bind(campaign_id)
+            .bind(record.id)
             .fetch_one(&mut *tx)
             .await?;
         if let Some(holder) = live_holder(
@@ -393,11 +377,11 @@ impl SqliteStore {
             .bind(&host)
             .bind(token)
             .bind(now_ms())
-            .bind(campaign_id)
+            .bind(record.id)
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
-        Ok(())
+        Ok(record)
     }
 
     /// Renews this process's lock on the campaign, its lease (`lock_at`).
@@ -1257,6 +1241,31 @@ async fn check_owner(conn: &mut sqlx::SqliteConnection, id: &Identity) -> Result
     }
 }
 
+/// The campaign's row, created on first use with its name bound to its
+/// file; a name another file owns is refused (SPEC §7.6).
+async fn create(tx: &mut Transaction<'static, Sqlite>, id: &Identity) -> Result<CampaignRecord> {
+    check_owner(tx, id).await?;
+    sqlx::query(
+        "INSERT INTO campaigns (name, transport, file, created_at) VALUES (?, ?, ?, ?) \
+         ON CONFLICT (name, transport) DO NOTHING",
+    )
+    .bind(&id.name)
+    .bind(id.delivery.as_str())
+    .bind(&id.file)
+    .bind(now_ms())
+    .execute(&mut **tx)
+    .await?;
+    // Rows recorded before names were bound belong to the first file that uses them.
+    sqlx::query("UPDATE campaigns SET file = ? WHERE name = ? AND file IS NULL")
+        .bind(&id.file)
+        .bind(&id.name)
+        .execute(&mut **tx)
+        .await?;
+    find(tx, id)
+        .await?
+        .context("the campaign row vanished right after it was created")
+}
+
 async fn find(conn: &mut sqlx::SqliteConnection, id: &Identity) -> Result<Option<CampaignRecord>> {
     let row = sqlx::query(
         "SELECT id, columns, fingerprint FROM campaigns WHERE name = ? AND transport = ?",
@@ -1363,7 +1372,7 @@ pub(super) mod tests {
                 .execute(&store.pool)
         };
         held_at(now_ms()).await.unwrap();
-        let refused = store.lock(c.id, "mine").await.unwrap_err();
+        let refused = store.lock(&ident("c"), "mine").await.unwrap_err();
         assert!(
             format!("{refused:#}").contains("process 42 on elsewhere.example"),
             "{refused:#}"
@@ -1371,7 +1380,7 @@ pub(super) mod tests {
         held_at(now_ms() - super::super::lease_ms() - 1)
             .await
             .unwrap();
-        store.lock(c.id, "mine").await.unwrap();
+        store.lock(&ident("c"), "mine").await.unwrap();
         // Our own lease is renewed while we run.
         sqlx::query("UPDATE campaigns SET lock_at = 0 WHERE id = ?")
             .bind(c.id)

@@ -165,6 +165,28 @@ async fn duplicates_removed_rows_and_reimport() {
     });
 }
 
+/// Regression: `status` polled while a first `send` started. The send read
+/// the campaign's row, the poll (which creates the row it reads and forgets
+/// it when empty) removed it, and the send's lock then failed on a row that
+/// was gone. Taking the lock now finds or creates the row itself, and a
+/// poll never removes a row a sender holds.
+#[tokio::test]
+async fn a_status_poll_never_removes_the_row_of_a_send_that_starts() {
+    on_both!(|store| {
+        let read = store.campaign(&ident("c")).await.unwrap();
+        store.forget_if_empty(read.id).await.unwrap();
+        let c = store.lock(&ident("c"), "send").await.unwrap();
+        let polled = store.campaign(&ident("c")).await.unwrap();
+        assert_eq!(polled.id, c.id);
+        store.forget_if_empty(polled.id).await.unwrap();
+        let found = store.find_campaign(&ident("c")).await.unwrap();
+        assert_eq!(found.map(|r| r.id), Some(c.id), "the sender's row stays");
+        import(&store, &c, &["a@x.example"]).await;
+        assert_eq!(store.counts(c.id).await.unwrap()[State::Pending], 1);
+        store.unlock(c.id, "send").await.unwrap();
+    });
+}
+
 #[tokio::test]
 async fn claim_marks_sending_and_logs_then_windows_hold() {
     on_both!(|store| {
@@ -382,8 +404,8 @@ async fn a_dead_workers_rows_become_unknown_and_a_live_ones_stay_theirs() {
         return;
     };
     import(&a, &c, &["a@x.example", "b@x.example"]).await;
-    a.lock(c.id, "a").await.unwrap();
-    b.lock(c.id, "b").await.unwrap();
+    a.lock(&ident("c"), "a").await.unwrap();
+    b.lock(&ident("c"), "b").await.unwrap();
     for w in [&a, &b] {
         let claim = w
             .claim(c.id, "acct", "acct", &[], 1, 1, |_| Ok(out(1)))
@@ -410,16 +432,16 @@ async fn a_worker_arriving_after_the_read_joins_it() {
     let Some((pg, a, b, c)) = two_workers().await else {
         return;
     };
-    a.lock(c.id, "a").await.unwrap();
+    a.lock(&ident("c"), "a").await.unwrap();
     import(&a, &c, &["a@x.example"]).await;
-    b.lock(c.id, "b").await.unwrap();
+    b.lock(&ident("c"), "b").await.unwrap();
     let imp = b.import(&c, &["email".into()]).await.unwrap();
     assert!(imp.joined());
     imp.commit().await.unwrap();
     // With a gone, the next worker reads the file itself.
     a.unlock(c.id, "a").await.unwrap();
     let other = Store::open_postgres(&pg.url).await.unwrap();
-    other.lock(c.id, "o").await.unwrap();
+    other.lock(&ident("c"), "o").await.unwrap();
     b.unlock(c.id, "b").await.unwrap();
     let imp = other.import(&c, &["email".into()]).await.unwrap();
     assert!(!imp.joined());
