@@ -317,6 +317,54 @@ fn the_url_password_is_never_printed() {
     );
 }
 
+/// SPEC §11 on PostgreSQL: a database holding another program's tables is
+/// refused by every command, untouched: no table of hikyaku's appears in
+/// it (the migrations used to run first, writing into it).
+#[test]
+fn another_programs_postgresql_database_is_refused_untouched() {
+    let Some(pg) = TestPg::create() else {
+        return;
+    };
+    let sql = |statement: &str| {
+        runtime().block_on(async {
+            let mut conn = sqlx::PgConnection::connect(&pg.url).await.unwrap();
+            let rows: Vec<String> = sqlx::query_scalar(statement)
+                .fetch_all(&mut conn)
+                .await
+                .unwrap();
+            conn.close().await.ok();
+            rows
+        })
+    };
+    sql("CREATE TABLE items (id INTEGER PRIMARY KEY, name TEXT)");
+    sql("INSERT INTO items VALUES (1, 'bolt')");
+    let dir = on_postgres(&pg);
+    standard_campaign(&dir, &recipients_csv(2), common::FILE_TRANSPORT, "");
+    let campaign = dir.campaign();
+    for command in ["check", "status", "export", "send"] {
+        let out = dir.run(&[command, campaign.to_str().unwrap()]);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{command}: {err}");
+        assert!(
+            err.contains("another program's PostgreSQL database (tables items)")
+                && err.contains(&pg.name),
+            "{command}: {err}"
+        );
+    }
+    let tables = sql(
+        "SELECT table_schema || '.' || table_name FROM information_schema.tables \
+         WHERE table_schema NOT IN ('pg_catalog', 'information_schema') ORDER BY 1",
+    );
+    assert_eq!(tables, ["public.items"], "hikyaku wrote to the database");
+    assert_eq!(sql("SELECT name FROM items"), ["bolt"]);
+    // hikyaku's own database, once made, is not taken for another's.
+    sql("DROP TABLE items");
+    let out = dir.send(&[]);
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
+    let out = dir.send(&[]);
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
+}
+
 trait WaitCode {
     fn wait_with_output_ref(&mut self) -> Option<i32>;
 }

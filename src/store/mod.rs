@@ -792,6 +792,46 @@ impl Import {
     }
 }
 
+/// What makes a database another program's (SPEC §11), in words: a table
+/// hikyaku does not have, or a migration it does not know. `None`: it is
+/// hikyaku's, or empty.
+fn foreign(
+    tables: &[String],
+    ours: &[&str],
+    versions: &[i64],
+    migrator: &sqlx::migrate::Migrator,
+) -> Option<String> {
+    let others: Vec<&str> = tables
+        .iter()
+        .map(String::as_str)
+        .filter(|t| !ours.contains(t))
+        .collect();
+    if !others.is_empty() {
+        let mut named = others
+            .iter()
+            .take(3)
+            .copied()
+            .collect::<Vec<_>>()
+            .join(", ");
+        if others.len() > 3 {
+            named.push_str(", ...");
+        }
+        return Some(format!("tables {named}"));
+    }
+    versions
+        .iter()
+        .find(|v| !migrator.iter().any(|m| m.version == **v))
+        .map(|v| format!("a migration {v} hikyaku does not know"))
+}
+
+/// The refusal of another program's database, untouched.
+fn refuse_foreign(shown: &str, kind: &str, what: &str) -> anyhow::Error {
+    input_error(format!(
+        "state database {shown} is another program's {kind} database ({what}); \
+         hikyaku never writes to a database that is not its own: give another --db"
+    ))
+}
+
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .or_else(|_| std::fs::read_to_string("/etc/hostname"))

@@ -39,6 +39,46 @@ pub struct PgStore {
     worker: String,
 }
 
+/// hikyaku's tables; a database holding any other is not its own.
+const TABLES: [&str; 7] = [
+    "campaigns",
+    "recipients",
+    "send_log",
+    "account_pauses",
+    "suppressions",
+    "workers",
+    "_sqlx_migrations",
+];
+
+/// Refuses, before anything is written, another program's database
+/// (SPEC §11): one with tables (or views) hikyaku does not have, in any
+/// schema, or a migration it does not know. An empty database is a new one.
+async fn ensure_ours(pool: &PgPool, shown: &str, migrator: &sqlx::migrate::Migrator) -> Result<()> {
+    let unreadable = |e: sqlx::Error| anyhow::anyhow!("reading the state database {shown}: {e}");
+    let tables: Vec<String> = sqlx::query_scalar(
+        "SELECT CASE WHEN n.nspname = current_schema() THEN c.relname ELSE n.nspname || '.' || c.relname END \
+         FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+         WHERE c.relkind IN ('r', 'p', 'v', 'm', 'f') \
+         AND n.nspname <> 'information_schema' AND n.nspname NOT LIKE 'pg~_%' ESCAPE '~' \
+         ORDER BY 1",
+    )
+    .fetch_all(pool)
+    .await
+    .map_err(unreadable)?;
+    let versions: Vec<i64> = if tables.iter().any(|t| t == "_sqlx_migrations") {
+        sqlx::query_scalar("SELECT version FROM _sqlx_migrations")
+            .fetch_all(pool)
+            .await
+            .map_err(unreadable)?
+    } else {
+        Vec::new()
+    };
+    match super::foreign(&tables, &TABLES, &versions, migrator) {
+        Some(what) => Err(super::refuse_foreign(shown, "PostgreSQL", &what)),
+        None => Ok(()),
+    }
+}
+
 /// Serialises one decision among all workers until the transaction ends.
 async fn advisory_lock(conn: &mut sqlx::PgConnection, what: &str, key: &str) -> Result<()> {
     sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
@@ -67,7 +107,12 @@ impl PgStore {
             .map_err(|e| {
                 anyhow::anyhow!("state database {shown}: {}", strip_url(&e.to_string(), url))
             })?;
-        sqlx::migrate!("./migrations/postgres")
+        let migrator = sqlx::migrate!("./migrations/postgres");
+        if let Err(e) = ensure_ours(&pool, &shown, &migrator).await {
+            pool.close().await;
+            return Err(e);
+        }
+        migrator
             .run(&pool)
             .await
             .with_context(|| format!("migrating the state database {shown}"))?;

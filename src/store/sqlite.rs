@@ -69,12 +69,8 @@ async fn ensure_ours(path: &Path, migrator: &sqlx::migrate::Migrator) -> Result<
              hikyaku leaves it as it is: give another --db"
         )));
     }
-    let foreign = |what: String| {
-        input_error(format!(
-            "state database {shown} is another program's SQLite database ({what}); \
-             hikyaku never writes to a database that is not its own: give another --db"
-        ))
-    };
+    let shown = shown.to_string();
+    let foreign = |what: String| super::refuse_foreign(&shown, "SQLite", &what);
     let application_id = u32::from_be_bytes([header[68], header[69], header[70], header[71]]);
     if application_id == APPLICATION_ID {
         return Ok(());
@@ -97,11 +93,6 @@ async fn ensure_ours(path: &Path, migrator: &sqlx::migrate::Migrator) -> Result<
     .fetch_all(&mut probe)
     .await
     .map_err(unreadable)?;
-    let others: Vec<&str> = tables
-        .iter()
-        .map(String::as_str)
-        .filter(|t| !TABLES.contains(t))
-        .collect();
     let versions: Vec<i64> = if tables.iter().any(|t| t == "_sqlx_migrations") {
         sqlx::query_scalar("SELECT version FROM _sqlx_migrations")
             .fetch_all(&mut probe)
@@ -111,25 +102,10 @@ async fn ensure_ours(path: &Path, migrator: &sqlx::migrate::Migrator) -> Result<
         Vec::new()
     };
     probe.close().await.map_err(unreadable)?;
-    if !others.is_empty() {
-        let mut named = others
-            .iter()
-            .take(3)
-            .copied()
-            .collect::<Vec<_>>()
-            .join(", ");
-        if others.len() > 3 {
-            named.push_str(", ...");
-        }
-        return Err(foreign(format!("tables {named}")));
+    match super::foreign(&tables, &TABLES, &versions, migrator) {
+        Some(what) => Err(foreign(what)),
+        None => Ok(()),
     }
-    if let Some(v) = versions
-        .iter()
-        .find(|v| !migrator.iter().any(|m| m.version == **v))
-    {
-        return Err(foreign(format!("a migration {v} hikyaku does not know")));
-    }
-    Ok(())
 }
 
 /// Recipients one claim passes over for their domain before it waits: a
