@@ -29,6 +29,12 @@ pub const CIRCUIT_BREAKER: u32 = 10;
 /// A domain's pacing is shown when it holds every recipient at least this long.
 const DOMAIN_WAIT_SHOWN_MS: i64 = 1_000;
 
+/// The longest pacing wait (the account's or a domain's) that `--no-wait`
+/// takes as part of sending: a rate of one a minute or more. A longer one,
+/// such as the spacing of a lone hourly or daily window, is a wait like a
+/// full window's, and the run stops (exit 75).
+const NO_WAIT_PACING_MS: i64 = 60_000;
+
 /// Time as the engine sees it, so that pacing, windows, backoff and pauses
 /// are tested in virtual time without sleeping.
 pub trait Clock: Send + Sync + 'static {
@@ -444,8 +450,9 @@ impl<T: Transport, C: Clock> Worker<T, C> {
             }
             Claim::Wait { until_ms, why } => {
                 // Pacing, for the account or a domain, is a short wait that
-                // --no-wait accepts.
-                let short = matches!(why, WaitReason::Pacing | WaitReason::Domain(_));
+                // --no-wait accepts, unless it spaces sends by minutes or more.
+                let short = matches!(why, WaitReason::Pacing | WaitReason::Domain(_))
+                    && until_ms - now <= NO_WAIT_PACING_MS;
                 if cfg.no_wait && !short {
                     shared.end = Some(RunEnd::WouldWait {
                         until_ms,

@@ -96,6 +96,53 @@ fn another_campaign_on_the_same_account_shares_the_window() {
     assert_eq!(server.received().len(), 5);
 }
 
+/// Regression: with a lone long window (2 an hour, nothing shorter) its
+/// even pacing spaces sends 30 minutes apart, and `--no-wait` took that
+/// spacing for the short pacing it accepts and sat waiting for half an
+/// hour. A pacing wait of more than a minute is a wait: exit 75 at once.
+#[test]
+fn no_wait_stops_at_a_lone_long_windows_pacing() {
+    let server = SmtpServer::start(&[]);
+    let dir = CampaignDir::new();
+    standard_campaign(
+        &dir,
+        &recipients_csv(3),
+        &server.transport_toml(""),
+        "[limits]\nwindows = [{ max = 2, period = \"1h\" }]\n",
+    );
+    let mut child = dir
+        .send_command(&["--no-wait"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            child.kill().unwrap();
+            panic!("send --no-wait still waiting after 60 s for the next paced send");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let out = common::finish(child);
+    assert_eq!(out.status.code(), Some(75), "stderr: {}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("stopped (--no-wait): pacing"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(server.received().len(), 1);
+    let status = dir.status();
+    assert_eq!(status["states"]["pending"], 2, "{status}");
+    let next =
+        chrono::DateTime::parse_from_rfc3339(status["next_send_at"].as_str().unwrap()).unwrap();
+    let wait = next.timestamp() - chrono::Utc::now().timestamp();
+    assert!(
+        (1_700..=1_800).contains(&wait),
+        "next send in {wait} s: {status}"
+    );
+}
+
 #[test]
 fn a_daily_limit_reply_leaves_the_rest_pending_not_failed() {
     let server = SmtpServer::start(&["--pause-after", "3"]);
