@@ -41,7 +41,9 @@ struct RawCampaign {
     name: String,
     recipients: RawRecipients,
     message: MessageSection,
-    transport: RawTransport,
+    transport: Option<RawTransport>,
+    #[serde(default)]
+    accounts: Vec<RawAccount>,
     dkim: Option<RawDkim>,
     #[serde(default)]
     limits: RawLimits,
@@ -58,6 +60,7 @@ struct RawSchedule {
     hours: Option<String>,
     days: Option<String>,
     timezone: Option<String>,
+    timezone_column: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -112,6 +115,77 @@ struct RawTransport {
     dir: Option<PathBuf>,
 }
 
+/// One `[[accounts]]` entry: the keys of `[transport]`, plus the account's
+/// own `from`, DKIM and windows (SPEC §6b). Written out rather than
+/// flattened, as serde's flatten cannot deny unknown keys.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAccount {
+    kind: Option<String>,
+    preset: Option<String>,
+    host: Option<String>,
+    port: Option<u16>,
+    tls: Option<String>,
+    username: Option<String>,
+    password_env: Option<String>,
+    password_file: Option<PathBuf>,
+    password_command: Option<String>,
+    password_command_timeout: Option<String>,
+    ca_file: Option<PathBuf>,
+    connections: Option<usize>,
+    timeout: Option<String>,
+    helo_name: Option<String>,
+    auth: Option<String>,
+    token_command: Option<String>,
+    from: Option<String>,
+    dkim: Option<RawDkim>,
+    per_second: Option<u32>,
+    per_minute: Option<u32>,
+    per_hour: Option<u32>,
+    per_day: Option<u32>,
+    windows: Option<Vec<RawWindow>>,
+    warmup: Option<Vec<u32>>,
+}
+
+impl RawAccount {
+    /// The `[transport]` part, and the account's windows over `[limits]`:
+    /// a key the account gives wins, the others come from `[limits]`.
+    fn split(
+        self,
+        limits: &RawLimits,
+    ) -> (RawTransport, RawLimits, Option<String>, Option<RawDkim>) {
+        let transport = RawTransport {
+            kind: self.kind,
+            preset: self.preset,
+            host: self.host,
+            port: self.port,
+            tls: self.tls,
+            username: self.username,
+            password_env: self.password_env,
+            password_file: self.password_file,
+            password_command: self.password_command,
+            password_command_timeout: self.password_command_timeout,
+            ca_file: self.ca_file,
+            connections: self.connections,
+            timeout: self.timeout,
+            helo_name: self.helo_name,
+            auth: self.auth,
+            token_command: self.token_command,
+            dir: None,
+        };
+        let limits = RawLimits {
+            per_second: self.per_second.or(limits.per_second),
+            per_minute: self.per_minute.or(limits.per_minute),
+            per_hour: self.per_hour.or(limits.per_hour),
+            per_day: self.per_day.or(limits.per_day),
+            windows: self.windows.or_else(|| limits.windows.clone()),
+            warmup: self.warmup.or_else(|| limits.warmup.clone()),
+            per_domain: None,
+        };
+        (transport, limits, self.from, self.dkim)
+    }
+}
+
 /// `[imap]`: where `hikyaku bounces` reads the sending account's mailbox.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -144,7 +218,7 @@ struct RawLimits {
     per_domain: Option<BTreeMap<String, String>>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawWindow {
     max: u32,
@@ -168,11 +242,19 @@ pub struct Campaign {
     pub dir: PathBuf,
     pub recipients: RecipientsConfig,
     pub message: MessageSection,
+    /// The first sending account's transport, DKIM, windows and warm-up
+    /// (the only account without `[[accounts]]`); see [`Campaign::accounts`].
     pub transport: TransportConfig,
     pub dkim: Option<DkimConfig>,
     pub windows: Vec<Window>,
     /// Daily caps for an account's first days of sending (SPEC §6b).
     pub warmup: Vec<u32>,
+    /// Every sending account, in the file's order: `[transport]` alone, or
+    /// each `[[accounts]]` entry. Never empty.
+    pub accounts: Vec<Account>,
+    /// `[schedule] timezone_column`: the column holding each recipient's
+    /// own zone, whose hours apply to that recipient.
+    pub timezone_column: Option<String>,
     /// `[limits.per_domain]`: pacing per recipient domain, `"*"` for any other.
     pub per_domain: BTreeMap<String, Rate>,
     /// `[schedule]`: when messages may leave, on the clock of `timezone`.
@@ -182,6 +264,36 @@ pub struct Campaign {
     /// The mailbox bounces come back to: `[imap]`, or Gmail's for the
     /// gmail and workspace presets; `None` when neither says.
     pub imap: Option<ImapConfig>,
+}
+
+/// One sending account (SPEC §6b): its server and credentials, the `from`
+/// it sends as, its DKIM signature and its own windows.
+#[derive(Debug, Clone)]
+pub struct Account {
+    pub transport: TransportConfig,
+    /// Replaces `[message] from` for this account's messages.
+    pub from: Option<String>,
+    pub dkim: Option<DkimConfig>,
+    pub windows: Vec<Window>,
+    pub warmup: Vec<u32>,
+}
+
+impl Account {
+    /// The key of the send log and limits (see [`SmtpConfig::account`]).
+    pub fn account(&self) -> String {
+        match &self.transport {
+            TransportConfig::Smtp(smtp) => smtp.account(),
+            TransportConfig::File { dir } => format!("file:{}", dir.display()),
+        }
+    }
+
+    /// The key of account pauses (see [`SmtpConfig::pause_key`]).
+    pub fn pause_key(&self) -> String {
+        match &self.transport {
+            TransportConfig::Smtp(smtp) => smtp.pause_key(),
+            TransportConfig::File { .. } => self.account(),
+        }
+    }
 }
 
 /// The sending account's mailbox (SPEC §2 `[imap]`).
@@ -522,20 +634,34 @@ impl SmtpConfig {
 }
 
 impl Campaign {
-    /// The account key of the send log and limits.
+    /// The account key of the send log and limits (the first account's).
     pub fn account(&self) -> String {
-        match &self.transport {
-            TransportConfig::Smtp(smtp) => smtp.account(),
-            TransportConfig::File { dir } => format!("file:{}", dir.display()),
-        }
+        self.accounts[0].account()
     }
 
     /// The key of account pauses (see [`SmtpConfig::pause_key`]).
     pub fn pause_key(&self) -> String {
-        match &self.transport {
-            TransportConfig::Smtp(smtp) => smtp.pause_key(),
-            TransportConfig::File { .. } => self.account(),
+        self.accounts[0].pause_key()
+    }
+
+    /// The campaign as account `index` sends it: that account's transport,
+    /// `from`, DKIM, windows and warm-up in place of the first account's,
+    /// so that everything built for one account (its transport, its
+    /// messages, its plan) is built from a campaign.
+    pub fn for_account(&self, index: usize) -> Campaign {
+        let mut campaign = self.clone();
+        let Some(account) = self.accounts.get(index) else {
+            return campaign;
+        };
+        if let Some(from) = &account.from {
+            campaign.message.from = from.clone();
         }
+        campaign.transport = account.transport.clone();
+        campaign.dkim = account.dkim.clone();
+        campaign.windows = account.windows.clone();
+        campaign.warmup = account.warmup.clone();
+        campaign.accounts = vec![account.clone()];
+        campaign
     }
 
     pub fn connections(&self) -> usize {
@@ -613,22 +739,14 @@ impl Campaign {
                 "[message] `markdown` gives both parts: do not combine it with `text` or `html`"
             );
         }
-        let preset = match raw.transport.preset.as_deref() {
-            None => None,
-            Some(name) => Some(Preset::named(name).ok_or_else(|| {
-                anyhow::anyhow!(
-                    "[transport] unknown preset {} (known: gmail, workspace, workspace-relay)",
-                    quote(name)
-                )
-            })?),
-        };
-        let transport = transport_config(raw.transport, preset.as_ref(), &dir)?;
-        let imap = imap_config(raw.imap, preset.as_ref(), &transport, &dir)?;
-        let windows = windows(&raw.limits, preset.as_ref())?;
-        let warmup = raw.limits.warmup.clone().unwrap_or_default();
-        if warmup.contains(&0) {
-            anyhow::bail!("[limits] warmup: every day's cap must be at least 1");
-        }
+        let dkim = raw.dkim.map(|d| dkim_config(d, &dir));
+        let (accounts, preset) = accounts(raw.transport, raw.accounts, &raw.limits, &dkim, &dir)?;
+        let first = accounts[0].clone();
+        let imap = imap_config(raw.imap, preset.as_ref(), &first.transport, &dir)?;
+        let timezone_column = raw
+            .schedule
+            .as_ref()
+            .and_then(|s| s.timezone_column.clone());
         let (hours, timezone) = sending_hours(raw.schedule)?;
         let mut per_domain = BTreeMap::new();
         for (key, value) in raw.limits.per_domain.iter().flatten() {
@@ -642,21 +760,18 @@ impl Campaign {
                 Some(s) => parse_duration("[retry] backoff", &s)?,
             },
         };
-        let dkim = raw.dkim.map(|d| DkimConfig {
-            domain: d.domain,
-            selector: d.selector,
-            private_key_file: dir.join(d.private_key_file),
-        });
         Ok(Campaign {
             name: raw.name,
             path: path.to_path_buf(),
             dir,
             recipients,
             message,
-            transport,
-            dkim,
-            windows,
-            warmup,
+            transport: first.transport,
+            dkim: first.dkim,
+            windows: first.windows,
+            warmup: first.warmup,
+            accounts,
+            timezone_column,
             per_domain,
             hours,
             timezone,
@@ -664,6 +779,113 @@ impl Campaign {
             imap,
         })
     }
+}
+
+fn dkim_config(raw: RawDkim, dir: &Path) -> DkimConfig {
+    DkimConfig {
+        domain: raw.domain,
+        selector: raw.selector,
+        private_key_file: dir.join(raw.private_key_file),
+    }
+}
+
+fn preset_named(at: &str, name: Option<&str>) -> Result<Option<Preset>> {
+    name.map(|name| {
+        Preset::named(name).ok_or_else(|| {
+            anyhow::anyhow!(
+                "{at} unknown preset {} (known: gmail, workspace, workspace-relay)",
+                quote(name)
+            )
+        })
+    })
+    .transpose()
+}
+
+/// The sending accounts: `[transport]` with `[limits]` and `[dkim]`, or
+/// every `[[accounts]]` entry over them; and the first account's preset,
+/// which gives `[imap]` its defaults.
+fn accounts(
+    transport: Option<RawTransport>,
+    raw_accounts: Vec<RawAccount>,
+    limits: &RawLimits,
+    dkim: &Option<DkimConfig>,
+    dir: &Path,
+) -> Result<(Vec<Account>, Option<Preset>)> {
+    let warmup = |limits: &RawLimits, at: &str| {
+        let warmup = limits.warmup.clone().unwrap_or_default();
+        if warmup.contains(&0) {
+            anyhow::bail!("{at} warmup: every day's cap must be at least 1");
+        }
+        Ok(warmup)
+    };
+    if raw_accounts.is_empty() {
+        let raw = transport.ok_or_else(|| {
+            anyhow::anyhow!("the campaign needs a [transport] section (or [[accounts]])")
+        })?;
+        let preset = preset_named("[transport]", raw.preset.as_deref())?;
+        let account = Account {
+            transport: transport_config(raw, preset.as_ref(), dir, "[transport]")?,
+            from: None,
+            dkim: dkim.clone(),
+            windows: windows(limits, preset.as_ref())?,
+            warmup: warmup(limits, "[limits]")?,
+        };
+        return Ok((vec![account], preset));
+    }
+    if transport.is_some() {
+        anyhow::bail!(
+            "give either [transport] (one account) or [[accounts]] (several), not both: \
+             move the [transport] keys into an [[accounts]] entry"
+        );
+    }
+    let mut out: Vec<Account> = Vec::new();
+    let mut first_preset = None;
+    for (i, raw) in raw_accounts.into_iter().enumerate() {
+        let at = format!("[[accounts]] #{}", i + 1);
+        let (raw, limits, from, own_dkim) = raw.split(limits);
+        if raw.kind.as_deref().is_some_and(|k| k != "smtp") {
+            anyhow::bail!(
+                "{at} kind = {}: accounts send through SMTP; a rehearsal uses one \
+                 [transport] with kind = \"file\"",
+                quote(raw.kind.as_deref().unwrap_or(""))
+            );
+        }
+        let preset = preset_named(&at, raw.preset.as_deref())?;
+        let transport = if raw.kind.is_none() && preset.is_none() {
+            transport_config(
+                RawTransport {
+                    kind: Some("smtp".into()),
+                    ..raw
+                },
+                None,
+                dir,
+                &at,
+            )?
+        } else {
+            transport_config(raw, preset.as_ref(), dir, &at)?
+        };
+        let account = Account {
+            transport,
+            from,
+            dkim: own_dkim
+                .map(|d| dkim_config(d, dir))
+                .or_else(|| dkim.clone()),
+            windows: windows(&limits, preset.as_ref())?,
+            warmup: warmup(&limits, &at)?,
+        };
+        if let Some(same) = out.iter().position(|a| a.account() == account.account()) {
+            anyhow::bail!(
+                "{at} is the same account as [[accounts]] #{} ({}): each account may appear once",
+                same + 1,
+                excerpt(&account.account())
+            );
+        }
+        if i == 0 {
+            first_preset = preset;
+        }
+        out.push(account);
+    }
+    Ok((out, first_preset))
 }
 
 /// A TOML error on one line: where, what, and the text there, cut short.
@@ -763,6 +985,7 @@ fn transport_config(
     raw: RawTransport,
     preset: Option<&Preset>,
     dir: &Path,
+    at: &str,
 ) -> Result<TransportConfig> {
     let kind = raw
         .kind
@@ -775,13 +998,13 @@ fn transport_config(
         }
         "smtp" => {
             if raw.dir.is_some() {
-                anyhow::bail!("[transport] `dir` belongs to kind = \"file\", not \"smtp\"");
+                anyhow::bail!("{at} `dir` belongs to kind = \"file\", not \"smtp\"");
             }
             let host = raw
                 .host
                 .or_else(|| preset.map(|p| p.host.to_string()))
                 .ok_or_else(|| {
-                    anyhow::anyhow!("[transport] kind = \"smtp\" needs `host` (or a `preset`)")
+                    anyhow::anyhow!("{at} kind = \"smtp\" needs `host` (or a `preset`)")
                 })?;
             let tls = match raw.tls.as_deref() {
                 None => preset.map(|p| p.tls).unwrap_or(TlsMode::StartTls),
@@ -789,7 +1012,7 @@ fn transport_config(
                 Some("tls") => TlsMode::Implicit,
                 Some("none") => TlsMode::None,
                 Some(other) => anyhow::bail!(
-                    "[transport] tls = {}: use \"starttls\", \"tls\" or \"none\"",
+                    "{at} tls = {}: use \"starttls\", \"tls\" or \"none\"",
                     quote(other)
                 ),
             };
@@ -805,49 +1028,47 @@ fn transport_config(
             ];
             if sources.iter().filter(|s| **s).count() > 1 {
                 anyhow::bail!(
-                    "[transport] give only one of password_env, password_file, password_command"
+                    "{at} give only one of password_env, password_file, password_command"
                 );
             }
             let xoauth2 = match raw.auth.as_deref() {
                 None | Some("password") => false,
                 Some("xoauth2") => true,
                 Some(other) => anyhow::bail!(
-                    "[transport] auth = {}: use \"password\" or \"xoauth2\"",
+                    "{at} auth = {}: use \"password\" or \"xoauth2\"",
                     quote(other)
                 ),
             };
             if xoauth2 && sources.iter().any(|s| *s) {
                 anyhow::bail!(
-                    "[transport] auth = \"xoauth2\" takes its access token from token_command, \
+                    "{at} auth = \"xoauth2\" takes its access token from token_command, \
                      not from password_env, password_file or password_command"
                 );
             }
             if xoauth2 && raw.username.is_none() {
                 anyhow::bail!(
-                    "[transport] auth = \"xoauth2\" needs `username`, the account the token is for"
+                    "{at} auth = \"xoauth2\" needs `username`, the account the token is for"
                 );
             }
             if raw.token_command.is_some() && !xoauth2 {
-                anyhow::bail!(
-                    "[transport] token_command is for auth = \"xoauth2\", which is not set"
-                );
+                anyhow::bail!("{at} token_command is for auth = \"xoauth2\", which is not set");
             }
             if raw.password_command_timeout.is_some()
                 && raw.password_command.is_none()
                 && raw.token_command.is_none()
             {
                 anyhow::bail!(
-                    "[transport] password_command_timeout is for password_command, which is not set"
+                    "{at} password_command_timeout is for password_command, which is not set"
                 );
             }
             let command_timeout = match raw.password_command_timeout {
                 None => DEFAULT_PASSWORD_COMMAND_TIMEOUT,
-                Some(t) => parse_duration("[transport] password_command_timeout", &t)?,
+                Some(t) => parse_duration(&format!("{at} password_command_timeout"), &t)?,
             };
             let password = if xoauth2 {
                 let command = raw.token_command.ok_or_else(|| {
                     anyhow::anyhow!(
-                        "[transport] auth = \"xoauth2\" needs token_command, a command that prints \
+                        "{at} auth = \"xoauth2\" needs token_command, a command that prints \
                          an OAuth 2 access token"
                     )
                 })?;
@@ -870,7 +1091,7 @@ fn transport_config(
                     .unwrap_or_else(|| DEFAULT_PASSWORD_ENV.to_string());
                 if !valid_variable_name(&var) {
                     anyhow::bail!(
-                        "[transport] password_env must be the name of an environment variable \
+                        "{at} password_env must be the name of an environment variable \
                          (letters, digits and _, such as {DEFAULT_PASSWORD_ENV}); the value is not \
                          shown because it may be the password itself"
                     );
@@ -879,18 +1100,18 @@ fn transport_config(
             };
             if tls == TlsMode::None && raw.username.is_some() && !is_loopback(&host) {
                 anyhow::bail!(
-                    "[transport] tls = \"none\" with a username would send the password in clear text to {}; \
+                    "{at} tls = \"none\" with a username would send the password in clear text to {}; \
                      that is allowed only for a loopback host",
                     excerpt(&host)
                 );
             }
             let connections = raw.connections.unwrap_or(1);
             if connections == 0 || connections > MAX_CONNECTIONS {
-                anyhow::bail!("[transport] connections must be between 1 and {MAX_CONNECTIONS}");
+                anyhow::bail!("{at} connections must be between 1 and {MAX_CONNECTIONS}");
             }
             let timeout = match raw.timeout {
                 None => Duration::from_secs(30),
-                Some(t) => parse_duration("[transport] timeout", &t)?,
+                Some(t) => parse_duration(&format!("{at} timeout"), &t)?,
             };
             let helo_name = raw.helo_name.as_deref().map(helo_name).transpose()?;
             Ok(TransportConfig::Smtp(SmtpConfig {
@@ -906,11 +1127,8 @@ fn transport_config(
                 xoauth2,
             }))
         }
-        "" => anyhow::bail!("[transport] needs `kind` (\"smtp\" or \"file\") or a `preset`"),
-        other => anyhow::bail!(
-            "[transport] kind = {}: use \"smtp\" or \"file\"",
-            quote(other)
-        ),
+        "" => anyhow::bail!("{at} needs `kind` (\"smtp\" or \"file\") or a `preset`"),
+        other => anyhow::bail!("{at} kind = {}: use \"smtp\" or \"file\"", quote(other)),
     }
 }
 
@@ -1201,6 +1419,69 @@ text = "t.hbs"
         ] {
             let err = load_str(&format!("{BASE}{smtp}{extra}")).unwrap_err();
             assert!(format!("{err:#}").contains(word), "{err:#}");
+        }
+    }
+
+    #[test]
+    fn accounts_each_have_their_server_from_dkim_and_windows() {
+        let c = load_str(&format!(
+            "{BASE}[dkim]\ndomain = \"acme.example\"\nselector = \"s\"\nprivate_key_file = \"k.pem\"\n\
+             [limits]\nper_minute = 5\nwarmup = [10]\n\
+             [[accounts]]\npreset = \"gmail\"\nusername = \"news1@gmail.com\"\nfrom = \"News <news1@gmail.com>\"\npassword_env = \"NEWS1\"\n\
+             [[accounts]]\nhost = \"smtp.acme.example\"\nusername = \"u\"\nper_day = 2000\nwarmup = [50, 100]\n\
+             dkim = {{ domain = \"other.example\", selector = \"t\", private_key_file = \"o.pem\" }}\n"
+        ))
+        .unwrap();
+        assert_eq!(c.accounts.len(), 2);
+        let windows = |i: usize| -> Vec<(u32, u64)> {
+            c.accounts[i]
+                .windows
+                .iter()
+                .map(|w| (w.max, w.period.as_secs()))
+                .collect()
+        };
+        // [limits] per_minute wins over the preset's; the preset's per_day stays.
+        assert_eq!(windows(0), vec![(5, 60), (500, 86_400)]);
+        assert_eq!(windows(1), vec![(5, 60), (2000, 86_400)]);
+        assert_eq!(c.accounts[0].warmup, vec![10]);
+        assert_eq!(c.accounts[1].warmup, vec![50, 100]);
+        assert_eq!(c.accounts[0].account(), "news1@gmail.com@smtp.gmail.com");
+        assert_eq!(c.accounts[1].account(), "u@smtp.acme.example");
+        assert_eq!(c.account(), "news1@gmail.com@smtp.gmail.com");
+        let second = c.for_account(1);
+        assert_eq!(second.message.from, "a@example.com");
+        assert_eq!(second.dkim.as_ref().unwrap().domain, "other.example");
+        assert_eq!(second.account(), "u@smtp.acme.example");
+        let first = c.for_account(0);
+        assert_eq!(first.message.from, "News <news1@gmail.com>");
+        assert_eq!(first.dkim.as_ref().unwrap().domain, "acme.example");
+        assert_eq!(first.imap.unwrap().user, "news1@gmail.com");
+
+        for (accounts, words) in [
+            (
+                "[transport]\nkind = \"file\"\n[[accounts]]\nhost = \"h\"\n",
+                &["not both"][..],
+            ),
+            (
+                "[[accounts]]\nhost = \"h\"\nusername = \"u\"\n[[accounts]]\nhost = \"h\"\nusername = \"u\"\n",
+                &["#2", "same account"][..],
+            ),
+            (
+                "[[accounts]]\nhost = \"h\"\n[[accounts]]\nkind = \"file\"\n",
+                &["#2", "file"][..],
+            ),
+            (
+                "[[accounts]]\nhost = \"h\"\n[[accounts]]\nhost = \"h2\"\ntls = \"ssl\"\n",
+                &["[[accounts]] #2 tls"][..],
+            ),
+            ("[[accounts]]\nhost = \"h\"\nfolder = \"x\"\n", &["folder"][..]),
+            ("", &["[transport]"][..]),
+        ] {
+            let err = load_str(&format!("{BASE}{accounts}")).unwrap_err();
+            let msg = format!("{err:#}");
+            for word in words {
+                assert!(msg.contains(word), "{word}: {msg}");
+            }
         }
     }
 

@@ -2,6 +2,14 @@
 //! limits, a few at once unthrottled), sends through a [`Transport`] on
 //! `connections` workers, and records each outcome as it happens. It never prints or exits; it reports [`Event`]s and returns how
 //! the run ended, and the command layer decides what the user sees.
+//!
+//! With several accounts (SPEC §6b) each account is a [`Lane`] with its own
+//! workers, transport and windows, all claiming from the same campaign:
+//! whichever account's slot comes first takes the next recipient, which is
+//! how each message goes through the account that can send it soonest. A
+//! lane whose login is refused, or that must wait under `--no-wait`, is set
+//! aside and the others carry on; the run ends when nothing is left or no
+//! lane is.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
@@ -90,6 +98,9 @@ pub struct RunConfig {
     /// `[schedule]`: no message leaves outside these hours of `zone`.
     pub hours: Option<SendingHours>,
     pub zone: Tz,
+    /// `timezone_column`: the field holding each recipient's own zone, in
+    /// which `hours` then apply (an empty cell: `zone`).
+    pub zone_field: Option<usize>,
     /// The account's daily caps for its first days of sending.
     pub warmup: Vec<u32>,
     /// `[limits.per_domain]`, paced in this run only.
@@ -102,6 +113,8 @@ pub enum Event {
     Sent {
         row: i64,
         email: String,
+        /// The account that sent it.
+        account: String,
     },
     Deferred {
         row: i64,
@@ -125,20 +138,24 @@ pub enum Event {
         email: String,
         why: String,
     },
-    /// Sending waits until `until_ms` (not sent for plain pacing).
+    /// Sending through `account` waits until `until_ms` (not sent for
+    /// plain pacing).
     Waiting {
         until_ms: i64,
         why: WaitReason,
+        account: String,
     },
     /// Deferred recipients are not due yet.
-    WaitingForRetry {
-        until_ms: i64,
-    },
+    WaitingForRetry { until_ms: i64 },
     /// The server paused the account, or could not be reached.
     AccountPaused {
         until_ms: i64,
         why: String,
+        account: String,
     },
+    /// With several accounts: this one refused the login (or stopped under
+    /// `--no-wait`) and sends no more in this run; the others carry on.
+    AccountSetAside { account: String, end: RunEnd },
 }
 
 /// How a run ended.
@@ -154,6 +171,8 @@ pub enum RunEnd {
     Interrupted,
     /// Authentication or TLS policy failure; nothing changed for any recipient.
     Fatal(Reply),
+    /// With several accounts: every one was set aside (each account and why).
+    NoAccountLeft(Vec<(String, RunEnd)>),
     /// Too many identical permanent failures in a row.
     CircuitBreaker(String),
 }
@@ -161,14 +180,67 @@ pub enum RunEnd {
 struct Shared {
     claimed: u64,
     in_flight: usize,
-    /// Claimed (durably `sending`) but not yet picked up by a worker.
-    queue: VecDeque<Ready>,
     end: Option<RunEnd>,
     breaker: (String, u32),
+    lanes: Vec<LaneState>,
+}
+
+/// What one account's workers share.
+#[derive(Default)]
+struct LaneState {
+    account: String,
+    /// Claimed (durably `sending`) but not yet picked up by a worker.
+    queue: VecDeque<Ready>,
     /// The server cannot be reached: ends at the first connection made.
     outage: Backoff,
     /// The server paused the account (4xx): ends at the first message sent.
     throttle: Backoff,
+    /// Set aside: a refused login, or a wait `--no-wait` does not take.
+    stopped: Option<RunEnd>,
+}
+
+impl Shared {
+    /// Recipients claimed and not yet settled, on every account.
+    fn busy(&self) -> usize {
+        self.in_flight + self.lanes.iter().map(|l| l.queue.len()).sum::<usize>()
+    }
+
+    /// Sets lane `lane` aside for `why`; once none is left, ends the run:
+    /// with a wait if any lane only waits, else with why they stopped.
+    /// Returns the lane's claimed, unsent recipients, to put back.
+    fn stop_lane(&mut self, lane: usize, why: RunEnd) -> Vec<Ready> {
+        let state = &mut self.lanes[lane];
+        state.stopped.get_or_insert(why);
+        let queued = std::mem::take(&mut state.queue);
+        self.claimed = self.claimed.saturating_sub(queued.len() as u64);
+        if self.lanes.iter().all(|l| l.stopped.is_some()) {
+            let end = if self.lanes.len() == 1 {
+                self.lanes[0].stopped.clone()
+            } else {
+                let wait = self
+                    .lanes
+                    .iter()
+                    .filter_map(|l| match &l.stopped {
+                        Some(end @ RunEnd::WouldWait { until_ms, .. }) => Some((*until_ms, end)),
+                        _ => None,
+                    })
+                    .min_by_key(|(until, _)| *until)
+                    .map(|(_, end)| end.clone());
+                Some(wait.unwrap_or_else(|| {
+                    RunEnd::NoAccountLeft(
+                        self.lanes
+                            .iter()
+                            .filter_map(|l| Some((l.account.clone(), l.stopped.clone()?)))
+                            .collect(),
+                    )
+                }))
+            };
+            if let Some(end) = end {
+                self.end.get_or_insert(end);
+            }
+        }
+        queued.into()
+    }
 }
 
 /// One pause that grows while it lasts: each failed attempt made after the
@@ -209,6 +281,15 @@ pub fn outage_delay(retry: &RetryConfig, step: u32) -> Duration {
         .min(cap)
 }
 
+/// One sending account of a run: what it may do (its account, windows,
+/// warm-up and connections in `config`), how it sends, and the pipeline
+/// that builds its messages (its `from`, its DKIM key).
+pub struct Lane<T> {
+    pub config: RunConfig,
+    pub transport: Arc<T>,
+    pub pipeline: Arc<Pipeline>,
+}
+
 /// Sends until nothing is left, the limit is reached, a stop is requested
 /// (`stop` turns true) or something ends the run.
 pub async fn run<T: Transport, C: Clock>(
@@ -220,34 +301,68 @@ pub async fn run<T: Transport, C: Clock>(
     events: mpsc::UnboundedSender<Event>,
     stop: watch::Receiver<bool>,
 ) -> Result<RunEnd> {
+    let lane = Lane {
+        config,
+        transport,
+        pipeline,
+    };
+    run_lanes(store, vec![lane], clock, events, stop).await
+}
+
+/// [`run`] through several accounts at once, sharing the campaign, the
+/// `--limit`, the per-domain pacing and the circuit breaker. The
+/// campaign-wide settings (retry, limit, no_wait, hours, per_domain) are
+/// read from the first lane.
+pub async fn run_lanes<T: Transport, C: Clock>(
+    store: Store,
+    lanes: Vec<Lane<T>>,
+    clock: Arc<C>,
+    events: mpsc::UnboundedSender<Event>,
+    stop: watch::Receiver<bool>,
+) -> Result<RunEnd> {
+    let Some(first) = lanes.first() else {
+        return Ok(RunEnd::Done);
+    };
     let shared = Arc::new(Mutex::new(Shared {
         claimed: 0,
         in_flight: 0,
-        queue: VecDeque::new(),
         end: None,
         breaker: (String::new(), 0),
-        outage: Backoff::default(),
-        throttle: Backoff::default(),
+        lanes: lanes
+            .iter()
+            .map(|l| LaneState {
+                account: l.config.account.clone(),
+                ..LaneState::default()
+            })
+            .collect(),
     }));
     let settled = Arc::new(Notify::new());
-    let domains = Arc::new(DomainPacer::new(&config.per_domain));
-    let config = Arc::new(config);
+    let domains = Arc::new(DomainPacer::new(&first.config.per_domain));
+    let (ended, _) = watch::channel(false);
+    let ended = Arc::new(ended);
+    let several = lanes.len() > 1;
     let mut workers = Vec::new();
-    for _ in 0..config.connections.max(1) {
-        let worker = Worker {
-            store: store.clone(),
-            transport: transport.clone(),
-            clock: clock.clone(),
-            pipeline: pipeline.clone(),
-            config: config.clone(),
-            events: events.clone(),
-            stop: stop.clone(),
-            shared: shared.clone(),
-            settled: settled.clone(),
-            domains: domains.clone(),
-            proven: false,
-        };
-        workers.push(tokio::spawn(worker.run()));
+    for (index, lane) in lanes.into_iter().enumerate() {
+        let config = Arc::new(lane.config);
+        for _ in 0..config.connections.max(1) {
+            let worker = Worker {
+                store: store.clone(),
+                transport: lane.transport.clone(),
+                clock: clock.clone(),
+                pipeline: lane.pipeline.clone(),
+                config: config.clone(),
+                lane: index,
+                several,
+                events: events.clone(),
+                stop: stop.clone(),
+                ended: ended.clone(),
+                shared: shared.clone(),
+                settled: settled.clone(),
+                domains: domains.clone(),
+                proven: false,
+            };
+            workers.push(tokio::spawn(worker.run()));
+        }
     }
     let mut first_error = None;
     for w in workers {
@@ -262,7 +377,13 @@ pub async fn run<T: Transport, C: Clock>(
         }
     }
     // Claimed ones no worker picked up were never offered to the server.
-    let unsent = std::mem::take(&mut shared.lock().await.queue);
+    let unsent: Vec<Ready> = shared
+        .lock()
+        .await
+        .lanes
+        .iter_mut()
+        .flat_map(|l| std::mem::take(&mut l.queue))
+        .collect();
     for r in unsent {
         store
             .record(&r.candidate, r.log_id, &Outcome::Unclaimed, clock.now_ms())
@@ -285,8 +406,15 @@ struct Worker<T, C> {
     clock: Arc<C>,
     pipeline: Arc<Pipeline>,
     config: Arc<RunConfig>,
+    /// This worker's account, an index into `Shared::lanes`.
+    lane: usize,
+    /// More than one account: a refused login sets one aside.
+    several: bool,
     events: mpsc::UnboundedSender<Event>,
     stop: watch::Receiver<bool>,
+    /// Turns true when the run ends, to wake workers waiting for their
+    /// account (a pause, a full window) when the others finished the work.
+    ended: Arc<watch::Sender<bool>>,
     shared: Arc<Mutex<Shared>>,
     settled: Arc<Notify>,
     domains: Arc<DomainPacer>,
@@ -311,13 +439,18 @@ impl<T: Transport, C: Clock> Worker<T, C> {
                 return Ok(());
             }
             match self.next(&mut last_wait).await? {
-                Next::Finish => return Ok(()),
+                Next::Finish => {
+                    if self.shared.lock().await.end.is_some() {
+                        self.ended.send_replace(true);
+                    }
+                    return Ok(());
+                }
                 Next::Connect => {
                     let started = self.clock.now_ms();
                     match self.transport.connect().await {
                         Ok(()) => {
                             self.proven = true;
-                            self.shared.lock().await.outage = Backoff::default();
+                            self.shared.lock().await.lanes[self.lane].outage = Backoff::default();
                         }
                         Err(reply) => self.refused(reply, started).await?,
                     }
@@ -333,9 +466,11 @@ impl<T: Transport, C: Clock> Worker<T, C> {
                     self.settled.notify_waiters();
                 }
                 Next::Sleep(until_ms) => {
+                    let mut ended = self.ended.subscribe();
                     tokio::select! {
                         _ = self.clock.sleep_until(until_ms) => {}
                         _ = stop_requested(&mut self.stop) => {}
+                        _ = ended.wait_for(|e| *e) => {}
                     }
                 }
                 Next::AwaitOthers => {
@@ -354,28 +489,29 @@ impl<T: Transport, C: Clock> Worker<T, C> {
     /// that `--limit` and the run's end are exact across connections.
     async fn next(&mut self, last_wait: &mut Option<(i64, WaitReason)>) -> Result<Next> {
         let mut shared = self.shared.lock().await;
-        if shared.end.is_some() {
+        let lane = self.lane;
+        if shared.end.is_some() || shared.lanes[lane].stopped.is_some() {
             return Ok(Next::Finish);
         }
-        if let Some(ready) = shared.queue.pop_front() {
+        if let Some(ready) = shared.lanes[lane].queue.pop_front() {
             shared.in_flight += 1;
             return Ok(Next::Send(ready));
         }
         let now = self.clock.now_ms();
-        if let Some(until) = shared.outage.active_until(now) {
+        if let Some(until) = shared.lanes[lane].outage.active_until(now) {
             if let Some(end) = self.no_wait_end(until, "the server cannot be reached") {
-                shared.end.get_or_insert(end);
+                self.stop_lane(&mut shared, end).await?;
                 return Ok(Next::Finish);
             }
             return Ok(Next::Sleep(until));
         }
-        if let Some(until) = shared.throttle.active_until(now) {
+        if let Some(until) = shared.lanes[lane].throttle.active_until(now) {
             return Ok(Next::Sleep(until));
         }
         let mut max = claim_batch(&self.config);
         if let Some(limit) = self.config.limit {
             if shared.claimed >= limit {
-                if shared.in_flight == 0 {
+                if shared.busy() == 0 {
                     shared.end = Some(RunEnd::LimitReached);
                 }
                 return Ok(Next::Finish);
@@ -413,6 +549,9 @@ impl<T: Transport, C: Clock> Worker<T, C> {
                         max,
                         |c| pipeline.build_stored(c).map_err(|e| e.to_string()),
                         |c| {
+                            if let Some(held) = recipient_hours(cfg, c, now) {
+                                return Some(held);
+                            }
                             let address = if c.address.is_empty() {
                                 &c.email
                             } else {
@@ -421,7 +560,7 @@ impl<T: Transport, C: Clock> Worker<T, C> {
                             domains.hold(address).map(|(wait, domain)| {
                                 (
                                     now + i64::try_from(wait.as_millis()).unwrap_or(i64::MAX / 4),
-                                    domain,
+                                    WaitReason::Domain(domain),
                                 )
                             })
                         },
@@ -439,8 +578,8 @@ impl<T: Transport, C: Clock> Worker<T, C> {
                     });
                 }
                 shared.claimed += ready.len() as u64;
-                shared.queue.extend(ready);
-                match shared.queue.pop_front() {
+                shared.lanes[lane].queue.extend(ready);
+                match shared.lanes[lane].queue.pop_front() {
                     Some(ready) => {
                         shared.in_flight += 1;
                         Ok(Next::Send(ready))
@@ -454,10 +593,11 @@ impl<T: Transport, C: Clock> Worker<T, C> {
                 let short = matches!(why, WaitReason::Pacing | WaitReason::Domain(_))
                     && until_ms - now <= NO_WAIT_PACING_MS;
                 if cfg.no_wait && !short {
-                    shared.end = Some(RunEnd::WouldWait {
+                    let end = RunEnd::WouldWait {
                         until_ms,
                         why: describe_wait(&why),
-                    });
+                    };
+                    self.stop_lane(&mut shared, end).await?;
                     return Ok(Next::Finish);
                 }
                 let repeated = last_wait
@@ -472,13 +612,14 @@ impl<T: Transport, C: Clock> Worker<T, C> {
                     let _ = self.events.send(Event::Waiting {
                         until_ms,
                         why: why.clone(),
+                        account: cfg.account.clone(),
                     });
                 }
                 *last_wait = Some((until_ms, why));
                 Ok(Next::Sleep(until_ms))
             }
             Claim::Idle { next_due_ms } => {
-                if shared.in_flight > 0 {
+                if shared.busy() > 0 {
                     return Ok(Next::AwaitOthers);
                 }
                 match next_due_ms {
@@ -510,7 +651,7 @@ impl<T: Transport, C: Clock> Worker<T, C> {
     /// the warm-up count cannot be overtaken between the check and the claim.
     async fn gate(&self, now: i64) -> Result<Option<(i64, WaitReason)>> {
         let cfg = &self.config;
-        if let Some(hours) = &cfg.hours {
+        if let Some(hours) = cfg.hours.as_ref().filter(|_| cfg.zone_field.is_none()) {
             // No opening found (impossible for parsed hours): look again in an hour.
             let opens = hours.next_open(now, cfg.zone).unwrap_or(now + 3_600_000);
             if opens > now {
@@ -565,12 +706,13 @@ impl<T: Transport, C: Clock> Worker<T, C> {
                 .await?;
                 let mut shared = self.shared.lock().await;
                 shared.breaker = (String::new(), 0);
-                shared.throttle = Backoff::default();
-                shared.outage = Backoff::default();
+                shared.lanes[self.lane].throttle = Backoff::default();
+                shared.lanes[self.lane].outage = Backoff::default();
                 drop(shared);
                 let _ = self.events.send(Event::Sent {
                     row: c.row_number,
                     email: c.email.clone(),
+                    account: self.config.account.clone(),
                 });
                 return Ok(());
             }
@@ -591,6 +733,7 @@ impl<T: Transport, C: Clock> Worker<T, C> {
                 let _ = self.events.send(Event::Sent {
                     row: c.row_number,
                     email: c.email.clone(),
+                    account: self.config.account.clone(),
                 });
             }
             ReplyClass::Unknown => {
@@ -669,7 +812,8 @@ impl<T: Transport, C: Clock> Worker<T, C> {
                 // A transaction refused for the account (530 after MAIL):
                 // nobody's state changes.
                 self.record(c, log_id, &Outcome::Unclaimed).await?;
-                self.shared.lock().await.end = Some(RunEnd::Fatal(reply));
+                let mut shared = self.shared.lock().await;
+                self.stop_lane(&mut shared, RunEnd::Fatal(reply)).await?;
             }
         }
         Ok(())
@@ -683,20 +827,18 @@ impl<T: Transport, C: Clock> Worker<T, C> {
         let kind = match reply.class() {
             ReplyClass::AccountPaused(kind) => kind,
             _ => {
-                self.shared
-                    .lock()
-                    .await
-                    .end
-                    .get_or_insert(RunEnd::Fatal(reply));
-                return Ok(());
+                let mut shared = self.shared.lock().await;
+                return self.stop_lane(&mut shared, RunEnd::Fatal(reply)).await;
             }
         };
         let unreachable = reply.origin == Origin::Unreachable;
         let now = self.clock.now_ms();
-        let mut shared = self.shared.lock().await;
+        let mut guard = self.shared.lock().await;
+        let shared = &mut *guard;
+        let lane = &mut shared.lanes[self.lane];
         let (until_ms, why) = if unreachable {
             let retry = &self.config.retry;
-            let Some(until) = shared
+            let Some(until) = lane
                 .outage
                 .fail(started, now, |step| outage_delay(retry, step))
             else {
@@ -712,8 +854,7 @@ impl<T: Transport, C: Clock> Worker<T, C> {
                 Pause::Daily => Some(self.daily_window_frees(now).await?),
                 Pause::Backoff => {
                     let retry = &self.config.retry;
-                    shared
-                        .throttle
+                    lane.throttle
                         .fail(started, now, |step| retry.delay_after(step))
                 }
             };
@@ -721,8 +862,8 @@ impl<T: Transport, C: Clock> Worker<T, C> {
                 return Ok(());
             };
             if kind == Pause::Daily {
-                shared.throttle = Backoff {
-                    step: shared.throttle.step.max(1),
+                lane.throttle = Backoff {
+                    step: lane.throttle.step.max(1),
                     until_ms: until,
                 };
             }
@@ -733,8 +874,9 @@ impl<T: Transport, C: Clock> Worker<T, C> {
             (until, why)
         };
         // Recipients claimed but not yet offered wait for the pause as
-        // they were, not as `sending`.
-        for r in std::mem::take(&mut shared.queue) {
+        // they were, not as `sending` (with several accounts, another
+        // account takes them).
+        for r in std::mem::take(&mut lane.queue) {
             self.record(&r.candidate, r.log_id, &Outcome::Unclaimed)
                 .await?;
             shared.claimed = shared.claimed.saturating_sub(1);
@@ -742,9 +884,27 @@ impl<T: Transport, C: Clock> Worker<T, C> {
         let _ = self.events.send(Event::AccountPaused {
             until_ms,
             why: why.clone(),
+            account: self.config.account.clone(),
         });
         if let Some(end) = self.no_wait_end(until_ms, &why) {
-            shared.end.get_or_insert(end);
+            self.stop_lane(shared, end).await?;
+        }
+        Ok(())
+    }
+
+    /// Sets this worker's account aside for the rest of the run (see
+    /// [`Shared::stop_lane`]); its claimed, unsent recipients go back as
+    /// they were, for the other accounts.
+    async fn stop_lane(&self, shared: &mut Shared, end: RunEnd) -> Result<()> {
+        if self.several && shared.lanes[self.lane].stopped.is_none() {
+            let _ = self.events.send(Event::AccountSetAside {
+                account: self.config.account.clone(),
+                end: end.clone(),
+            });
+        }
+        for r in shared.stop_lane(self.lane, end) {
+            self.record(&r.candidate, r.log_id, &Outcome::Unclaimed)
+                .await?;
         }
         Ok(())
     }
@@ -781,6 +941,25 @@ impl<T: Transport, C: Clock> Worker<T, C> {
     }
 }
 
+/// When recipient `c`, outside the sending hours of their own zone
+/// (`timezone_column`), may be sent to; `None` when they may now.
+fn recipient_hours(cfg: &RunConfig, c: &Candidate, now: i64) -> Option<(i64, WaitReason)> {
+    let hours = cfg.hours.as_ref()?;
+    let cell = c
+        .fields
+        .get(cfg.zone_field?)
+        .map(|f| f.trim())
+        .unwrap_or("");
+    // An empty cell, or one the pre-send check would have refused: the
+    // campaign's zone.
+    let zone = match cell {
+        "" => cfg.zone,
+        name => SendingHours::parse_zone(name).unwrap_or(cfg.zone),
+    };
+    let opens = hours.next_open(now, zone).unwrap_or(now + 3_600_000);
+    (opens > now).then(|| (opens, WaitReason::RecipientHours(zone.name().to_string())))
+}
+
 /// Resolves when a stop is requested. If the sender is gone no stop can
 /// come any more: wait forever rather than wake a sleeping worker in a loop.
 async fn stop_requested(stop: &mut watch::Receiver<bool>) {
@@ -798,6 +977,10 @@ pub fn describe_wait(why: &WaitReason) -> String {
         }
         WaitReason::Paused(why) => why.clone(),
         WaitReason::Schedule => "outside the sending hours of [schedule]".to_string(),
+        WaitReason::RecipientHours(zone) => format!(
+            "every recipient due is outside the sending hours of [schedule] in their own zone \
+             (timezone_column; the first to open: {zone})"
+        ),
         WaitReason::Domain(domain) => {
             format!("pacing for {domain} ([limits.per_domain])")
         }
@@ -923,18 +1106,28 @@ mod tests {
     fn config(s: &Setup, windows: Vec<Window>, connections: usize) -> RunConfig {
         RunConfig {
             campaign_id: s.record.id,
+            windows,
+            connections,
+            ..config_without_setup()
+        }
+    }
+
+    fn config_without_setup() -> RunConfig {
+        RunConfig {
+            campaign_id: 0,
             account: "acct".into(),
             pause_key: "acct:587".into(),
-            windows,
+            windows: Vec::new(),
             retry: RetryConfig {
                 max_attempts: 3,
                 backoff: Duration::from_secs(60),
             },
-            connections,
+            connections: 1,
             limit: None,
             no_wait: false,
             hours: None,
             zone: Tz::UTC,
+            zone_field: None,
             warmup: Vec::new(),
             per_domain: BTreeMap::new(),
         }
@@ -1333,6 +1526,183 @@ mod tests {
                 .count()
         };
         assert_eq!((on_day(0), on_day(1), on_day(2)), (2, 3, 2));
+    }
+
+    /// Three accounts on one campaign in virtual time: one refuses the
+    /// login and is set aside, one is quota-paused (5.4.5) after two
+    /// messages, the third finishes the campaign; every recipient is sent
+    /// once, each account's window holds, and nothing is sent through the
+    /// refused account.
+    #[tokio::test]
+    async fn accounts_share_a_campaign_and_one_paused_or_refused_is_set_aside() {
+        let s = setup(12).await;
+        let clock = Arc::new(FakeClock(AtomicI64::new(1_000_000)));
+        let window = Window::new(3, Duration::from_secs(60)).unwrap();
+        let recorder = |script: Script, connect: ConnectScript| {
+            Arc::new(Recorder {
+                clock: clock.clone(),
+                script: StdMutex::new(script),
+                connect: StdMutex::new(connect),
+                calls: StdMutex::new(Vec::new()),
+                connects: StdMutex::new(Vec::new()),
+            })
+        };
+        let refused = recorder(
+            Box::new(|_, _| ok()),
+            Box::new(|_| Err(login(535, "5.7.8 Username and Password not accepted."))),
+        );
+        let quota = recorder(
+            Box::new(|_, n| {
+                if n <= 2 {
+                    ok()
+                } else {
+                    Err(Reply::new(
+                        Some(550),
+                        "5.4.5 Daily user sending limit exceeded.",
+                    ))
+                }
+            }),
+            Box::new(|_| Ok(())),
+        );
+        let steady = recorder(Box::new(|_, _| ok()), Box::new(|_| Ok(())));
+        let lane = |name: &str, transport: &Arc<Recorder>| {
+            let mut cfg = config(&s, vec![window], 1);
+            cfg.account = name.to_string();
+            cfg.pause_key = format!("{name}:587");
+            Lane {
+                config: cfg,
+                transport: transport.clone(),
+                pipeline: s.pipeline.clone(),
+            }
+        };
+        let lanes = vec![
+            lane("refused", &refused),
+            lane("quota", &quota),
+            lane("steady", &steady),
+        ];
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (_stop_tx, stop) = watch::channel(false);
+        let end = run_lanes(s.store.clone(), lanes, clock, tx, stop)
+            .await
+            .unwrap();
+        assert_eq!(end, RunEnd::Done);
+        assert!(refused.calls.lock().unwrap().is_empty());
+        let quota_calls = quota.calls.lock().unwrap().clone();
+        let steady_calls = steady.calls.lock().unwrap().clone();
+        // From the third offer on, each is refused for the quota and goes
+        // back; the account tries again only once its pause is over (the
+        // virtual clock jumps to the end of any worker's wait, so it may
+        // try more than once before the others finish).
+        assert!(quota_calls.len() >= 3, "{quota_calls:?}");
+        for pair in quota_calls[2..].windows(2) {
+            assert!(pair[1].0 - pair[0].0 >= 3_600_000, "{quota_calls:?}");
+        }
+        let mut delivered: Vec<String> = quota_calls[..2]
+            .iter()
+            .chain(&steady_calls)
+            .map(|c| c.1.clone())
+            .collect();
+        delivered.sort();
+        delivered.dedup();
+        assert_eq!(delivered.len(), 12, "every recipient exactly once");
+        assert_eq!(steady_calls.len(), 10);
+        for calls in [&quota_calls[..2], &steady_calls] {
+            for (i, (t, _)) in calls.iter().enumerate() {
+                let inside = calls[i..].iter().filter(|(u, _)| *u < t + 60_000).count();
+                assert!(inside <= 3, "{calls:?}");
+            }
+        }
+        assert_eq!(s.store.counts(s.record.id).await.unwrap()[State::Sent], 12);
+        let mut set_aside = Vec::new();
+        let mut sent_by = BTreeMap::<String, usize>::new();
+        while let Ok(event) = rx.try_recv() {
+            match event {
+                Event::AccountSetAside { account, .. } => set_aside.push(account),
+                Event::Sent { account, .. } => *sent_by.entry(account).or_default() += 1,
+                _ => {}
+            }
+        }
+        assert_eq!(set_aside, ["refused"]);
+        assert_eq!(sent_by.get("quota"), Some(&2));
+        assert_eq!(sent_by.get("steady"), Some(&10));
+    }
+
+    /// When every account refuses the login, the run stops with each one's
+    /// reason and nobody's state changed.
+    #[tokio::test]
+    async fn no_account_left_ends_the_run() {
+        let s = setup(3).await;
+        let before = rows(&s).await;
+        let clock = Arc::new(FakeClock(AtomicI64::new(1_000_000)));
+        let lanes: Vec<Lane<Recorder>> = ["a", "b"]
+            .iter()
+            .map(|name| {
+                let mut cfg = config(&s, vec![], 1);
+                cfg.account = name.to_string();
+                Lane {
+                    config: cfg,
+                    transport: Arc::new(Recorder {
+                        clock: clock.clone(),
+                        script: StdMutex::new(Box::new(|_, _| ok())),
+                        connect: StdMutex::new(Box::new(|_| Err(login(535, "5.7.8 no")))),
+                        calls: StdMutex::new(Vec::new()),
+                        connects: StdMutex::new(Vec::new()),
+                    }),
+                    pipeline: s.pipeline.clone(),
+                }
+            })
+            .collect();
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let (_stop_tx, stop) = watch::channel(false);
+        let end = run_lanes(s.store.clone(), lanes, clock, tx, stop)
+            .await
+            .unwrap();
+        let RunEnd::NoAccountLeft(accounts) = end else {
+            panic!("{end:?}")
+        };
+        let names: Vec<&str> = accounts.iter().map(|(a, _)| a.as_str()).collect();
+        assert_eq!(names, ["a", "b"]);
+        assert_eq!(rows(&s).await, before);
+    }
+
+    /// With `timezone_column`, each recipient waits for the hours of their
+    /// own zone; an empty cell means the campaign's zone.
+    #[test]
+    fn recipient_hours_follow_their_own_zone() {
+        let (opens, closes) = SendingHours::parse_hours("09:00-17:00").unwrap();
+        let hours = SendingHours {
+            opens,
+            closes,
+            ..SendingHours::default()
+        };
+        let cfg = RunConfig {
+            hours: Some(hours),
+            zone: Tz::UTC,
+            zone_field: Some(1),
+            ..config_without_setup()
+        };
+        let candidate = |zone: &str| Candidate {
+            id: 1,
+            row_number: 1,
+            email: "a@example.com".into(),
+            address: "a@example.com".into(),
+            fields: vec!["a@example.com".into(), zone.into()],
+            attempts: 0,
+            before: crate::store::Before::default(),
+        };
+        // 1970-01-01 10:00 UTC: 19:00 in Tokyo, 05:00 in New York.
+        let now = 10 * 3_600_000;
+        assert_eq!(recipient_hours(&cfg, &candidate(""), now), None);
+        assert_eq!(
+            recipient_hours(&cfg, &candidate("Europe/Berlin"), now),
+            None
+        );
+        let (tokyo, why) = recipient_hours(&cfg, &candidate("Asia/Tokyo"), now).unwrap();
+        // Tokyo opens again at 09:00 JST the next day, 00:00 UTC.
+        assert_eq!(tokyo, 86_400_000);
+        assert_eq!(why, WaitReason::RecipientHours("Asia/Tokyo".into()));
+        let (new_york, _) = recipient_hours(&cfg, &candidate("America/New_York"), now).unwrap();
+        assert_eq!(new_york, 14 * 3_600_000);
     }
 
     #[tokio::test]

@@ -4,6 +4,7 @@
 //! anyone a message twice.
 #![forbid(unsafe_code)]
 
+pub mod accounts;
 pub mod bounces;
 pub mod bounded;
 pub mod campaign;

@@ -272,6 +272,11 @@ impl Schedule {
         Some(at)
     }
 
+    /// No window at all: nothing paces the account.
+    pub fn is_unpaced(&self) -> bool {
+        self.windows.is_empty()
+    }
+
     /// Recipients counted in each window at `now_ms`, in window order.
     pub fn usage(&self, now_ms: i64) -> Vec<(Window, u64)> {
         self.windows

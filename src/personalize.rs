@@ -36,6 +36,9 @@ pub enum RowError {
     /// What lettre refused after every part was checked.
     #[error(transparent)]
     Compose(ComposeError),
+    /// The `timezone_column` cell names no time zone.
+    #[error("[schedule] timezone_column {}: {} is not an IANA time zone such as \"Europe/Berlin\" (an empty cell means the campaign's timezone)", crate::error::quote(column), crate::error::quote(value))]
+    TimeZone { column: String, value: String },
     /// Larger than the server takes (its EHLO SIZE).
     #[error("the message is {size} bytes, more than the {limit} bytes the server takes; make the attachments or the body smaller")]
     TooLarge { size: u64, limit: u64 },
@@ -59,6 +62,8 @@ pub struct Pipeline {
     /// The file's header row: the names the templates see.
     columns: Vec<String>,
     email_index: usize,
+    /// `[schedule] timezone_column` and where it is among `columns`.
+    zone_column: Option<(String, Option<usize>)>,
     /// The largest message the server takes, when known.
     size_limit: Option<u64>,
 }
@@ -71,6 +76,10 @@ impl Pipeline {
             templates: Templates::compile(campaign)?,
             composer: Composer::new(campaign)?,
             campaign: campaign.name.clone(),
+            zone_column: campaign
+                .timezone_column
+                .as_ref()
+                .map(|name| (name.clone(), columns.iter().position(|c| c == name))),
             columns,
             email_index,
             size_limit: None,
@@ -122,6 +131,13 @@ impl Pipeline {
                 }
             }
         }
+        if let Some((name, None)) = &self.zone_column {
+            problems.push(format!(
+                "[schedule] timezone_column {} is not a column of {file} (its columns: {})",
+                crate::error::quote(name),
+                self.columns.join(", ")
+            ));
+        }
         let from = &campaign.message.from;
         if !from.contains("{{") {
             if let Err(why) = mailbox("from", from) {
@@ -151,6 +167,11 @@ impl Pipeline {
 
     pub fn columns(&self) -> &[String] {
         &self.columns
+    }
+
+    /// Which field holds each recipient's time zone (`timezone_column`).
+    pub fn zone_field(&self) -> Option<usize> {
+        self.zone_column.as_ref().and_then(|(_, at)| *at)
     }
 
     /// Every template and partial file, for the content fingerprint.
@@ -183,6 +204,15 @@ impl Pipeline {
         fields: &[String],
         variant: Variant<'_>,
     ) -> Result<Outgoing, RowError> {
+        if let Some((column, Some(at))) = &self.zone_column {
+            let cell = fields.get(*at).map(|f| f.trim()).unwrap_or("");
+            if !cell.is_empty() && crate::schedule::SendingHours::parse_zone(cell).is_err() {
+                return Err(RowError::TimeZone {
+                    column: column.clone(),
+                    value: cell.to_string(),
+                });
+            }
+        }
         let rendered = self.templates.render(&self.variables(fields, email))?;
         let message = self.composer.build(&rendered, to, variant)?;
         let size = u64::try_from(message.bytes.len()).unwrap_or(u64::MAX);

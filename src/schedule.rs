@@ -307,30 +307,67 @@ impl Plan<'_> {
     /// When the last of `remaining` one-recipient messages could leave;
     /// `None` without any rule to estimate from.
     pub fn eta(&self, now_ms: i64, remaining: u64) -> Option<i64> {
-        let unpaced = self.windows.usage(now_ms).is_empty();
-        if unpaced && self.warmup.is_empty() {
+        if self.unpaced() && self.warmup.is_empty() {
             return self.hours.map(|_| self.next_send(now_ms));
         }
-        let mut sim = self.sim(now_ms);
+        let mut sim = self.simulate(now_ms);
         let mut at = now_ms;
         for _ in 0..remaining {
-            at = self.step(&sim, at);
-            let day = warmup_day(self.warmup, sim.first.or(Some(at)), at);
-            if unpaced && day.is_none() {
+            at = sim.next(at);
+            if sim.take(at) {
                 // Past the warm-up nothing holds the rest back.
                 return Some(at);
             }
-            if let Some(day) = day {
-                if sim.day_start != Some(day.starts_ms) {
-                    sim.day_start = Some(day.starts_ms);
-                    sim.used = 0;
-                }
-            }
-            sim.first.get_or_insert(at);
-            sim.used += 1;
-            sim.windows.record(Send::instant(at, 1));
         }
         Some(at)
+    }
+
+    /// No window paces the account.
+    fn unpaced(&self) -> bool {
+        self.windows.is_unpaced()
+    }
+
+    /// The account's sends, simulated forward one message at a time.
+    pub fn simulate(&self, now_ms: i64) -> Simulation<'_, '_> {
+        Simulation {
+            plan: self,
+            sim: self.sim(now_ms),
+        }
+    }
+}
+
+/// An account's windows and warm-up as they would be after the simulated
+/// sends so far (see [`Plan::simulate`]).
+pub struct Simulation<'p, 'a> {
+    plan: &'p Plan<'a>,
+    sim: Sim,
+}
+
+impl Simulation<'_, '_> {
+    /// The first moment at or after `at_ms` the next message may leave.
+    pub fn next(&self, at_ms: i64) -> i64 {
+        self.plan.step(&self.sim, at_ms)
+    }
+
+    /// Counts a message sent at `at_ms` (a moment [`Simulation::next`]
+    /// gave). Returns true when from then on nothing holds messages back:
+    /// no window and the warm-up over.
+    pub fn take(&mut self, at_ms: i64) -> bool {
+        let sim = &mut self.sim;
+        let day = warmup_day(self.plan.warmup, sim.first.or(Some(at_ms)), at_ms);
+        if self.plan.unpaced() && day.is_none() {
+            return true;
+        }
+        if let Some(day) = day {
+            if sim.day_start != Some(day.starts_ms) {
+                sim.day_start = Some(day.starts_ms);
+                sim.used = 0;
+            }
+        }
+        sim.first.get_or_insert(at_ms);
+        sim.used += 1;
+        sim.windows.record(Send::instant(at_ms, 1));
+        false
     }
 }
 

@@ -114,3 +114,88 @@ fn a_per_domain_limit_holds_at_the_server_and_other_domains_go_on() {
     let last_fast = fast.iter().copied().fold(f64::MIN, f64::max);
     assert!(last_fast < slow[2], "fast {fast:?}, slow {slow:?}");
 }
+
+/// Recipients in Kiritimati (UTC+14) and Pago Pago (UTC-11): 25 hours
+/// apart, so their dates always differ. The schedule opens on
+/// Kiritimati's today and tomorrow only: every Kiritimati recipient (and
+/// one with an empty zone, in the campaign's zone, Kiritimati) goes now,
+/// none in Pago Pago, whose date is a day or two behind.
+#[test]
+fn timezone_column_sends_each_recipient_in_their_own_hours() {
+    use chrono::{Datelike, Duration, Utc};
+    let kiritimati: chrono_tz::Tz = "Pacific/Kiritimati".parse().unwrap();
+    let today = Utc::now().with_timezone(&kiritimati).date_naive();
+    let day = |d: chrono::NaiveDate| {
+        ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+            [d.weekday().num_days_from_monday() as usize]
+    };
+    let days = format!("{},{}", day(today), day(today + Duration::days(1)));
+    let dir = CampaignDir::new();
+    standard_campaign(
+        &dir,
+        "email,first_name,city,tz\n\
+         kiri1@example.com,A,X,Pacific/Kiritimati\n\
+         pago1@example.com,B,X,Pacific/Pago_Pago\n\
+         nozone@example.com,C,X,\n\
+         kiri2@example.com,D,X, Pacific/Kiritimati \n\
+         pago2@example.com,E,X,Pacific/Pago_Pago\n",
+        FILE_TRANSPORT,
+        &format!(
+            "[schedule]\ndays = \"{days}\"\ntimezone = \"Pacific/Kiritimati\"\ntimezone_column = \"tz\"\n"
+        ),
+    );
+    let out = dir.send(&["--no-wait"]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(75), "stderr: {stderr}");
+    assert!(stderr.contains("Pacific/Pago_Pago"), "{stderr}");
+    let states: Vec<(String, String)> = dir
+        .export(None)
+        .into_iter()
+        .map(|r| (r["email"].clone(), r["state"].clone()))
+        .collect();
+    let sent = |email: &str| states.iter().any(|(e, s)| e == email && s == "sent");
+    assert!(
+        sent("kiri1@example.com") && sent("kiri2@example.com") && sent("nozone@example.com"),
+        "{states:?}"
+    );
+    assert!(
+        !sent("pago1@example.com") && !sent("pago2@example.com"),
+        "{states:?}"
+    );
+}
+
+/// A zone that is no IANA name is a per-row error naming the row, the
+/// column and the value, found before anything is sent.
+#[test]
+fn a_bad_zone_in_the_timezone_column_names_its_row() {
+    let dir = CampaignDir::new();
+    standard_campaign(
+        &dir,
+        "email,first_name,city,tz\nok@example.com,A,X,Asia/Tokyo\nbad@example.com,B,X,Mars/Olympus\n",
+        FILE_TRANSPORT,
+        "[schedule]\nhours = \"09:00-17:00\"\ntimezone_column = \"tz\"\n",
+    );
+    let out = dir.send(&[]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "stderr: {stderr}");
+    assert!(stderr.contains("row 2"), "{stderr}");
+    assert!(
+        stderr.contains("timezone_column") && stderr.contains("Mars/Olympus"),
+        "{stderr}"
+    );
+    let outbox = dir.path().join("outbox");
+    assert!(!outbox.exists() || std::fs::read_dir(outbox).unwrap().count() == 0);
+
+    // A column that does not exist is said once, before any row.
+    let toml = std::fs::read_to_string(dir.campaign())
+        .unwrap()
+        .replace("\"tz\"", "\"zone\"");
+    dir.write("campaign.toml", toml);
+    let out = dir.check();
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "stderr: {stderr}");
+    assert!(
+        stderr.contains("timezone_column \"zone\" is not a column"),
+        "{stderr}"
+    );
+}

@@ -17,16 +17,26 @@ use crate::transport::{AnyTransport, Transport};
 
 pub async fn check(global: &Global, path: &Path, connect: bool) -> Result<Exit> {
     let mut loaded = load(path)?;
-    if connect {
-        let limit = prove_login(&loaded.campaign).await?;
-        loaded.pipeline.limit_size(limit);
-    }
-    let campaign = &loaded.campaign;
     let mut errors = Vec::new();
-    errors.extend(missing_password(campaign).await);
     let mut notes = Vec::new();
-    notes.extend(no_limits(campaign));
-    notes.extend(dkim_misaligned(campaign));
+    let mut limits = Vec::new();
+    // Every account, as it sends: its login, password, windows, DKIM and `from`.
+    for index in 0..loaded.campaign.accounts.len() {
+        let account = loaded.campaign.for_account(index);
+        if connect {
+            limits.extend(prove_login(&account).await?);
+        }
+        errors.extend(missing_password(&account).await);
+        notes.extend(no_limits(&account));
+        notes.extend(dkim_misaligned(&account));
+        if loaded.campaign.accounts.len() > 1 {
+            if let Err(e) = crate::personalize::Pipeline::load(&account) {
+                errors.push(format!("[[accounts]] #{}: {e:#}", index + 1));
+            }
+        }
+    }
+    loaded.pipeline.limit_size(limits.into_iter().min());
+    let campaign = &loaded.campaign;
     let store = global.store().await?;
     let record = store.campaign(&identity(campaign)).await?;
     errors.extend(content_changed(&record, &fingerprint(&loaded)?)?);

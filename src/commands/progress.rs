@@ -2,6 +2,7 @@
 //! (through tracing-indicatif, so that log lines print above it), plain
 //! periodic lines otherwise.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
@@ -10,7 +11,7 @@ use tracing_indicatif::span_ext::IndicatifSpanExt;
 
 use super::status::{local_time, outlook};
 use crate::campaign::Campaign;
-use crate::engine::{describe_wait, Event};
+use crate::engine::{describe_wait, Event, RunEnd};
 use crate::store::Store;
 use crate::time::now_ms;
 
@@ -28,9 +29,23 @@ pub struct Progress {
 }
 
 /// What the run did, as counted from its events.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone)]
 pub struct Stats {
     pub sent: u64,
+    /// Messages sent through each account, by account.
+    pub by_account: BTreeMap<String, u64>,
+}
+
+impl Stats {
+    /// "news1@smtp.gmail.com 12, news2@smtp.gmail.com 10": what each
+    /// account sent, in the file's order of accounts.
+    pub fn by_account(&self, accounts: &[String]) -> String {
+        accounts
+            .iter()
+            .map(|a| format!("{a} {}", self.by_account.get(a).copied().unwrap_or(0)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
 }
 
 /// The campaign's counts when the run starts: the bar shows the campaign,
@@ -43,7 +58,7 @@ pub struct Counts {
     pub done: u64,
 }
 
-/// Where the ETA comes from: the account's send log and windows, as for
+/// Where the ETA comes from: the accounts' send log and windows, as for
 /// `send --dry-run` and `status`.
 pub struct EtaSource {
     pub store: Store,
@@ -90,10 +105,13 @@ impl Progress {
             span.pb_set_length(counts.total);
             span.pb_set_position(counts.done);
         }
+        let accounts: Vec<String> = eta.campaign.accounts.iter().map(|a| a.account()).collect();
         let view = View {
             bar,
             span: span.clone(),
             counts,
+            several: accounts.len() > 1,
+            accounts,
             eta,
         };
         Progress {
@@ -111,6 +129,10 @@ struct View {
     bar: bool,
     span: tracing::Span,
     counts: Counts,
+    /// The campaign's accounts; with more than one, every wait and pause
+    /// names its account and the progress lines count sends per account.
+    accounts: Vec<String>,
+    several: bool,
     eta: EtaSource,
 }
 
@@ -148,10 +170,16 @@ impl View {
             };
             match event {
                 None => {}
-                Some(Event::Sent { .. }) => {
+                Some(Event::Sent {
+                    row,
+                    email,
+                    account,
+                }) => {
                     stats.sent += 1;
                     self.counts.done += 1;
                     wait.clear();
+                    tracing::debug!("row {row} ({email}): sent through {account}");
+                    *stats.by_account.entry(account).or_default() += 1;
                 }
                 Some(Event::Deferred {
                     row,
@@ -179,9 +207,14 @@ impl View {
                     self.counts.done += 1;
                     tracing::warn!("row {row} ({email}): cannot build the message: {why}");
                 }
-                Some(Event::Waiting { until_ms, why }) => {
+                Some(Event::Waiting {
+                    until_ms,
+                    why,
+                    account,
+                }) => {
                     let text = format!(
-                        "{}, next send {}",
+                        "{}{}, next send {}",
+                        self.through(&account),
                         describe_wait(&why),
                         local_time(until_ms)
                     );
@@ -194,11 +227,22 @@ impl View {
                     );
                     self.show_wait(&mut last_wait, &mut wait, text);
                 }
-                Some(Event::AccountPaused { until_ms, why }) => {
-                    tracing::warn!("{why}; resuming at {}", local_time(until_ms));
+                Some(Event::AccountPaused {
+                    until_ms,
+                    why,
+                    account,
+                }) => {
+                    let through = self.through(&account);
+                    tracing::warn!("{through}{why}; resuming at {}", local_time(until_ms));
                     // The wait that follows says the same: do not repeat it.
-                    last_wait = format!("{why}, next send {}", local_time(until_ms));
+                    last_wait = format!("{through}{why}, next send {}", local_time(until_ms));
                     wait = last_wait.clone();
+                }
+                Some(Event::AccountSetAside { account, end }) => {
+                    tracing::warn!(
+                        "account {account} set aside for this run: {}; the other accounts carry on",
+                        self.set_aside_why(&account, &end)
+                    );
                 }
             }
             if eta_checked.elapsed() >= ETA_EVERY {
@@ -225,8 +269,13 @@ impl View {
                 self.span.pb_set_message(&parts.join("  "));
             } else if last_line.elapsed() >= PLAIN_EVERY {
                 last_line = Instant::now();
+                let by_account = if self.several {
+                    format!(" ({})", stats.by_account(&self.accounts))
+                } else {
+                    String::new()
+                };
                 tracing::info!(
-                    "{}/{total} done, {} sent in this run ({}){}",
+                    "{}/{total} done, {} sent in this run{by_account} ({}){}",
                     self.counts.done,
                     stats.sent,
                     rate(stats.sent as f64 / elapsed.max(0.001)),
@@ -237,6 +286,21 @@ impl View {
             }
         }
         stats
+    }
+
+    /// "account X: " before what one account waits for, with several.
+    fn through(&self, account: &str) -> String {
+        if self.several {
+            format!("account {account}: ")
+        } else {
+            String::new()
+        }
+    }
+
+    /// Why an account was set aside, in words: a refused login with what
+    /// to do about it, or the wait `--no-wait` did not take.
+    fn set_aside_why(&self, account: &str, end: &RunEnd) -> String {
+        set_aside_why(&self.eta.campaign, account, end)
     }
 
     fn remaining(&self) -> u64 {
@@ -254,6 +318,28 @@ impl View {
         }
         shown.clone_from(&text);
         *last = text;
+    }
+}
+
+/// Why `account` of `campaign` was set aside, in words.
+pub fn set_aside_why(campaign: &Campaign, account: &str, end: &RunEnd) -> String {
+    match end {
+        RunEnd::Fatal(reply) => {
+            let index = campaign
+                .accounts
+                .iter()
+                .position(|a| a.account() == account)
+                .unwrap_or(0);
+            format!(
+                "{:#}",
+                super::send::refused_by_server(&campaign.for_account(index), reply)
+            )
+        }
+        RunEnd::WouldWait { until_ms, why } => format!(
+            "{why}; next send possible at {} (--no-wait)",
+            local_time(*until_ms)
+        ),
+        other => format!("{other:?}"),
     }
 }
 

@@ -31,7 +31,7 @@ pub async fn report(global: &Global, path: &Path, out: Option<&Path>) -> Result<
         campaign: campaign.name.clone(),
         campaign_id: record.id,
         rehearsal: id.delivery.is_rehearsal(),
-        pause_keys: vec![campaign.pause_key()],
+        pause_keys: campaign.accounts.iter().map(|a| a.pause_key()).collect(),
         now_ms: now_ms(),
     };
     let html = report::render(&report::gather(&store, &subject).await?)?;

@@ -93,10 +93,14 @@ pub(super) fn refused_by_server(campaign: &Campaign, reply: &Reply) -> anyhow::E
 }
 
 /// Opens the transport and, for SMTP, logs in once before anything is
-/// read or changed: a refused login or TLS stops here (exit 1), and the
-/// server's SIZE is known for the pre-send check. An unreachable server is
-/// left to the run, which backs off and reconnects.
-async fn open_transport(campaign: &Campaign, store: &Store) -> Result<AnyTransport> {
+/// read or changed: a refused login or TLS is returned (it stops a run of
+/// one account, exit 1), and the server's SIZE is known for the pre-send
+/// check. An unreachable server is left to the run, which backs off and
+/// reconnects.
+async fn open_transport(
+    campaign: &Campaign,
+    store: &Store,
+) -> Result<std::result::Result<AnyTransport, Reply>> {
     let transport = AnyTransport::new(campaign).await?;
     if store
         .account_pause(&campaign.pause_key(), now_ms())
@@ -105,14 +109,62 @@ async fn open_transport(campaign: &Campaign, store: &Store) -> Result<AnyTranspo
     {
         // The server paused the account (too many logins, a rate limit):
         // logging in now would only make it worse; the run waits first.
-        return Ok(transport);
+        return Ok(Ok(transport));
     }
     if let Err(reply) = transport.connect().await {
         if reply.class() == ReplyClass::Fatal {
-            return Err(refused_by_server(campaign, &reply));
+            transport.shutdown().await;
+            return Ok(Err(reply));
         }
     }
-    Ok(transport)
+    Ok(Ok(transport))
+}
+
+/// One account ready to send: the campaign as it sends (its `from`, DKIM,
+/// windows) and its logged-in transport.
+struct Opened {
+    campaign: Campaign,
+    transport: AnyTransport,
+}
+
+/// Opens every account's transport. With several accounts, one whose login
+/// is refused is set aside with the reason and the others go on; the run
+/// stops (exit 1) only when none is left.
+async fn open_accounts(campaign: &Campaign, store: &Store) -> Result<Vec<Opened>> {
+    let several = campaign.accounts.len() > 1;
+    let mut opened = Vec::new();
+    let mut refused = Vec::new();
+    for index in 0..campaign.accounts.len() {
+        let for_account = campaign.for_account(index);
+        match open_transport(&for_account, store).await? {
+            Ok(transport) => opened.push(Opened {
+                campaign: for_account,
+                transport,
+            }),
+            Err(reply) if !several => return Err(refused_by_server(campaign, &reply)),
+            Err(reply) => refused.push((for_account, reply)),
+        }
+    }
+    if opened.is_empty() {
+        let each: Vec<String> = refused
+            .iter()
+            .map(|(c, reply)| format!("{}: {reply}", c.account()))
+            .collect();
+        anyhow::bail!(
+            "no account is left to send with, every one refused the login ({}); check each \
+             account's username and password source (for Gmail, an app password). \
+             No recipient's state was changed",
+            each.join("; ")
+        );
+    }
+    for (for_account, reply) in refused {
+        tracing::warn!(
+            "account {} set aside for this run: {:#}; the other accounts carry on",
+            for_account.account(),
+            refused_by_server(&for_account, &reply)
+        );
+    }
+    Ok(opened)
 }
 
 pub async fn send(
@@ -180,19 +232,30 @@ async fn send_locked(
             return Err(input_error(changed));
         }
     }
-    let transport = if opts.dry_run {
-        None
+    let opened = if opts.dry_run {
+        Vec::new()
     } else {
         // Reading the password may run a command: a stop request ends it too.
         let mut stopped = stop.clone();
         tokio::select! {
-            transport = open_transport(campaign, store) => Some(transport?),
+            opened = open_accounts(campaign, store) => opened?,
             Ok(_) = stopped.wait_for(|stop| *stop) => return Ok(Exit::Interrupted),
         }
     };
-    loaded
-        .pipeline
-        .limit_size(transport.as_ref().and_then(AnyTransport::size_limit));
+    // Every message must fit whichever account sends it.
+    let size_limit = opened.iter().filter_map(|o| o.transport.size_limit()).min();
+    loaded.pipeline.limit_size(size_limit);
+    // With several accounts, each account's own `from` and DKIM key: its
+    // own pipeline, checked before anything is read or changed.
+    let mut own_pipelines = Vec::new();
+    if campaign.accounts.len() > 1 {
+        for o in &opened {
+            let mut p = crate::personalize::Pipeline::load(&o.campaign)
+                .map_err(|e| input_error(format!("account {}: {e:#}", o.campaign.account())))?;
+            p.limit_size(size_limit);
+            own_pipelines.push(p);
+        }
+    }
     let campaign = &loaded.campaign;
     if !opts.dry_run {
         let unknown = store.settle_interrupted(record.id).await?;
@@ -276,10 +339,7 @@ async fn send_locked(
             counts[State::Failed],
             counts[State::Unknown]
         )?;
-        writeln!(out, "account {}", campaign.account())?;
-        for (w, used) in &look.usage {
-            writeln!(out, "  {}: {used}/{} used", w.describe(), w.max)?;
-        }
+        super::status::write_accounts(&mut out, &look)?;
         if let Some(eta) = look.eta_ms {
             writeln!(out, "eta under the limits: {}", local_time(eta))?;
         }
@@ -305,25 +365,43 @@ async fn send_locked(
         done: u64::try_from(total - to_do).unwrap_or(0),
     };
 
-    let transport = Arc::new(match transport {
-        Some(t) => t,
-        None => AnyTransport::new(campaign).await?,
-    });
-    let pipeline = Arc::new(loaded.pipeline);
-    let config = RunConfig {
-        campaign_id: record.id,
-        account: campaign.account(),
-        pause_key: campaign.pause_key(),
-        windows: campaign.windows.clone(),
-        retry: campaign.retry.clone(),
-        connections: campaign.connections(),
-        limit: opts.limit,
-        no_wait: opts.no_wait,
-        hours: campaign.hours.clone(),
-        zone: campaign.timezone,
-        warmup: campaign.warmup.clone(),
-        per_domain: campaign.per_domain.clone(),
-    };
+    let zone_field = loaded.pipeline.zone_field();
+    let several = campaign.accounts.len() > 1;
+    if !several {
+        own_pipelines.push(loaded.pipeline);
+    }
+    let mut lanes = Vec::new();
+    let mut transports = Vec::new();
+    for (
+        Opened {
+            campaign: sending,
+            transport,
+        },
+        pipeline,
+    ) in opened.into_iter().zip(own_pipelines)
+    {
+        let transport = Arc::new(transport);
+        transports.push(transport.clone());
+        lanes.push(engine::Lane {
+            config: RunConfig {
+                campaign_id: record.id,
+                account: sending.account(),
+                pause_key: sending.pause_key(),
+                windows: sending.windows.clone(),
+                retry: campaign.retry.clone(),
+                connections: sending.connections(),
+                limit: opts.limit,
+                no_wait: opts.no_wait,
+                hours: campaign.hours.clone(),
+                zone: campaign.timezone,
+                zone_field,
+                warmup: sending.warmup.clone(),
+                per_domain: campaign.per_domain.clone(),
+            },
+            transport,
+            pipeline: Arc::new(pipeline),
+        });
+    }
     let (events_tx, events_rx) = mpsc::unbounded_channel();
     let progress = Progress::start(
         global.progress_bar,
@@ -336,17 +414,17 @@ async fn send_locked(
         events_rx,
     );
     let started = now_ms();
-    let end = engine::run(
+    let end = engine::run_lanes(
         store.clone(),
-        transport.clone(),
+        lanes,
         Arc::new(engine::SystemClock),
-        pipeline,
-        config,
         events_tx,
         stop,
     )
     .await;
-    transport.shutdown().await;
+    for transport in transports {
+        transport.shutdown().await;
+    }
     let stats = progress.finish().await;
     let end = end?;
 
@@ -370,6 +448,15 @@ async fn send_locked(
         0 => String::new(),
         n => format!(", {n} bounced"),
     };
+    if several {
+        let accounts: Vec<String> = campaign.accounts.iter().map(|a| a.account()).collect();
+        tracing::info!(
+            target: OUTCOME,
+            "{} in this run by account: {}",
+            campaign.name,
+            stats.by_account(&accounts)
+        );
+    }
     tracing::info!(
         target: OUTCOME,
         "{}: {done}; total: {} {sent}{bounced}, {} failed, {} unknown, {} skipped, {} left",
@@ -411,6 +498,21 @@ async fn send_locked(
         }
         RunEnd::CircuitBreaker(why) => {
             return Err(anyhow::anyhow!("stopped: {why}"));
+        }
+        RunEnd::NoAccountLeft(accounts) => {
+            let why: Vec<String> = accounts
+                .iter()
+                .map(|(account, end)| {
+                    format!(
+                        "{account}: {}",
+                        progress::set_aside_why(campaign, account, end)
+                    )
+                })
+                .collect();
+            return Err(anyhow::anyhow!(
+                "stopped: no account is left to send with ({})",
+                why.join("; ")
+            ));
         }
     })
 }

@@ -24,6 +24,18 @@ struct StatusJson {
     windows: Vec<WindowJson>,
     next_send_at: Option<String>,
     eta: Option<String>,
+    /// Only with several `[[accounts]]` (SPEC §9).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    accounts: Option<Vec<AccountJson>>,
+}
+
+#[derive(Serialize)]
+struct AccountJson {
+    account: String,
+    windows: Vec<WindowJson>,
+    next_send_at: Option<String>,
+    /// "active", "paused" or "set aside".
+    state: &'static str,
 }
 
 #[derive(Serialize)]
@@ -49,12 +61,30 @@ struct WindowJson {
 pub struct Outlook {
     pub next_send_ms: Option<i64>,
     pub eta_ms: Option<i64>,
+    /// The windows of the account that sends next (the first account when
+    /// nothing is left), and what they hold now.
+    pub account: String,
     pub usage: Vec<(crate::limits::Window, u64)>,
+    /// Every account, in the file's order.
+    pub accounts: Vec<AccountOutlook>,
+}
+
+/// One account's part of the [`Outlook`].
+pub struct AccountOutlook {
+    pub account: String,
+    pub usage: Vec<(crate::limits::Window, u64)>,
+    /// This account's own next slot, when anything is left to send.
+    pub next_send_ms: Option<i64>,
+    /// Until when, and why, the server paused the account.
+    pub paused: Option<(i64, String)>,
+    /// How many of the remaining messages it would send.
+    pub share: u64,
 }
 
 /// Computes the next send and the ETA for `remaining` messages, `ready` of
-/// them sendable now (the rest deferred), under the account's windows,
-/// pauses and the deferred retries.
+/// them sendable now (the rest deferred), under every account's windows,
+/// pauses and warm-up, the schedule and the deferred retries, each message
+/// given to the account that can send it soonest.
 pub async fn outlook(
     store: &Store,
     campaign: &Campaign,
@@ -63,47 +93,113 @@ pub async fn outlook(
     ready: i64,
 ) -> Result<Outlook> {
     let now = now_ms();
-    let account = campaign.account();
-    let schedule = store.schedule(&account, &campaign.windows, now).await?;
-    let usage = schedule.usage(now);
-    if remaining <= 0 {
-        return Ok(Outlook {
-            next_send_ms: None,
-            eta_ms: None,
-            usage,
-        });
-    }
     let mut start = now;
-    if let Some((until, _)) = store.account_pause(&campaign.pause_key(), now).await? {
-        start = start.max(until);
-    }
-    if ready == 0 {
+    if remaining > 0 && ready == 0 {
         if let Some(id) = campaign_id {
             if let Some(due) = store.next_retry(id).await? {
                 start = start.max(due);
             }
         }
     }
-    let first_send_ms = store.first_send(&account).await?;
-    let used_today = match crate::schedule::warmup_day(&campaign.warmup, first_send_ms, start) {
-        Some(day) => store.recipients_since(&account, day.starts_ms).await?,
-        None => 0,
-    };
-    let plan = crate::schedule::Plan {
-        windows: schedule,
-        hours: campaign.hours.as_ref(),
-        zone: campaign.timezone,
-        warmup: &campaign.warmup,
-        first_send_ms,
-        used_today,
-    };
-    let next = plan.next_send(start);
-    let eta = plan.eta(start, u64::try_from(remaining).unwrap_or(0));
+    let mut plans = Vec::new();
+    let mut accounts = Vec::new();
+    for account in &campaign.accounts {
+        let key = account.account();
+        let schedule = store.schedule(&key, &account.windows, now).await?;
+        let paused = store.account_pause(&account.pause_key(), now).await?;
+        let from = start.max(paused.as_ref().map_or(now, |(until, _)| *until));
+        let first_send_ms = store.first_send(&key).await?;
+        let used_today = match crate::schedule::warmup_day(&account.warmup, first_send_ms, from) {
+            Some(day) => store.recipients_since(&key, day.starts_ms).await?,
+            None => 0,
+        };
+        accounts.push(AccountOutlook {
+            account: key,
+            usage: schedule.usage(now),
+            next_send_ms: None,
+            paused,
+            share: 0,
+        });
+        plans.push(crate::accounts::AccountPlan {
+            plan: crate::schedule::Plan {
+                windows: schedule,
+                hours: campaign.hours.as_ref(),
+                zone: campaign.timezone,
+                warmup: &account.warmup,
+                first_send_ms,
+                used_today,
+            },
+            not_before_ms: from,
+        });
+    }
+    let remaining = u64::try_from(remaining).unwrap_or(0);
+    let combined = crate::accounts::plan(&plans, start, remaining);
+    for ((outlook, plan), share) in accounts.iter_mut().zip(&plans).zip(&combined.shares) {
+        outlook.share = *share;
+        if remaining > 0 {
+            outlook.next_send_ms = Some(plan.plan.next_send(plan.not_before_ms));
+        }
+    }
+    let next = combined.next.map_or(0, |(i, _)| i);
     Ok(Outlook {
-        next_send_ms: Some(next),
-        eta_ms: eta,
-        usage,
+        next_send_ms: combined.next.map(|(_, at)| at),
+        eta_ms: combined.eta_ms,
+        account: accounts[next].account.clone(),
+        usage: accounts[next].usage.clone(),
+        accounts,
     })
+}
+
+fn windows_json(usage: &[(crate::limits::Window, u64)]) -> Vec<WindowJson> {
+    usage
+        .iter()
+        .map(|(w, used)| WindowJson {
+            max: w.max,
+            period_secs: if w.period.subsec_nanos() == 0 {
+                w.period.as_secs().into()
+            } else {
+                w.period.as_secs_f64().into()
+            },
+            used: *used,
+        })
+        .collect()
+}
+
+/// "paused" or "active": whether the server paused the account.
+fn account_state(account: &AccountOutlook) -> &'static str {
+    if account.paused.is_some() {
+        "paused"
+    } else {
+        "active"
+    }
+}
+
+/// Each account's usage, pause and next slot, as `status` and
+/// `send --dry-run` print them; with several, what each would send.
+pub fn write_accounts(out: &mut impl std::io::Write, look: &Outlook) -> Result<()> {
+    let several = look.accounts.len() > 1;
+    for account in &look.accounts {
+        let state = account_state(account);
+        if several {
+            writeln!(
+                out,
+                "account {} ({state}): {} of the remaining messages",
+                account.account, account.share
+            )?;
+        } else {
+            writeln!(out, "account {}", account.account)?;
+        }
+        for (w, used) in &account.usage {
+            writeln!(out, "  {}: {used}/{} used", w.describe(), w.max)?;
+        }
+        if let Some((until, why)) = &account.paused {
+            writeln!(out, "  paused until {}: {why}", local_time(*until))?;
+        }
+        if let (true, Some(next)) = (several, account.next_send_ms) {
+            writeln!(out, "  next send: {}", local_time(next))?;
+        }
+    }
+    Ok(())
 }
 
 pub async fn status(global: &Global, path: &Path, json: bool) -> Result<Exit> {
@@ -146,22 +242,21 @@ pub async fn status(global: &Global, path: &Path, json: bool) -> Result<Exit> {
                 skipped: counts[State::Skipped],
                 bounced: counts[State::Bounced],
             },
-            account: campaign.account(),
-            windows: look
-                .usage
-                .iter()
-                .map(|(w, used)| WindowJson {
-                    max: w.max,
-                    period_secs: if w.period.subsec_nanos() == 0 {
-                        w.period.as_secs().into()
-                    } else {
-                        w.period.as_secs_f64().into()
-                    },
-                    used: *used,
-                })
-                .collect(),
+            account: look.account.clone(),
+            windows: windows_json(&look.usage),
             next_send_at: look.next_send_ms.and_then(rfc3339),
             eta: look.eta_ms.and_then(rfc3339),
+            accounts: (look.accounts.len() > 1).then(|| {
+                look.accounts
+                    .iter()
+                    .map(|a| AccountJson {
+                        account: a.account.clone(),
+                        windows: windows_json(&a.usage),
+                        next_send_at: a.next_send_ms.and_then(rfc3339),
+                        state: account_state(a),
+                    })
+                    .collect()
+            }),
         };
         writeln!(output::stdout(), "{}", serde_json::to_string(&out)?)?;
         return Ok(Exit::Done);
@@ -185,10 +280,7 @@ pub async fn status(global: &Global, path: &Path, json: bool) -> Result<Exit> {
         .map(|(s, n)| format!("{} {n}", s.as_str()))
         .collect();
     writeln!(out, "  {}", states.join(", "))?;
-    writeln!(out, "account {}", campaign.account())?;
-    for (w, used) in &look.usage {
-        writeln!(out, "  {}: {used}/{} used", w.describe(), w.max)?;
-    }
+    write_accounts(&mut out, &look)?;
     if let Some(next) = look.next_send_ms {
         writeln!(out, "next send: {}", local_time(next))?;
     }

@@ -387,6 +387,9 @@ pub enum WaitReason {
     },
     /// Every recipient that could go now is at a domain that must wait.
     Domain(String),
+    /// Every recipient that could go now is outside the sending hours of
+    /// their own zone (`timezone_column`); the first to open is in `zone`.
+    RecipientHours(String),
 }
 
 /// One outcome of a send, as written to the store.
@@ -587,8 +590,8 @@ impl Store {
     }
 
     /// [`Store::claim`], passing over recipients that `hold` says must wait
-    /// (until when, and the domain that holds them), so that one slow
-    /// destination never holds up the others.
+    /// (until when, and why: their domain's pacing, their own sending
+    /// hours), so that one slow destination never holds up the others.
     #[allow(clippy::too_many_arguments)]
     pub async fn claim_held(
         &self,
@@ -599,7 +602,7 @@ impl Store {
         now: i64,
         max: usize,
         build: impl Fn(&Candidate) -> std::result::Result<Outgoing, String>,
-        hold: impl FnMut(&Candidate) -> Option<(i64, String)>,
+        hold: impl FnMut(&Candidate) -> Option<(i64, WaitReason)>,
     ) -> Result<Claim> {
         on_backend!(self, Store, b => b.claim_held(campaign_id, account, pause_key, windows, now, max, build, hold).await)
     }

@@ -441,7 +441,7 @@ impl PgStore {
         now: i64,
         max: usize,
         build: impl Fn(&Candidate) -> std::result::Result<Outgoing, String>,
-        mut hold: impl FnMut(&Candidate) -> Option<(i64, String)>,
+        mut hold: impl FnMut(&Candidate) -> Option<(i64, WaitReason)>,
     ) -> Result<Claim> {
         let mut tx = self.pool.begin().await?;
         // One worker at a time decides the account's next slot; the others
@@ -463,7 +463,7 @@ impl PgStore {
         let mut ready = Vec::new();
         let mut unbuildable = Vec::new();
         let mut passed_over: Vec<i64> = Vec::new();
-        let mut held: Option<(i64, String)> = None;
+        let mut held: Option<(i64, WaitReason)> = None;
         while ready.len() < max.max(1) && passed_over.len() < MAX_PASSED_OVER {
             let Some(candidate) = next_candidate(&mut tx, campaign_id, now, &passed_over).await?
             else {
@@ -509,10 +509,10 @@ impl PgStore {
                     });
                 }
             }
-            if let Some((until_ms, domain)) = hold(&candidate) {
+            if let Some((until_ms, why)) = hold(&candidate) {
                 passed_over.push(candidate.id);
                 if held.as_ref().is_none_or(|(u, _)| until_ms < *u) {
-                    held = Some((until_ms, domain));
+                    held = Some((until_ms, why));
                 }
                 continue;
             }
@@ -546,11 +546,8 @@ impl PgStore {
             }
         }
         if ready.is_empty() && unbuildable.is_empty() {
-            if let Some((until_ms, domain)) = held {
-                return Ok(Claim::Wait {
-                    until_ms,
-                    why: WaitReason::Domain(domain),
-                });
+            if let Some((until_ms, why)) = held {
+                return Ok(Claim::Wait { until_ms, why });
             }
             let next_due_ms: Option<i64> = sqlx::query_scalar(
                 "SELECT MIN(next_attempt_at) FROM recipients WHERE campaign_id = $1 AND state = 'deferred'",

@@ -503,7 +503,7 @@ impl SqliteStore {
         now: i64,
         max: usize,
         build: impl Fn(&Candidate) -> std::result::Result<Outgoing, String>,
-        mut hold: impl FnMut(&Candidate) -> Option<(i64, String)>,
+        mut hold: impl FnMut(&Candidate) -> Option<(i64, WaitReason)>,
     ) -> Result<Claim> {
         let mut conn = self.pool.acquire().await?;
         // The `sending` marks must be on disk before the transactions start.
@@ -526,7 +526,7 @@ impl SqliteStore {
         let mut ready = Vec::new();
         let mut unbuildable = Vec::new();
         let mut passed_over: Vec<i64> = Vec::new();
-        let mut held: Option<(i64, String)> = None;
+        let mut held: Option<(i64, WaitReason)> = None;
         while ready.len() < max.max(1) && passed_over.len() < MAX_PASSED_OVER {
             let Some(candidate) = next_candidate(&mut tx, campaign_id, now, &passed_over).await?
             else {
@@ -572,10 +572,10 @@ impl SqliteStore {
                     });
                 }
             }
-            if let Some((until_ms, domain)) = hold(&candidate) {
+            if let Some((until_ms, why)) = hold(&candidate) {
                 passed_over.push(candidate.id);
                 if held.as_ref().is_none_or(|(u, _)| until_ms < *u) {
-                    held = Some((until_ms, domain));
+                    held = Some((until_ms, why));
                 }
                 continue;
             }
@@ -606,11 +606,8 @@ impl SqliteStore {
             }
         }
         if ready.is_empty() && unbuildable.is_empty() {
-            if let Some((until_ms, domain)) = held {
-                return Ok(Claim::Wait {
-                    until_ms,
-                    why: WaitReason::Domain(domain),
-                });
+            if let Some((until_ms, why)) = held {
+                return Ok(Claim::Wait { until_ms, why });
             }
             let next_due_ms: Option<i64> = sqlx::query_scalar(
                 "SELECT MIN(next_attempt_at) FROM recipients WHERE campaign_id = ? AND state = 'deferred'",

@@ -84,6 +84,8 @@ pub struct Received {
     /// False when the server stored the message and then dropped the
     /// connection without replying (`--store-then-drop-rate`).
     pub replied: bool,
+    /// The user the client logged in as.
+    pub user: Option<String>,
 }
 
 impl Received {
@@ -217,6 +219,7 @@ impl SmtpServer {
                     received_at: v["received_at"].as_f64().unwrap(),
                     helo: v["helo"].as_str().unwrap_or_default().to_string(),
                     replied: v["replied"].as_bool().unwrap_or(true),
+                    user: v["user"].as_str().map(str::to_string),
                 }
             })
             .collect()
@@ -231,6 +234,19 @@ impl SmtpServer {
             }
         }
         counts
+    }
+
+    /// An `[[accounts]]` entry that reaches this server as `user`, its
+    /// password in the environment variable `password_env`.
+    pub fn account_toml(&self, user: &str, password_env: &str, extra: &str) -> String {
+        let ca = self.ca.as_ref().expect("server without TLS");
+        format!(
+            "[[accounts]]\nhost = \"127.0.0.1\"\nport = {}\ntls = \"starttls\"\n\
+             username = \"{user}\"\npassword_env = \"{password_env}\"\nca_file = \"{}\"\n\
+             timeout = \"10s\"\n{extra}\n",
+            self.port,
+            ca.display()
+        )
     }
 
     /// The `[transport]` section that reaches this server.

@@ -31,7 +31,8 @@ Command line
                            "n": running count of accepted messages, from 1,
                            "helo": the client's EHLO/HELO argument,
                            "replied": false when the connection was then
-                                      dropped without a reply}
+                                      dropped without a reply,
+                           "user": the user the session logged in as, or null}
 
 --tls starttls|tls|none
                       starttls (default): STARTTLS is required before anything
@@ -41,6 +42,11 @@ Command line
                       ``127.0.0.1`` are generated with trustme, and the CA is
                       written to ``ca.pem`` next to the ready file.
 --user U --password P  require AUTH (PLAIN or LOGIN) with these credentials
+--account U:P         (repeatable) also accept AUTH for user U with password
+                      P: several accounts on one server, as on Gmail's.
+--pause-user U=N      (repeatable) once user U had N messages accepted, every
+                      further MAIL FROM of U gets the pause reply (a quota
+                      reached by one account while the others go on).
 --oauth-token T       also accept AUTH XOAUTH2 for --user with bearer token T
                       before MAIL.  With starttls, AUTH is only offered and
                       accepted after STARTTLS.  Wrong credentials get Gmail's
@@ -146,6 +152,12 @@ class FaultPlan:
         if self.pause_after is not None and self.pause_after < 0:
             raise ValueError("--pause-after must not be negative")
         self.pause_reply: str = args.pause_reply
+        self.pause_users: dict[str, int] = {}
+        for spec in args.pause_user:
+            user, sep, count = spec.rpartition("=")
+            if not sep or not user or not count.isdigit():
+                raise ValueError(f"--pause-user expects USER=N, got {spec!r}")
+            self.pause_users[user] = int(count)
         self.delay: float = max(args.delay_ms, 0) / 1000.0
 
 
@@ -187,10 +199,15 @@ class FaultyHandler:
         self.recorder = recorder
         self.rng = random.Random(seed)
         self.accepted = 0
+        self.accepted_by: dict[str, int] = {}
 
-    def _paused(self) -> bool:
-        return (self.plan.pause_after is not None
-                and self.accepted >= self.plan.pause_after)
+    def _paused(self, session: Session) -> bool:
+        if (self.plan.pause_after is not None
+                and self.accepted >= self.plan.pause_after):
+            return True
+        user = _user(session)
+        cap = self.plan.pause_users.get(user or "")
+        return cap is not None and self.accepted_by.get(user, 0) >= cap
 
     async def handle_EHLO(self, server: SMTP, session: Session,
                           envelope: Envelope, hostname: str,
@@ -227,7 +244,7 @@ class FaultyHandler:
     async def handle_MAIL(self, server: SMTP, session: Session,
                           envelope: Envelope, address: str,
                           mail_options: list[str]) -> str:
-        if self._paused():
+        if self._paused(session):
             return self.plan.pause_reply
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
@@ -248,7 +265,7 @@ class FaultyHandler:
         received_at = time.time()
         if self.plan.delay:
             await asyncio.sleep(self.plan.delay)
-        if self._paused():
+        if self._paused(session):
             return self.plan.pause_reply
         draw = self.rng.random()
         if draw < self.plan.drop_rate:
@@ -276,6 +293,9 @@ class FaultyHandler:
                received_at: float, replied: bool) -> int:
         self.accepted += 1
         n = self.accepted
+        user = _user(session)
+        if user is not None:
+            self.accepted_by[user] = self.accepted_by.get(user, 0) + 1
         self.recorder.append({
             "mail_from": _text(envelope.mail_from or ""),
             "rcpt_tos": [_text(r) for r in envelope.rcpt_tos],
@@ -285,8 +305,18 @@ class FaultyHandler:
             "n": n,
             "helo": _text(session.host_name or ""),
             "replied": replied,
+            "user": user,
         })
         return n
+
+
+def _user(session: Session) -> Optional[str]:
+    """The user the session logged in as, if it did."""
+    data = getattr(session, "auth_data", None)
+    login = getattr(data, "login", None)
+    if isinstance(login, bytes):
+        return login.decode("utf-8", "replace")
+    return None
 
 
 class GmailLikeSMTP(SMTP):
@@ -314,14 +344,15 @@ class LoopbackController(Controller):
         super()._trigger_server()
 
 
-def make_authenticator(user: str, password: str):
-    expected = LoginPassword(user.encode("utf-8"), password.encode("utf-8"))
+def make_authenticator(accounts: dict[str, str]):
+    expected = {user.encode("utf-8"): password.encode("utf-8")
+                for user, password in accounts.items()}
 
     def authenticate(server: SMTP, session: Session, envelope: Envelope,
                      mechanism: str, auth_data: object) -> AuthResult:
         if (isinstance(auth_data, LoginPassword)
-                and auth_data.login == expected.login
-                and auth_data.password == expected.password):
+                and auth_data.login in expected
+                and auth_data.password == expected[auth_data.login]):
             return AuthResult(success=True, auth_data=auth_data)
         return AuthResult(success=False, handled=False,
                           message=BAD_CREDENTIALS)
@@ -368,6 +399,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help="STARTTLS required (default), implicit TLS, or plain")
     p.add_argument("--user", help="require AUTH with this user name")
     p.add_argument("--password", help="password for --user")
+    p.add_argument("--account", action="append", default=[],
+                   metavar="USER:PASSWORD",
+                   help="also accept AUTH for USER with PASSWORD")
+    p.add_argument("--pause-user", action="append", default=[],
+                   metavar="USER=N",
+                   help="pause USER once N of its messages were accepted")
     p.add_argument("--oauth-token",
                    help="accept AUTH XOAUTH2 for --user with this token")
     p.add_argument("--reject", action="append", default=[],
@@ -402,6 +439,14 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if (args.user is None) != (args.password is None):
         p.error("--user and --password go together")
+    args.accounts = {}
+    if args.user is not None:
+        args.accounts[args.user] = args.password
+    for spec in args.account:
+        user, sep, password = spec.partition(":")
+        if not sep or not user or not password:
+            p.error(f"--account expects USER:PASSWORD, got {spec!r}")
+        args.accounts[user] = password
     try:
         args.plan = FaultPlan(args)
     except ValueError as e:
@@ -454,16 +499,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     # knows about STARTTLS), and --tls none deliberately allows AUTH in clear
     # text on loopback; only starttls keeps the check.
     smtp_kwargs["auth_require_tls"] = args.tls == "starttls"
-    if args.user is not None:
+    if args.accounts:
         smtp_kwargs.update(
             auth_required=True,
-            authenticator=make_authenticator(args.user, args.password))
+            authenticator=make_authenticator(args.accounts))
         warnings.filterwarnings(
             "ignore", message="Requiring AUTH while not requiring TLS")
 
     recorder = Recorder(args.record)
     handler = FaultyHandler(args.plan, recorder, args.seed,
-                           auth_enabled=args.user is not None,
+                           auth_enabled=bool(args.accounts),
                            user=args.user, oauth_token=args.oauth_token)
     controller = LoopbackController(handler, **smtp_kwargs)
     controller.start()
