@@ -896,15 +896,29 @@ impl<T: Transport, C: Clock> Worker<T, C> {
     /// [`Shared::stop_lane`]); its claimed, unsent recipients go back as
     /// they were, for the other accounts.
     async fn stop_lane(&self, shared: &mut Shared, end: RunEnd) -> Result<()> {
-        if self.several && shared.lanes[self.lane].stopped.is_none() {
-            let _ = self.events.send(Event::AccountSetAside {
-                account: self.config.account.clone(),
-                end: end.clone(),
-            });
+        if shared.lanes[self.lane].stopped.is_some() {
+            return Ok(());
         }
-        for r in shared.stop_lane(self.lane, end) {
+        if let (true, RunEnd::Fatal(reply)) = (self.several, &end) {
+            // `status` shows it set aside until it logs in again.
+            self.store
+                .set_aside(
+                    &self.config.pause_key,
+                    &reply.to_string(),
+                    self.clock.now_ms(),
+                )
+                .await?;
+        }
+        for r in shared.stop_lane(self.lane, end.clone()) {
             self.record(&r.candidate, r.log_id, &Outcome::Unclaimed)
                 .await?;
+        }
+        // The last account's end is the run's, said once by the command.
+        if self.several && shared.end.is_none() {
+            let _ = self.events.send(Event::AccountSetAside {
+                account: self.config.account.clone(),
+                end,
+            });
         }
         Ok(())
     }

@@ -116,6 +116,20 @@ fn three_accounts_share_a_campaign_and_each_window_holds_at_the_server() {
         "{status}"
     );
 
+    // The dry run plans the rest across the three accounts.
+    let out = send(&dir, &["--dry-run"], None);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
+    for (user, _, _) in ACCOUNTS {
+        assert!(
+            stdout.contains(&format!(
+                "account {user}@127.0.0.1 (active): 2 of the remaining messages"
+            )),
+            "{stdout}"
+        );
+    }
+    assert!(stdout.contains("eta under the limits"), "{stdout}");
+
     let out = send(&dir, &[], None);
     assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
     assert_each_once(&server, 15);
@@ -175,9 +189,22 @@ fn a_quota_paused_and_a_refused_account_are_set_aside_and_the_third_finishes() {
     assert!(dir.export(None).iter().all(|r| r["state"] == "sent"));
 
     // The paused account stays paused for the next run, and status says so.
+    // The refused one is shown set aside, with no slot, until it logs in.
     let status = dir.status();
     assert_eq!(status["accounts"][1]["state"], "paused", "{status}");
     assert_eq!(status["accounts"][0]["state"], "active", "{status}");
+    assert_eq!(status["accounts"][2]["state"], "set aside", "{status}");
+    let out = dir.run(&["status", dir.campaign().to_str().unwrap()]);
+    assert!(
+        text(&out.stdout).contains("set aside since"),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = send(&dir, &[], None);
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
+    let status = dir.status();
+    assert_eq!(status["accounts"][2]["state"], "active", "{status}");
+    assert_eq!(server.received().len(), 10);
 }
 
 #[test]

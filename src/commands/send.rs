@@ -111,11 +111,14 @@ async fn open_transport(
         // logging in now would only make it worse; the run waits first.
         return Ok(Ok(transport));
     }
-    if let Err(reply) = transport.connect().await {
-        if reply.class() == ReplyClass::Fatal {
+    match transport.connect().await {
+        // Logged in: an account set aside by an earlier run is back.
+        Ok(()) => store.restore_account(&campaign.pause_key()).await?,
+        Err(reply) if reply.class() == ReplyClass::Fatal => {
             transport.shutdown().await;
             return Ok(Err(reply));
         }
+        Err(_) => {}
     }
     Ok(Ok(transport))
 }
@@ -142,7 +145,12 @@ async fn open_accounts(campaign: &Campaign, store: &Store) -> Result<Vec<Opened>
                 transport,
             }),
             Err(reply) if !several => return Err(refused_by_server(campaign, &reply)),
-            Err(reply) => refused.push((for_account, reply)),
+            Err(reply) => {
+                store
+                    .set_aside(&for_account.pause_key(), &reply.to_string(), now_ms())
+                    .await?;
+                refused.push((for_account, reply));
+            }
         }
     }
     if opened.is_empty() {

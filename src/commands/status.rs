@@ -77,6 +77,9 @@ pub struct AccountOutlook {
     pub next_send_ms: Option<i64>,
     /// Until when, and why, the server paused the account.
     pub paused: Option<(i64, String)>,
+    /// Since when, and why, the account is set aside (its login refused):
+    /// it sends nothing until it logs in again.
+    pub set_aside: Option<(i64, String)>,
     /// How many of the remaining messages it would send.
     pub share: u64,
 }
@@ -103,23 +106,34 @@ pub async fn outlook(
     }
     let mut plans = Vec::new();
     let mut accounts = Vec::new();
+    let several = campaign.accounts.len() > 1;
     for account in &campaign.accounts {
         let key = account.account();
         let schedule = store.schedule(&key, &account.windows, now).await?;
         let paused = store.account_pause(&account.pause_key(), now).await?;
+        let set_aside = match several {
+            true => store.set_aside_since(&account.pause_key()).await?,
+            false => None,
+        };
         let from = start.max(paused.as_ref().map_or(now, |(until, _)| *until));
         let first_send_ms = store.first_send(&key).await?;
         let used_today = match crate::schedule::warmup_day(&account.warmup, first_send_ms, from) {
             Some(day) => store.recipients_since(&key, day.starts_ms).await?,
             None => 0,
         };
+        let usage = schedule.usage(now);
+        let available = set_aside.is_none();
         accounts.push(AccountOutlook {
             account: key,
-            usage: schedule.usage(now),
+            usage,
             next_send_ms: None,
             paused,
+            set_aside,
             share: 0,
         });
+        if !available {
+            continue;
+        }
         plans.push(crate::accounts::AccountPlan {
             plan: crate::schedule::Plan {
                 windows: schedule,
@@ -134,13 +148,18 @@ pub async fn outlook(
     }
     let remaining = u64::try_from(remaining).unwrap_or(0);
     let combined = crate::accounts::plan(&plans, start, remaining);
-    for ((outlook, plan), share) in accounts.iter_mut().zip(&plans).zip(&combined.shares) {
+    // The accounts that plan, in order: those not set aside.
+    let planned: Vec<usize> = (0..accounts.len())
+        .filter(|i| accounts[*i].set_aside.is_none())
+        .collect();
+    for ((index, plan), share) in planned.iter().zip(&plans).zip(&combined.shares) {
+        let outlook = &mut accounts[*index];
         outlook.share = *share;
         if remaining > 0 {
             outlook.next_send_ms = Some(plan.plan.next_send(plan.not_before_ms));
         }
     }
-    let next = combined.next.map_or(0, |(i, _)| i);
+    let next = combined.next.map_or(0, |(i, _)| planned[i]);
     Ok(Outlook {
         next_send_ms: combined.next.map(|(_, at)| at),
         eta_ms: combined.eta_ms,
@@ -165,9 +184,11 @@ fn windows_json(usage: &[(crate::limits::Window, u64)]) -> Vec<WindowJson> {
         .collect()
 }
 
-/// "paused" or "active": whether the server paused the account.
+/// "set aside" (its login refused), "paused" (by the server) or "active".
 fn account_state(account: &AccountOutlook) -> &'static str {
-    if account.paused.is_some() {
+    if account.set_aside.is_some() {
+        "set aside"
+    } else if account.paused.is_some() {
         "paused"
     } else {
         "active"
@@ -191,6 +212,13 @@ pub fn write_accounts(out: &mut impl std::io::Write, look: &Outlook) -> Result<(
         }
         for (w, used) in &account.usage {
             writeln!(out, "  {}: {used}/{} used", w.describe(), w.max)?;
+        }
+        if let Some((since, why)) = &account.set_aside {
+            writeln!(
+                out,
+                "  set aside since {}: {why} (sends again once it logs in)",
+                local_time(*since)
+            )?;
         }
         if let Some((until, why)) = &account.paused {
             writeln!(out, "  paused until {}: {why}", local_time(*until))?;

@@ -681,6 +681,22 @@ impl Store {
         on_backend!(self, Store, b => b.pause_account(account, until_ms, reason).await)
     }
 
+    /// Records that the account (by its pause key) refused the login and
+    /// was set aside (SPEC §6b), with the server's reply.
+    pub async fn set_aside(&self, account: &str, reason: &str, now: i64) -> Result<()> {
+        on_backend!(self, Store, b => b.set_aside(account, reason, now).await)
+    }
+
+    /// The account logged in again: no longer set aside.
+    pub async fn restore_account(&self, account: &str) -> Result<()> {
+        on_backend!(self, Store, b => b.restore_account(account).await)
+    }
+
+    /// Since when, and why, the account is set aside, if it is.
+    pub async fn set_aside_since(&self, account: &str) -> Result<Option<(i64, String)>> {
+        on_backend!(self, Store, b => b.set_aside_since(account).await)
+    }
+
     pub async fn account_pause(&self, account: &str, now: i64) -> Result<Option<(i64, String)>> {
         on_backend!(self, Store, b => b.account_pause(account, now).await)
     }

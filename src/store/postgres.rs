@@ -40,11 +40,12 @@ pub struct PgStore {
 }
 
 /// hikyaku's tables; a database holding any other is not its own.
-const TABLES: [&str; 7] = [
+const TABLES: [&str; 8] = [
     "campaigns",
     "recipients",
     "send_log",
     "account_pauses",
+    "accounts_set_aside",
     "suppressions",
     "workers",
     "_sqlx_migrations",
@@ -662,6 +663,32 @@ impl PgStore {
             .execute(&self.pool)
             .await?;
         Ok(())
+    }
+
+    pub async fn set_aside(&self, account: &str, reason: &str, now: i64) -> Result<()> {
+        sqlx::query("INSERT INTO accounts_set_aside (account, since, reason) VALUES ($1, $2, $3) ON CONFLICT (account) DO UPDATE SET since = excluded.since, reason = excluded.reason")
+            .bind(account)
+            .bind(now)
+            .bind(reason)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn restore_account(&self, account: &str) -> Result<()> {
+        sqlx::query("DELETE FROM accounts_set_aside WHERE account = $1")
+            .bind(account)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn set_aside_since(&self, account: &str) -> Result<Option<(i64, String)>> {
+        let row = sqlx::query("SELECT since, reason FROM accounts_set_aside WHERE account = $1")
+            .bind(account)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|r| (r.get("since"), r.get("reason"))))
     }
 
     pub async fn account_pause(&self, account: &str, now: i64) -> Result<Option<(i64, String)>> {

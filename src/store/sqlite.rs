@@ -28,11 +28,12 @@ const RETRYABLE_FAILED: &str = "campaign_id = ? AND state = 'failed' \
 const APPLICATION_ID: u32 = 0x6869_6b79;
 
 /// hikyaku's tables; a database holding any other is not its own.
-const TABLES: [&str; 6] = [
+const TABLES: [&str; 7] = [
     "campaigns",
     "recipients",
     "send_log",
     "account_pauses",
+    "accounts_set_aside",
     "suppressions",
     "_sqlx_migrations",
 ];
@@ -730,6 +731,32 @@ impl SqliteStore {
             .execute(&self.pool)
             .await?;
         Ok(())
+    }
+
+    pub async fn set_aside(&self, account: &str, reason: &str, now: i64) -> Result<()> {
+        sqlx::query("INSERT INTO accounts_set_aside (account, since, reason) VALUES (?, ?, ?) ON CONFLICT (account) DO UPDATE SET since = excluded.since, reason = excluded.reason")
+            .bind(account)
+            .bind(now)
+            .bind(reason)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn restore_account(&self, account: &str) -> Result<()> {
+        sqlx::query("DELETE FROM accounts_set_aside WHERE account = ?")
+            .bind(account)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn set_aside_since(&self, account: &str) -> Result<Option<(i64, String)>> {
+        let row = sqlx::query("SELECT since, reason FROM accounts_set_aside WHERE account = ?")
+            .bind(account)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|r| (r.get("since"), r.get("reason"))))
     }
 
     pub async fn account_pause(&self, account: &str, now: i64) -> Result<Option<(i64, String)>> {

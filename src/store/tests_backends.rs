@@ -291,6 +291,30 @@ async fn suppressed_addresses_are_skipped_and_come_back_when_removed() {
 }
 
 #[tokio::test]
+async fn an_account_set_aside_stays_so_until_restored_and_pauses_are_apart() {
+    on_both!(|store| {
+        let key = "news2@gmail.com@smtp.gmail.com:587";
+        assert_eq!(store.set_aside_since(key).await.unwrap(), None);
+        store
+            .set_aside(key, "535 5.7.8 not accepted", 1_000)
+            .await
+            .unwrap();
+        store
+            .set_aside(key, "535 5.7.8 again", 2_000)
+            .await
+            .unwrap();
+        assert_eq!(
+            store.set_aside_since(key).await.unwrap(),
+            Some((2_000, "535 5.7.8 again".to_string()))
+        );
+        // Being set aside is no pause: a new run tries the login at once.
+        assert_eq!(store.account_pause(key, 0).await.unwrap(), None);
+        store.restore_account(key).await.unwrap();
+        assert_eq!(store.set_aside_since(key).await.unwrap(), None);
+    });
+}
+
+#[tokio::test]
 async fn returned_recipient_is_pending_again_and_unlogged() {
     on_both!(|store| {
         let c = store.campaign(&ident("c")).await.unwrap();
