@@ -1092,7 +1092,10 @@ mod tests {
             .await
             .unwrap();
         let columns = vec!["email".to_string(), "name".to_string()];
-        let mut import = store.import(&record, &columns).await.unwrap();
+        let mut import = store
+            .import(crate::store::ImportInto::Campaign(&record), &columns)
+            .await
+            .unwrap();
         for i in 1..=n {
             let email = format!("u{i}@example.com");
             import

@@ -12,7 +12,7 @@ use crate::campaign::{Campaign, PasswordSource, TlsMode, TransportConfig};
 use crate::error::Exit;
 use crate::message::mailbox;
 use crate::reply::ReplyClass;
-use crate::store::State;
+use crate::store::{ImportInto, State};
 use crate::transport::{AnyTransport, Transport};
 
 pub async fn check(global: &Global, path: &Path, connect: bool) -> Result<Exit> {
@@ -38,19 +38,21 @@ pub async fn check(global: &Global, path: &Path, connect: bool) -> Result<Exit> 
     loaded.pipeline.limit_size(limits.into_iter().min());
     let campaign = &loaded.campaign;
     let store = global.store().await?;
-    let record = store.campaign(&identity(campaign)).await?;
-    errors.extend(content_changed(&record, &fingerprint(&loaded)?)?);
-    let scanned = scan(&loaded, &store, &record, Rows::Build, global.progress_bar).await;
-    let counted = match scanned {
-        Ok((mut import, found)) => {
-            let counts = import.counts().await;
-            import.rollback().await?;
-            counts.map(|c| (c, found))
+    let id = identity(campaign);
+    let parts = fingerprint(&loaded)?;
+    // A campaign never sent is read without making its row where others see it.
+    let record = store.find_campaign(&id).await?;
+    let into = match &record {
+        Some(record) => {
+            errors.extend(content_changed(record, &parts)?);
+            ImportInto::Campaign(record)
         }
-        Err(e) => Err(e),
+        None => ImportInto::Found(&id),
     };
-    store.forget_if_empty(record.id).await?;
-    let (counts, found) = counted?;
+    let (mut import, found) = scan(&loaded, &store, into, Rows::Build, global.progress_bar).await?;
+    let counts = import.counts().await;
+    import.rollback().await?;
+    let counts = counts?;
     found.warnings.warn(50);
     if campaign.message.list_unsubscribe.is_none() {
         notes.push("[message] has no list_unsubscribe; Gmail expects bulk mail to offer one-click unsubscribe".to_string());

@@ -37,7 +37,9 @@ use crate::campaign::{Campaign, TransportConfig};
 use crate::message::Variant;
 use crate::personalize::{row_place, Pipeline, RowError};
 use crate::recipients::RecipientReader;
-use crate::store::{self, CampaignRecord, Delivery, Identity, Import, RowStatus, Store};
+use crate::store::{
+    self, CampaignRecord, Delivery, Identity, Import, ImportInto, RowStatus, Store,
+};
 
 /// Options every command shares.
 #[derive(Debug, Clone, Default)]
@@ -136,7 +138,7 @@ pub enum Rows {
 pub async fn scan(
     loaded: &Loaded,
     store: &Store,
-    record: &CampaignRecord,
+    into: ImportInto<'_>,
     rows: Rows,
     progress_bar: bool,
 ) -> Result<(Import, Scan)> {
@@ -150,7 +152,7 @@ pub async fn scan(
     for note in reader.notes() {
         scan.warnings.push(note.clone());
     }
-    let mut import = store.import(record, &scan.columns).await?;
+    let mut import = store.import(into, &scan.columns).await?;
     if import.joined() {
         tracing::info!("another worker read the recipients file: this one shares its sending");
         return Ok((import, scan));
@@ -228,8 +230,9 @@ pub async fn scan(
 }
 
 /// Where a campaign not started yet would stand: the recipients file read
-/// into a transaction that is rolled back, so that the store keeps no trace.
-/// `look` sees the rows (and the file's columns) before the rollback.
+/// into a transaction that is rolled back, so that the store keeps no trace
+/// (and no other process ever sees a row for it). `look` sees the rows (and
+/// the file's columns) before the rollback.
 pub async fn unstarted<T>(
     path: &Path,
     store: &Store,
@@ -237,15 +240,17 @@ pub async fn unstarted<T>(
     look: impl AsyncFnOnce(&mut Import, &Scan) -> Result<T>,
 ) -> Result<T> {
     let loaded = load(path)?;
-    let record = store.campaign(&identity(&loaded.campaign)).await?;
-    let seen = async {
-        let (mut import, found) = scan(&loaded, store, &record, Rows::Read, progress_bar).await?;
-        let seen = look(&mut import, &found).await;
-        import.rollback().await?;
-        seen
-    }
-    .await;
-    store.forget_if_empty(record.id).await?;
+    let id = identity(&loaded.campaign);
+    let (mut import, found) = scan(
+        &loaded,
+        store,
+        ImportInto::Found(&id),
+        Rows::Read,
+        progress_bar,
+    )
+    .await?;
+    let seen = look(&mut import, &found).await;
+    import.rollback().await?;
     seen
 }
 

@@ -18,7 +18,7 @@ use crate::message::Variant;
 use crate::personalize::{row_place, RowError};
 use crate::recipients::{parse_address, RecipientReader};
 use crate::reply::{Origin, Reply, ReplyClass};
-use crate::store::{State, Store};
+use crate::store::{ImportInto, State, Store};
 use crate::time::now_ms;
 use crate::transport::{is_gmail, AnyTransport, Transport};
 
@@ -292,7 +292,7 @@ async fn send_locked(
     let (mut import, found) = scan(
         &loaded,
         store,
-        record,
+        ImportInto::Campaign(record),
         if opts.skip_invalid {
             Rows::BuildOrSkip
         } else {

@@ -324,6 +324,18 @@ pub struct CampaignRecord {
     pub fingerprint: Option<String>,
 }
 
+/// Which campaign row a read of the recipients file fills.
+#[derive(Debug, Clone, Copy)]
+pub enum ImportInto<'a> {
+    /// The campaign's row, found or made by the caller.
+    Campaign(&'a CampaignRecord),
+    /// The campaign's row, found or else made inside the read's own
+    /// transaction: a read that is rolled back (status, export, check, a dry
+    /// run of a campaign never sent) leaves no row behind and never shows
+    /// one to another process, so it never has to remove one either.
+    Found(&'a Identity),
+}
+
 /// A recipient picked for sending.
 #[derive(Debug, Clone)]
 pub struct Candidate {
@@ -520,8 +532,9 @@ impl Store {
         on_backend!(self, Store, b => b.reset(name).await)
     }
 
-    /// Removes a campaign row that holds no recipients: `check` and
-    /// `send --dry-run` leave no trace of a campaign they saw first.
+    /// Removes a campaign row that holds no recipients: `send --dry-run`
+    /// and a send that failed before recording anything leave no trace
+    /// of a campaign they saw first.
     pub async fn forget_if_empty(&self, campaign_id: i64) -> Result<()> {
         on_backend!(self, Store, b => b.forget_if_empty(campaign_id).await)
     }
@@ -565,10 +578,10 @@ impl Store {
 
     /// Starts reading the recipients file into the store; nothing is visible
     /// to others until [`Import::commit`].
-    pub async fn import(&self, campaign: &CampaignRecord, columns: &[String]) -> Result<Import> {
+    pub async fn import(&self, into: ImportInto<'_>, columns: &[String]) -> Result<Import> {
         match self {
-            Store::Sqlite(b) => Ok(Import::Sqlite(b.import(campaign, columns).await?)),
-            Store::Postgres(b) => Ok(Import::Postgres(b.import(campaign, columns).await?)),
+            Store::Sqlite(b) => Ok(Import::Sqlite(b.import(into, columns).await?)),
+            Store::Postgres(b) => Ok(Import::Postgres(b.import(into, columns).await?)),
         }
     }
 

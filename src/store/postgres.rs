@@ -15,8 +15,8 @@ use sqlx::{ConnectOptions as _, Postgres, Row as _, Transaction};
 
 use super::{
     mask_password, message_id_key, Before, CampaignRecord, CampaignSummary, Candidate, Claim,
-    Counts, Delivery, ExportRow, Identity, NoticeRow, Outcome, Ready, RowStatus, SendEntry,
-    SkipReason, State, WaitReason,
+    Counts, Delivery, ExportRow, Identity, ImportInto, NoticeRow, Outcome, Ready, RowStatus,
+    SendEntry, SkipReason, State, WaitReason,
 };
 use crate::error::input_error;
 use crate::limits::{Schedule, Send, Slot, Window};
@@ -220,8 +220,9 @@ impl PgStore {
         Ok(Some(u64::try_from(forgotten).unwrap_or(0)))
     }
 
-    /// Removes a campaign row that holds no recipients: `check` and
-    /// `send --dry-run` leave no trace of a campaign they saw first. A row
+    /// Removes a campaign row that holds no recipients: `send --dry-run`
+    /// and a send that failed before recording anything leave no trace
+    /// of a campaign they saw first. A row
     /// a worker joined is never removed: the row lock waits for a worker
     /// joining now, and the check after it sees that worker.
     pub async fn forget_if_empty(&self, campaign_id: i64) -> Result<()> {
@@ -359,8 +360,16 @@ impl PgStore {
     /// to others until [`PgImport::commit`]. One worker reads the file: a
     /// worker that finds another live one whose read is done joins it
     /// instead, and a worker that comes while another reads waits for it.
-    pub async fn import(&self, campaign: &CampaignRecord, columns: &[String]) -> Result<PgImport> {
+    pub async fn import(&self, into: ImportInto<'_>, columns: &[String]) -> Result<PgImport> {
         let mut tx = self.pool.begin().await?;
+        let made;
+        let campaign = match into {
+            ImportInto::Campaign(record) => record,
+            ImportInto::Found(id) => {
+                made = create(&mut tx, id).await?;
+                &made
+            }
+        };
         advisory_lock(&mut tx, "import", &campaign.id.to_string()).await?;
         let readers: Vec<String> = sqlx::query_scalar(
             "SELECT token FROM workers WHERE campaign_id = $1 AND ready AND token != $2",

@@ -13,7 +13,7 @@ use sqlx::{ConnectOptions as _, Connection as _, Row as _, Sqlite, Transaction};
 
 use super::{
     Before, CampaignRecord, CampaignSummary, Candidate, Claim, Counts, Delivery, ExportRow,
-    Identity, Outcome, Ready, RowStatus, SkipReason, State, WaitReason,
+    Identity, ImportInto, Outcome, Ready, RowStatus, SkipReason, State, WaitReason,
 };
 use crate::error::input_error;
 use crate::limits::{Schedule, Send, Slot, Window};
@@ -305,8 +305,9 @@ impl SqliteStore {
         Ok(Some(u64::try_from(forgotten).unwrap_or(0)))
     }
 
-    /// Removes a campaign row that holds no recipients: `check` and
-    /// `send --dry-run` leave no trace of a campaign they saw first. A row
+    /// Removes a campaign row that holds no recipients: `send --dry-run`
+    /// and a send that failed before recording anything leave no trace
+    /// of a campaign they saw first. A row
     /// a runner holds is its first `send`'s, starting: never removed.
     pub async fn forget_if_empty(&self, campaign_id: i64) -> Result<()> {
         sqlx::query("DELETE FROM campaigns WHERE id = ? AND lock_pid IS NULL AND NOT EXISTS (SELECT 1 FROM recipients WHERE campaign_id = ?)")
@@ -437,12 +438,16 @@ impl SqliteStore {
 
     /// Starts reading the recipients file into the store; nothing is visible
     /// to others until [`Import::commit`].
-    pub async fn import(
-        &self,
-        campaign: &CampaignRecord,
-        columns: &[String],
-    ) -> Result<SqliteImport> {
+    pub async fn import(&self, into: ImportInto<'_>, columns: &[String]) -> Result<SqliteImport> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let made;
+        let campaign = match into {
+            ImportInto::Campaign(record) => record,
+            ImportInto::Found(id) => {
+                made = create(&mut tx, id).await?;
+                &made
+            }
+        };
         let generation: i64 = sqlx::query_scalar("UPDATE campaigns SET import_gen = import_gen + 1, columns = ? WHERE id = ? RETURNING import_gen")
             .bind(serde_json::to_string(columns)?)
             .bind(campaign.id)
@@ -1322,7 +1327,10 @@ pub(super) mod tests {
         c: &CampaignRecord,
         rows: &[&str],
     ) -> Vec<RowStatus> {
-        let mut imp = store.import(c, &["email".into()]).await.unwrap();
+        let mut imp = store
+            .import(ImportInto::Campaign(c), &["email".into()])
+            .await
+            .unwrap();
         let mut statuses = Vec::new();
         for (i, email) in rows.iter().enumerate() {
             let key = email.to_lowercase();

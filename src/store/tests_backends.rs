@@ -120,7 +120,10 @@ fn out(n: u32) -> Outgoing {
 }
 
 async fn import(store: &Store, c: &CampaignRecord, rows: &[&str]) -> Vec<RowStatus> {
-    let mut imp = store.import(c, &["email".into()]).await.unwrap();
+    let mut imp = store
+        .import(ImportInto::Campaign(c), &["email".into()])
+        .await
+        .unwrap();
     let mut statuses = Vec::new();
     for (i, email) in rows.iter().enumerate() {
         let key = email.to_lowercase();
@@ -183,6 +186,46 @@ async fn a_status_poll_never_removes_the_row_of_a_send_that_starts() {
         assert_eq!(found.map(|r| r.id), Some(c.id), "the sender's row stays");
         import(&store, &c, &["a@x.example"]).await;
         assert_eq!(store.counts(c.id).await.unwrap()[State::Pending], 1);
+        store.unlock(c.id, "send").await.unwrap();
+    });
+}
+
+/// Regression: a read of a campaign never sent (status, export, check)
+/// made the campaign's row where every process saw it, and removed it when
+/// done if it was still empty. Two such reads at once failed: the second
+/// read the file into a row the first had removed. Such a read now makes
+/// the row inside its own transaction: no one else sees it, nothing is left
+/// to remove, and a send starting meanwhile makes the row for itself.
+#[tokio::test]
+async fn reading_a_campaign_never_sent_shows_no_row_to_anyone_else() {
+    on_both!(|store| {
+        let mut imp = store
+            .import(ImportInto::Found(&ident("c")), &["email".into()])
+            .await
+            .unwrap();
+        imp.row(
+            1,
+            "a@x.example",
+            "a@x.example",
+            "a@x.example",
+            &["a@x.example".into()],
+        )
+        .await
+        .unwrap();
+        assert_eq!(imp.counts().await.unwrap()[State::Pending], 1);
+        assert!(store.find_campaign(&ident("c")).await.unwrap().is_none());
+        assert!(store.campaigns().await.unwrap().is_empty());
+        imp.rollback().await.unwrap();
+        assert!(store.find_campaign(&ident("c")).await.unwrap().is_none());
+        // A campaign that exists is read in place, and kept.
+        let c = store.lock(&ident("c"), "send").await.unwrap();
+        let imp = store
+            .import(ImportInto::Found(&ident("c")), &["email".into()])
+            .await
+            .unwrap();
+        imp.rollback().await.unwrap();
+        let found = store.find_campaign(&ident("c")).await.unwrap();
+        assert_eq!(found.map(|r| r.id), Some(c.id));
         store.unlock(c.id, "send").await.unwrap();
     });
 }
@@ -459,7 +502,10 @@ async fn a_worker_arriving_after_the_read_joins_it() {
     a.lock(&ident("c"), "a").await.unwrap();
     import(&a, &c, &["a@x.example"]).await;
     b.lock(&ident("c"), "b").await.unwrap();
-    let imp = b.import(&c, &["email".into()]).await.unwrap();
+    let imp = b
+        .import(ImportInto::Campaign(&c), &["email".into()])
+        .await
+        .unwrap();
     assert!(imp.joined());
     imp.commit().await.unwrap();
     // With a gone, the next worker reads the file itself.
@@ -467,7 +513,10 @@ async fn a_worker_arriving_after_the_read_joins_it() {
     let other = Store::open_postgres(&pg.url).await.unwrap();
     other.lock(&ident("c"), "o").await.unwrap();
     b.unlock(c.id, "b").await.unwrap();
-    let imp = other.import(&c, &["email".into()]).await.unwrap();
+    let imp = other
+        .import(ImportInto::Campaign(&c), &["email".into()])
+        .await
+        .unwrap();
     assert!(!imp.joined());
     imp.rollback().await.unwrap();
     for s in [a, b, other] {
