@@ -181,7 +181,6 @@ struct Shared {
     claimed: u64,
     in_flight: usize,
     end: Option<RunEnd>,
-    breaker: (String, u32),
     lanes: Vec<LaneState>,
 }
 
@@ -195,8 +194,14 @@ struct LaneState {
     outage: Backoff,
     /// The server paused the account (4xx): ends at the first message sent.
     throttle: Backoff,
-    /// Set aside: a refused login, or a wait `--no-wait` does not take.
+    /// Set aside: a refused login, the circuit breaker, or a wait
+    /// `--no-wait` does not take.
     stopped: Option<RunEnd>,
+    /// The last permanent failure's reply and how many came in a row:
+    /// counted per account, as a misconfigured account (a From its domain
+    /// does not allow) fails every recipient it sends to, whatever the
+    /// others do.
+    breaker: (String, u32),
 }
 
 impl Shared {
@@ -310,7 +315,7 @@ pub async fn run<T: Transport, C: Clock>(
 }
 
 /// [`run`] through several accounts at once, sharing the campaign, the
-/// `--limit`, the per-domain pacing and the circuit breaker. The
+/// `--limit` and the per-domain pacing. The
 /// campaign-wide settings (retry, limit, no_wait, hours, per_domain) are
 /// read from the first lane.
 pub async fn run_lanes<T: Transport, C: Clock>(
@@ -327,7 +332,6 @@ pub async fn run_lanes<T: Transport, C: Clock>(
         claimed: 0,
         in_flight: 0,
         end: None,
-        breaker: (String::new(), 0),
         lanes: lanes
             .iter()
             .map(|l| LaneState {
@@ -705,7 +709,7 @@ impl<T: Transport, C: Clock> Worker<T, C> {
                 )
                 .await?;
                 let mut shared = self.shared.lock().await;
-                shared.breaker = (String::new(), 0);
+                shared.lanes[self.lane].breaker = (String::new(), 0);
                 shared.lanes[self.lane].throttle = Backoff::default();
                 shared.lanes[self.lane].outage = Backoff::default();
                 drop(shared);
@@ -784,16 +788,18 @@ impl<T: Transport, C: Clock> Worker<T, C> {
                 });
                 let mut shared = self.shared.lock().await;
                 let key = reply.failure_key();
-                if permanent && shared.breaker.0 == key {
-                    shared.breaker.1 += 1;
+                let breaker = &mut shared.lanes[self.lane].breaker;
+                if permanent && breaker.0 == key {
+                    breaker.1 += 1;
                 } else {
-                    shared.breaker = (key, u32::from(permanent));
+                    *breaker = (key, u32::from(permanent));
                 }
-                if shared.breaker.1 >= CIRCUIT_BREAKER {
-                    shared.end.get_or_insert(RunEnd::CircuitBreaker(format!(
+                if breaker.1 >= CIRCUIT_BREAKER {
+                    let end = RunEnd::CircuitBreaker(format!(
                         "{CIRCUIT_BREAKER} recipients in a row were refused with the same reply ({text}); \
                          this is most likely the sending account or configuration, not the addresses"
-                    )));
+                    ));
+                    self.stop_lane(&mut shared, end).await?;
                 }
             }
             ReplyClass::AccountPaused(_) => {
@@ -1642,6 +1648,55 @@ mod tests {
         assert_eq!(set_aside, ["refused"]);
         assert_eq!(sent_by.get("quota"), Some(&2));
         assert_eq!(sent_by.get("steady"), Some(&10));
+    }
+
+    /// Regression: the circuit breaker counted across accounts, so an
+    /// account whose every message was refused (a From its domain does
+    /// not allow) kept failing recipients while another account's sends
+    /// reset the count. Now that account is set aside after ten, and the
+    /// other sends the rest.
+    #[tokio::test]
+    async fn the_circuit_breaker_sets_one_account_aside() {
+        let s = setup(30).await;
+        let clock = Arc::new(FakeClock(AtomicI64::new(1_000_000)));
+        let lane = |name: &str, script: Script| {
+            let mut cfg = config(&s, vec![], 1);
+            cfg.account = name.to_string();
+            Lane {
+                config: cfg,
+                transport: Arc::new(Recorder {
+                    clock: clock.clone(),
+                    script: StdMutex::new(script),
+                    connect: StdMutex::new(Box::new(|_| Ok(()))),
+                    calls: StdMutex::new(Vec::new()),
+                    connects: StdMutex::new(Vec::new()),
+                }),
+                pipeline: s.pipeline.clone(),
+            }
+        };
+        let lanes = vec![
+            lane(
+                "bad",
+                Box::new(|_, _| Err(Reply::new(Some(550), "5.7.26 unauthenticated sender"))),
+            ),
+            lane("good", Box::new(|_, _| ok())),
+        ];
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (_stop_tx, stop) = watch::channel(false);
+        let end = run_lanes(s.store.clone(), lanes, clock, tx, stop)
+            .await
+            .unwrap();
+        assert_eq!(end, RunEnd::Done);
+        let counts = s.store.counts(s.record.id).await.unwrap();
+        assert_eq!((counts[State::Failed], counts[State::Sent]), (10, 20));
+        let mut set_aside = Vec::new();
+        while let Ok(event) = rx.try_recv() {
+            if let Event::AccountSetAside { account, end } = event {
+                assert!(matches!(end, RunEnd::CircuitBreaker(_)), "{end:?}");
+                set_aside.push(account);
+            }
+        }
+        assert_eq!(set_aside, ["bad"]);
     }
 
     /// When every account refuses the login, the run stops with each one's

@@ -185,6 +185,20 @@ fn a_quota_paused_and_a_refused_account_are_set_aside_and_the_third_finishes() {
         "{stderr}"
     );
     assert!(stderr.contains("5.4.5"), "{stderr}");
+    // Each wait names its account, and the summary what each one sent.
+    let first = ACCOUNTS[0].0;
+    assert!(
+        stderr.contains(&format!(
+            "account {first}@127.0.0.1: limit per 6s 3/3 reached"
+        )),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!(
+            "by account: {first}@127.0.0.1 5, {paused}@127.0.0.1 2, {refused}@127.0.0.1 0"
+        )),
+        "{stderr}"
+    );
     assert!(
         !stderr.contains("wrong"),
         "the password is never shown: {stderr}"

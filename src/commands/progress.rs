@@ -262,6 +262,9 @@ impl View {
                 if let Some(eta) = eta_ms {
                     parts.push(format!("ETA {}", until(eta, now_ms())));
                 }
+                if self.several && stats.sent > 0 {
+                    parts.push(stats.by_account(&self.accounts));
+                }
                 if !wait.is_empty() {
                     parts.push(wait.clone());
                 }
@@ -339,6 +342,7 @@ pub fn set_aside_why(campaign: &Campaign, account: &str, end: &RunEnd) -> String
             "{why}; next send possible at {} (--no-wait)",
             local_time(*until_ms)
         ),
+        RunEnd::CircuitBreaker(why) => why.clone(),
         other => format!("{other:?}"),
     }
 }
