@@ -198,11 +198,12 @@ impl SmtpServer {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// Every message accepted so far, in order.
+    /// Every message accepted so far, in order. A line the server is still
+    /// writing (a long one takes several writes) is not read yet.
     pub fn received(&self) -> Vec<Received> {
         let text = std::fs::read_to_string(&self.record).unwrap_or_default();
-        text.lines()
-            .filter(|l| !l.trim().is_empty())
+        text.split_inclusive('\n')
+            .filter(|l| l.ends_with('\n') && !l.trim().is_empty())
             .map(|line| {
                 let v: serde_json::Value = serde_json::from_str(line).unwrap();
                 Received {
