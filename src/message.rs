@@ -230,6 +230,8 @@ fn mailboxes(what: &str, value: &str) -> Result<Vec<Mailbox>, HeaderError> {
 pub struct Composer {
     campaign_dir: PathBuf,
     dkim: Option<DkimSigner<DkimKey, Done>>,
+    /// A `from` without variables, parsed once: (as written, the mailbox).
+    from: Option<(String, Mailbox)>,
 }
 
 /// Headers the DKIM signature covers. Listing optional ones that a message
@@ -275,9 +277,14 @@ impl Composer {
                 )
             }
         };
+        let from = &campaign.message.from;
+        let from = (!from.contains("{{"))
+            .then(|| mailbox("from", from).ok().map(|m| (from.clone(), m)))
+            .flatten();
         Ok(Composer {
             campaign_dir: campaign.dir.clone(),
             dkim,
+            from,
         })
     }
 
@@ -286,6 +293,7 @@ impl Composer {
         Composer {
             campaign_dir: campaign_dir.to_path_buf(),
             dkim: None,
+            from: None,
         }
     }
 
@@ -297,7 +305,30 @@ impl Composer {
         to: &Recipient,
         variant: Variant<'_>,
     ) -> Result<Outgoing, ComposeError> {
-        let message = compose(rendered, to, &self.campaign_dir, variant)?;
+        let message = compose(rendered, to, self, variant, None)?
+            .ok_or_else(|| ComposeError::Build("the message was not built".to_string()))?;
+        self.finish(message)
+    }
+
+    /// Checks the message for one recipient as [`Composer::build`] would,
+    /// without building its MIME body when it is certain to be no larger
+    /// than `limit` bytes (`None`: every part is valid and it fits). A
+    /// message with attachments, or one that may be larger, is built.
+    pub fn check(
+        &self,
+        rendered: &Rendered,
+        to: &Recipient,
+        limit: u64,
+    ) -> Result<Option<Outgoing>, ComposeError> {
+        let fits_in = rendered.attachments.is_empty().then_some(limit);
+        match compose(rendered, to, self, Variant::default(), fits_in)? {
+            None => Ok(None),
+            Some(message) => self.finish(message).map(Some),
+        }
+    }
+
+    /// Serialises and signs a composed message.
+    fn finish(&self, message: Composed) -> Result<Outgoing, ComposeError> {
         let mut bytes = message.message.formatted();
         if bytes.len() as u64 > MAX_MESSAGE_BYTES {
             return Err(ComposeError::TooLarge {
@@ -372,13 +403,30 @@ struct Composed {
     recipient_count: u32,
 }
 
+/// Checks every part of a recipient's message and composes it; with
+/// `fits_in`, returns `None` instead once every part is checked and the
+/// message is certain to be no larger than that many bytes.
 fn compose(
     rendered: &Rendered,
     to: &Recipient,
-    campaign_dir: &Path,
+    composer: &Composer,
     variant: Variant<'_>,
-) -> Result<Composed, ComposeError> {
-    let from = mailbox("from", &rendered.from)?;
+    fits_in: Option<u64>,
+) -> Result<Option<Composed>, ComposeError> {
+    // A message certain to fit is only checked: nothing is built for it.
+    let check_only = fits_in.is_some_and(|limit| {
+        let parts = [&rendered.text, &rendered.html]
+            .into_iter()
+            .flatten()
+            .map(|p| 2 * p.len() as u64)
+            .sum();
+        rendered.attachments.is_empty() && size_bound(rendered, parts, 0) <= limit
+    });
+    let campaign_dir = &composer.campaign_dir;
+    let from = match &composer.from {
+        Some((written, parsed)) if *written == rendered.from => parsed.clone(),
+        _ => mailbox("from", &rendered.from)?,
+    };
     let subject = match variant.test_to {
         Some(_) => format!("[TEST] {}", rendered.subject),
         None => rendered.subject.clone(),
@@ -399,19 +447,20 @@ fn compose(
             address: target.ascii.clone(),
             why: e.to_string(),
         })?;
-    let mut builder = Message::builder()
-        .from(from.clone())
-        .to(Mailbox::new(to_name.map(str::to_string), to_address))
-        .subject(subject)
-        .date_now()
-        .raw_header(HeaderValue::new(
-            HeaderName::new_from_ascii_str("Precedence"),
-            "bulk".into(),
-        ));
+    let mut builder = (!check_only).then(Message::builder).map(|b| {
+        b.from(from.clone())
+            .to(Mailbox::new(to_name.map(str::to_string), to_address))
+            .subject(subject)
+            .date_now()
+            .raw_header(HeaderValue::new(
+                HeaderName::new_from_ascii_str("Precedence"),
+                "bulk".into(),
+            ))
+    });
     let mut recipient_count = 1u32;
     if let Some(reply_to) = &rendered.reply_to {
         for mbox in mailboxes("reply_to", reply_to)? {
-            builder = builder.reply_to(mbox);
+            builder = builder.map(|b| b.reply_to(mbox));
         }
     }
     if variant.test_to.is_none() {
@@ -419,17 +468,22 @@ fn compose(
             let Some(value) = value else { continue };
             for mbox in mailboxes(what, value)? {
                 recipient_count += 1;
-                builder = if what == "cc" {
-                    builder.cc(mbox)
-                } else {
-                    builder.bcc(mbox)
-                };
+                builder = builder.map(|b| {
+                    if what == "cc" {
+                        b.cc(mbox)
+                    } else {
+                        b.bcc(mbox)
+                    }
+                });
             }
         }
     }
     let domain = from.email.domain().to_string();
-    let message_id = format!("<{}@{}>", uuid::Uuid::new_v4().simple(), domain);
-    builder = builder.message_id(Some(message_id.clone()));
+    let message_id = match builder {
+        Some(_) => format!("<{}@{}>", uuid::Uuid::new_v4().simple(), domain),
+        None => String::new(),
+    };
+    builder = builder.map(|b| b.message_id(Some(message_id.clone())));
 
     if let Some(value) = &rendered.list_unsubscribe {
         check_header_value("list_unsubscribe", value)?;
@@ -458,18 +512,22 @@ fn compose(
             .map(|u| format!("<{}>", ascii_uri(u)))
             .collect::<Vec<_>>()
             .join(", ");
-        builder = builder.raw_header(HeaderValue::new(
-            HeaderName::new_from_ascii_str("List-Unsubscribe"),
-            header,
-        ));
+        builder = builder.map(|b| {
+            b.raw_header(HeaderValue::new(
+                HeaderName::new_from_ascii_str("List-Unsubscribe"),
+                header,
+            ))
+        });
         if uris
             .iter()
             .any(|u| u.to_ascii_lowercase().starts_with("https://"))
         {
-            builder = builder.raw_header(HeaderValue::new(
-                HeaderName::new_from_ascii_str("List-Unsubscribe-Post"),
-                "List-Unsubscribe=One-Click".into(),
-            ));
+            builder = builder.map(|b| {
+                b.raw_header(HeaderValue::new(
+                    HeaderName::new_from_ascii_str("List-Unsubscribe-Post"),
+                    "List-Unsubscribe=One-Click".into(),
+                ))
+            });
         }
     }
     for (name, value) in &rendered.headers {
@@ -484,8 +542,15 @@ fn compose(
         check_header_value(&format!("header {name}"), value)?;
         let header_name = HeaderName::new_from_ascii(name.clone())
             .map_err(|_| HeaderError::BadName { name: name.clone() })?;
-        builder = builder.raw_header(HeaderValue::new(header_name, value.clone()));
+        builder = builder.map(|b| b.raw_header(HeaderValue::new(header_name, value.clone())));
     }
+    let Some(builder) = builder else {
+        // Checked only: the bodies' size was bounded up front.
+        if rendered.text.is_none() && rendered.html.is_none() {
+            return Err(ComposeError::NoBody);
+        }
+        return Ok(None);
+    };
 
     let text = rendered.text.as_deref().map(crlf);
     let html = rendered.html.as_deref().map(crlf);
@@ -541,11 +606,49 @@ fn compose(
     }
     .map_err(|e| ComposeError::Build(e.to_string()))?;
 
-    Ok(Composed {
+    Ok(Some(Composed {
         message,
         message_id,
         recipient_count,
-    })
+    }))
+}
+
+/// An upper bound of the size of a message (with its DKIM signature) whose
+/// bodies are `parts` bytes and attachments `attached` bytes: quoted-printable
+/// triples a byte at worst (plus soft line breaks), base64 takes 78 bytes for
+/// 57, an encoded header word a few bytes per character, the structure and
+/// the fixed headers a few kilobytes.
+fn size_bound(rendered: &Rendered, parts: u64, attached: u64) -> u64 {
+    let headers: usize = [
+        Some(&rendered.from),
+        Some(&rendered.subject),
+        rendered.to_name.as_ref(),
+        rendered.reply_to.as_ref(),
+        rendered.cc.as_ref(),
+        rendered.bcc.as_ref(),
+        rendered.list_unsubscribe.as_ref(),
+    ]
+    .into_iter()
+    .flatten()
+    .map(String::len)
+    .sum::<usize>()
+        + rendered
+            .headers
+            .iter()
+            .map(|(n, v)| n.len() + v.len())
+            .sum::<usize>();
+    let headers = u64::try_from(headers).unwrap_or(u64::MAX);
+    parts
+        .saturating_mul(13)
+        .saturating_div(4)
+        .saturating_add(
+            attached
+                .saturating_div(57)
+                .saturating_add(1)
+                .saturating_mul(78),
+        )
+        .saturating_add(headers.saturating_mul(6))
+        .saturating_add(8192)
 }
 
 /// Percent-encodes the non-ASCII characters of a URI as UTF-8 (RFC 3987

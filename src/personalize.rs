@@ -4,10 +4,12 @@
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::Result;
 use serde_json::{Map, Value};
 
+use crate::bounded::MAX_MESSAGE_BYTES;
 use crate::campaign::Campaign;
 use crate::error::input_error;
 use crate::message::{
@@ -64,8 +66,9 @@ pub struct Pipeline {
     email_index: usize,
     /// `[schedule] timezone_column` and where it is among `columns`.
     zone_column: Option<(String, Option<usize>)>,
-    /// The largest message the server takes, when known.
-    size_limit: Option<u64>,
+    /// The largest message the server takes, when known (`u64::MAX`: not
+    /// known). Set once the server answered, while the pipeline is shared.
+    size_limit: AtomicU64,
 }
 
 impl Pipeline {
@@ -82,14 +85,15 @@ impl Pipeline {
                 .map(|name| (name.clone(), columns.iter().position(|c| c == name))),
             columns,
             email_index,
-            size_limit: None,
+            size_limit: AtomicU64::new(u64::MAX),
         })
     }
 
     /// Refuses messages larger than `limit` bytes from now on (SPEC §11:
     /// a row over the server's size is found before anything is sent).
-    pub fn limit_size(&mut self, limit: Option<u64>) {
-        self.size_limit = limit;
+    pub fn limit_size(&self, limit: Option<u64>) {
+        self.size_limit
+            .store(limit.unwrap_or(u64::MAX), Ordering::Relaxed);
     }
 
     /// The pipeline of a campaign, for the header its recipients file has
@@ -154,7 +158,7 @@ impl Pipeline {
         let mut data = self.variables(&fields, email);
         let mut missing = Vec::new();
         while missing.len() < MAX_REPORTED {
-            match self.templates.render(&data) {
+            match self.templates.render(data.clone()) {
                 Err(RenderError::MissingVariable { at, name }) if !data.contains_key(&name) => {
                     data.insert(name.clone(), Value::String(cell.to_string()));
                     missing.push((at, name));
@@ -204,6 +208,27 @@ impl Pipeline {
         fields: &[String],
         variant: Variant<'_>,
     ) -> Result<Outgoing, RowError> {
+        self.zone_ok(fields)?;
+        let rendered = self.templates.render(self.variables(fields, email))?;
+        let message = self.composer.build(&rendered, to, variant)?;
+        self.within_limit(message)
+    }
+
+    /// Whether the message to `to` rendered from `fields` can be built, as
+    /// [`Pipeline::message`] decides it, without building its MIME body
+    /// when it is certain to be small enough (the pre-send check of every row).
+    pub fn check(&self, to: &Recipient, email: &str, fields: &[String]) -> Result<(), RowError> {
+        self.zone_ok(fields)?;
+        let rendered = self.templates.render(self.variables(fields, email))?;
+        let limit = self.size_limit().unwrap_or(u64::MAX).min(MAX_MESSAGE_BYTES);
+        match self.composer.check(&rendered, to, limit)? {
+            None => Ok(()),
+            Some(message) => self.within_limit(message).map(drop),
+        }
+    }
+
+    /// A `timezone_column` cell that names no time zone is a row error.
+    fn zone_ok(&self, fields: &[String]) -> Result<(), RowError> {
         if let Some((column, Some(at))) = &self.zone_column {
             let cell = fields.get(*at).map(|f| f.trim()).unwrap_or("");
             if !cell.is_empty() && crate::schedule::SendingHours::parse_zone(cell).is_err() {
@@ -213,10 +238,20 @@ impl Pipeline {
                 });
             }
         }
-        let rendered = self.templates.render(&self.variables(fields, email))?;
-        let message = self.composer.build(&rendered, to, variant)?;
+        Ok(())
+    }
+
+    /// The largest message the server takes, when known.
+    pub fn size_limit(&self) -> Option<u64> {
+        match self.size_limit.load(Ordering::Relaxed) {
+            u64::MAX => None,
+            limit => Some(limit),
+        }
+    }
+
+    fn within_limit(&self, message: Outgoing) -> Result<Outgoing, RowError> {
         let size = u64::try_from(message.bytes.len()).unwrap_or(u64::MAX);
-        match self.size_limit {
+        match self.size_limit() {
             Some(limit) if size > limit => Err(RowError::TooLarge { size, limit }),
             _ => Ok(message),
         }
@@ -337,5 +372,32 @@ mod tests {
             1,
             "the empty side of an if is reached too"
         );
+    }
+
+    /// The pre-send check builds no MIME body for a message certain to be
+    /// small enough, and accepts and refuses exactly what building does.
+    #[test]
+    fn check_decides_as_building_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = pipeline(dir.path(), "to_name = \"{{name}}\"");
+        let good = row(&["ann@example.com", "Ann"]);
+        let to = p.recipient(&good).unwrap();
+        p.check(&to, &to.written, &good).unwrap();
+        let bad = row(&["bob@example.com", "Bob\nBcc: x@example.com"]);
+        let to = p.recipient(&bad).unwrap();
+        assert_eq!(
+            p.check(&to, &to.written, &bad).unwrap_err(),
+            p.build(&bad, Variant::default()).unwrap_err()
+        );
+        // Near the server's size, the message is built and measured.
+        let to = p.recipient(&good).unwrap();
+        let size = p.build(&good, Variant::default()).unwrap().1.bytes.len() as u64;
+        p.limit_size(Some(size + 40));
+        p.check(&to, &to.written, &good).unwrap();
+        p.limit_size(Some(size - 40));
+        assert!(matches!(
+            p.check(&to, &to.written, &good),
+            Err(RowError::TooLarge { .. })
+        ));
     }
 }

@@ -392,8 +392,9 @@ impl Templates {
 
     /// Renders every part for one recipient. `data` holds the row's columns
     /// plus `email` and `campaign`. Errors read `file:line:col: reason`.
-    pub fn render(&self, data: &Map<String, Value>) -> std::result::Result<Rendered, RenderError> {
-        let ctx = Context::wraps(data).map_err(|e| RenderError::from_handlebars(&e))?;
+    pub fn render(&self, data: Map<String, Value>) -> std::result::Result<Rendered, RenderError> {
+        // Taken as it is: wrapping a reference would copy every value.
+        let ctx = Context::from(Value::Object(data));
         let plain = |name: &str| render_capped(&self.plain, name, &ctx, MAX_INLINE_RENDERED);
         let mut r = Rendered {
             from: plain(FROM)?,
@@ -600,7 +601,7 @@ mod tests {
         )
         .unwrap();
         let t = Templates::compile(&c).unwrap();
-        let r = t.render(&data(&[("name", "Tom & <Jerry>")])).unwrap();
+        let r = t.render(data(&[("name", "Tom & <Jerry>")])).unwrap();
         assert_eq!(r.subject, "Hi Tom & <Jerry>");
         assert_eq!(r.text.as_deref(), Some("Dear Tom & <Jerry>"));
         assert_eq!(
@@ -619,7 +620,7 @@ mod tests {
         )
         .unwrap();
         let t = Templates::compile(&c).unwrap();
-        let err = t.render(&data(&[("name", "")])).unwrap_err();
+        let err = t.render(data(&[("name", "")])).unwrap_err();
         let RenderError::MissingVariable { at, name } = &err else {
             panic!("{err:?}")
         };
@@ -657,7 +658,7 @@ mod tests {
         )
         .unwrap();
         let t = Templates::compile(&c).unwrap();
-        let r = t.render(&data(&[("name", "Ann"), ("nick", "")])).unwrap();
+        let r = t.render(data(&[("name", "Ann"), ("nick", "")])).unwrap();
         assert_eq!(r.subject, "ANN ann friend");
         assert_eq!(r.html.as_deref(), Some("<html><b>Ann</b></html>"));
         let text = r.text.unwrap();
@@ -674,7 +675,7 @@ mod tests {
             &[("t.hbs", "x")],
         )
         .unwrap();
-        let r = Templates::compile(&c).unwrap().render(&data(&[])).unwrap();
+        let r = Templates::compile(&c).unwrap().render(data(&[])).unwrap();
         assert_eq!(r.subject, chrono::Local::now().format("%Y").to_string());
     }
 
@@ -689,7 +690,7 @@ mod tests {
         .unwrap();
         let r = Templates::compile(&c)
             .unwrap()
-            .render(&data(&[("name", "A<b>")]))
+            .render(data(&[("name", "A<b>")]))
             .unwrap();
         let html = r.html.unwrap();
         assert!(html.contains("<h1>Hello A&lt;b&gt;</h1>"), "{html}");

@@ -16,7 +16,7 @@ use crate::store::{ImportInto, State};
 use crate::transport::{AnyTransport, Transport};
 
 pub async fn check(global: &Global, path: &Path, connect: bool) -> Result<Exit> {
-    let mut loaded = load(path)?;
+    let loaded = load(path)?;
     let mut errors = Vec::new();
     let mut notes = Vec::new();
     let mut limits = Vec::new();

@@ -18,6 +18,7 @@ mod suppress;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use sha2::{Digest, Sha256};
@@ -34,11 +35,12 @@ pub use status::status;
 pub use suppress::{suppress, SuppressAction};
 
 use crate::campaign::{Campaign, TransportConfig};
-use crate::message::Variant;
+use tokio::sync::mpsc;
+
 use crate::personalize::{row_place, Pipeline, RowError};
-use crate::recipients::RecipientReader;
+use crate::recipients::{Recipient, RecipientReader, Row};
 use crate::store::{
-    self, CampaignRecord, Delivery, Identity, Import, ImportInto, RowStatus, Store,
+    self, CampaignRecord, Delivery, Identity, Import, ImportInto, ImportRow, RowStatus, Store,
 };
 
 /// Options every command shares.
@@ -98,12 +100,12 @@ pub fn identity(campaign: &Campaign) -> Identity {
 /// A campaign file with its pipeline ready.
 pub struct Loaded {
     pub campaign: Campaign,
-    pub pipeline: Pipeline,
+    pub pipeline: Arc<Pipeline>,
 }
 
 pub fn load(path: &Path) -> Result<Loaded> {
     let campaign = Campaign::load(path)?;
-    let pipeline = Pipeline::load(&campaign)?;
+    let pipeline = Arc::new(Pipeline::load(&campaign)?);
     Ok(Loaded { campaign, pipeline })
 }
 
@@ -132,9 +134,30 @@ pub enum Rows {
     Read,
 }
 
-/// Reads the recipients file into the store (not yet committed) and builds
-/// the message of every row still to be sent, so that every problem is known
-/// before the first message goes out (SPEC §3).
+/// Rows read, written to the store and checked together.
+const SCAN_BATCH: usize = 2000;
+
+/// Rows of the file on their way through [`scan`].
+struct Batch {
+    rows: Vec<Row>,
+    recipients: Vec<Result<Recipient, RowError>>,
+    statuses: Vec<RowStatus>,
+}
+
+/// What the check of the rows found.
+#[derive(Default)]
+struct Checked {
+    warnings: Lines,
+    problems: Problems,
+    checked: u64,
+}
+
+/// Reads the recipients file into the store (not yet committed) and checks
+/// the message of every row still to be sent, so that every problem is
+/// known before the first message goes out (SPEC §3). Three stages run at
+/// once, a batch of rows apart: this task reads the file, a task writes the
+/// rows to the store, and a thread checks the rows the store says are
+/// still to send, so that the database and the templates share the cores.
 pub async fn scan(
     loaded: &Loaded,
     store: &Store,
@@ -152,74 +175,46 @@ pub async fn scan(
     for note in reader.notes() {
         scan.warnings.push(note.clone());
     }
-    let mut import = store.import(into, &scan.columns).await?;
+    let import = store.import(into, &scan.columns).await?;
     if import.joined() {
         tracing::info!("another worker read the recipients file: this one shares its sending");
         return Ok((import, scan));
     }
-    let mut checking = progress::Checking::start(progress_bar, reader.path());
-    loop {
-        let row = match reader.next_row() {
-            Ok(Some(row)) => row,
-            Ok(None) => break,
-            Err(e) => {
-                import.rollback().await?;
-                return Err(e);
-            }
+    let (to_store, orders) = mpsc::channel::<Batch>(2);
+    let (to_check, mut written) = mpsc::channel::<Batch>(2);
+    let (skip_tx, skips) = mpsc::unbounded_channel::<(i64, String)>();
+    let writer = tokio::spawn(write_rows(import, orders, to_check, skips));
+    let checker = {
+        let (pipeline, file) = (pipeline.clone(), reader.path().to_path_buf());
+        let mut found = Checked {
+            warnings: std::mem::take(&mut scan.warnings),
+            ..Checked::default()
         };
-        scan.rows += 1;
-        checking.rows(scan.rows);
-        let at = row_place(reader.path(), &row);
-        let recipient = match pipeline.recipient(&row.fields) {
-            Ok(r) => r,
-            Err(why) => {
-                scan.warnings.push(format!("{at}: {why}; skipped"));
-                let cell = pipeline.address_cell(&row.fields).trim();
-                import.invalid_row(row.number, cell, &row.fields).await?;
-                continue;
-            }
-        };
-        match import
-            .row(
-                row.number,
-                &recipient.written,
-                &recipient.ascii,
-                &recipient.key,
-                &row.fields,
-            )
-            .await?
-        {
-            RowStatus::Settled => {}
-            RowStatus::Duplicate { first_row } => scan.warnings.push(format!(
-                "{at}: {} duplicates row {first_row}; skipped",
-                recipient.written
-            )),
-            RowStatus::Suppressed => scan.warnings.push(format!(
-                "{at}: {} is on the suppression list; skipped",
-                recipient.written
-            )),
-            RowStatus::ToSend { .. } if rows == Rows::Read => {}
-            RowStatus::ToSend { id } => {
-                scan.checked += 1;
-                let built = pipeline.message(
-                    &recipient,
-                    &recipient.written,
-                    &row.fields,
-                    Variant::default(),
-                );
-                if let Err(why) = built {
-                    if rows == Rows::BuildOrSkip {
-                        scan.warnings
-                            .push(format!("{at} ({}): {why}; skipped", recipient.written));
-                        import.skip_invalid_message(id, &why.to_string()).await?;
-                    } else {
-                        scan.problems
-                            .push(format!("{at} ({})", recipient.written), &why);
-                    }
+        tokio::task::spawn_blocking(move || {
+            while let Some(batch) = written.blocking_recv() {
+                for skip in check_batch(&pipeline, &file, &mut found, rows, &batch) {
+                    // The writer is gone only after an error it reports itself.
+                    let _ = skip_tx.send(skip);
                 }
             }
-        }
+            found
+        })
+    };
+    let read = read_rows(pipeline, &mut reader, &mut scan, progress_bar, &to_store).await;
+    drop(to_store);
+    let (import, written) = writer
+        .await
+        .map_err(|e| anyhow::anyhow!("writing the recipients to the store failed: {e}"))?;
+    let found = checker
+        .await
+        .map_err(|e| anyhow::anyhow!("checking the recipients failed: {e}"))?;
+    if let Err(e) = read.and(written) {
+        import.rollback().await?;
+        return Err(e);
     }
+    scan.warnings = found.warnings;
+    scan.problems = found.problems;
+    scan.checked = found.checked;
     if scan.rows == 0 {
         scan.warnings.push(format!(
             "{}: there are no rows under the header",
@@ -227,6 +222,155 @@ pub async fn scan(
         ));
     }
     Ok((import, scan))
+}
+
+/// The store's stage of [`scan`]: writes each batch and passes it on with
+/// the rows' states; marks the rows the check skips (`--skip-invalid`).
+/// Returns the import with the first error met.
+async fn write_rows(
+    mut import: Import,
+    mut orders: mpsc::Receiver<Batch>,
+    to_check: mpsc::Sender<Batch>,
+    mut skips: mpsc::UnboundedReceiver<(i64, String)>,
+) -> (Import, Result<()>) {
+    let mut to_check = Some(to_check);
+    loop {
+        tokio::select! {
+            biased;
+            Some((id, why)) = skips.recv() => {
+                if let Err(e) = import.skip_invalid_message(id, &why).await {
+                    return (import, Err(e));
+                }
+            }
+            order = orders.recv(), if to_check.is_some() => {
+                let Some(mut batch) = order else {
+                    // Read to the end: the check finishes what it has.
+                    to_check = None;
+                    continue;
+                };
+                let rows: Vec<ImportRow> = batch
+                    .rows
+                    .iter()
+                    .zip(&batch.recipients)
+                    .map(|(row, recipient)| ImportRow {
+                        number: row.number,
+                        email: match recipient {
+                            Ok(r) => &r.written,
+                            Err(RowError::Address { address, .. }) => address,
+                            Err(_) => "",
+                        },
+                        valid: recipient.as_ref().ok().map(|r| (r.ascii.as_str(), r.key.as_str())),
+                        fields: &row.fields,
+                    })
+                    .collect();
+                let statuses = import.rows(&rows).await;
+                drop(rows);
+                match statuses {
+                    Ok(statuses) => batch.statuses = statuses,
+                    Err(e) => return (import, Err(e)),
+                }
+                if let Some(to_check) = &to_check {
+                    let _ = to_check.send(batch).await;
+                }
+            }
+            else => return (import, Ok(())),
+        }
+    }
+}
+
+/// The reading stage of [`scan`]: the file a batch at a time, each row's
+/// address parsed, handed to the store's stage.
+async fn read_rows(
+    pipeline: &Pipeline,
+    reader: &mut RecipientReader,
+    scan: &mut Scan,
+    progress_bar: bool,
+    to_store: &mpsc::Sender<Batch>,
+) -> Result<()> {
+    let mut checking = progress::Checking::start(progress_bar, reader.path());
+    loop {
+        let mut read = Vec::with_capacity(SCAN_BATCH);
+        while read.len() < SCAN_BATCH {
+            match reader.next_row()? {
+                Some(row) => read.push(row),
+                None => break,
+            }
+        }
+        if read.is_empty() {
+            return Ok(());
+        }
+        scan.rows += read.len() as u64;
+        checking.rows(scan.rows);
+        let recipients = read.iter().map(|r| pipeline.recipient(&r.fields)).collect();
+        let batch = Batch {
+            rows: read,
+            recipients,
+            statuses: Vec::new(),
+        };
+        if to_store.send(batch).await.is_err() {
+            // The store's stage stopped on an error, which it reports.
+            return Ok(());
+        }
+    }
+}
+
+/// Warns about the rows of a batch that are data noise and checks the
+/// message of each one still to send; returns the rows to skip
+/// (`--skip-invalid`) with why.
+fn check_batch(
+    pipeline: &Pipeline,
+    file: &Path,
+    scan: &mut Checked,
+    rows: Rows,
+    batch: &Batch,
+) -> Vec<(i64, String)> {
+    let mut skip = Vec::new();
+    let entries = batch
+        .rows
+        .iter()
+        .zip(&batch.recipients)
+        .zip(&batch.statuses);
+    for ((row, recipient), status) in entries {
+        let at = || row_place(file, row);
+        let recipient = match recipient {
+            Ok(r) => r,
+            Err(why) => {
+                scan.warnings.push(format!("{}: {why}; skipped", at()));
+                continue;
+            }
+        };
+        match status {
+            RowStatus::Settled => {}
+            RowStatus::Duplicate { first_row } => scan.warnings.push(format!(
+                "{}: {} duplicates row {first_row}; skipped",
+                at(),
+                recipient.written
+            )),
+            RowStatus::Suppressed => scan.warnings.push(format!(
+                "{}: {} is on the suppression list; skipped",
+                at(),
+                recipient.written
+            )),
+            RowStatus::ToSend { .. } if rows == Rows::Read => {}
+            RowStatus::ToSend { id } => {
+                scan.checked += 1;
+                if let Err(why) = pipeline.check(recipient, &recipient.written, &row.fields) {
+                    if rows == Rows::BuildOrSkip {
+                        scan.warnings.push(format!(
+                            "{} ({}): {why}; skipped",
+                            at(),
+                            recipient.written
+                        ));
+                        skip.push((*id, why.to_string()));
+                    } else {
+                        scan.problems
+                            .push(format!("{} ({})", at(), recipient.written), &why);
+                    }
+                }
+            }
+        }
+    }
+    skip
 }
 
 /// Where a campaign not started yet would stand: the recipients file read
@@ -278,6 +422,47 @@ pub fn fingerprint(loaded: &Loaded) -> Result<BTreeMap<String, String>> {
         parts.insert(shown, hash(&bytes));
     }
     Ok(parts)
+}
+
+/// What a complete check of the campaign's rows depends on, as one digest:
+/// the recipients file's bytes (streamed, never held), how it is read,
+/// what recipients receive (`parts`, the fingerprint), the server's size
+/// limit and this program's version. `None` when a row's check depends on
+/// more than that: attachments, whose files may change on their own.
+pub fn checked_digest(loaded: &Loaded, parts: &BTreeMap<String, String>) -> Result<Option<String>> {
+    use std::io::Read as _;
+    let campaign = &loaded.campaign;
+    if !campaign.message.attachments.is_empty() {
+        return Ok(None);
+    }
+    let recipients = &campaign.recipients;
+    let mut digest = Sha256::new();
+    digest.update(
+        serde_json::json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "parts": parts,
+            "file": recipients.file.display().to_string(),
+            "email_column": recipients.email_column,
+            "encoding": recipients.encoding.name(),
+            "delimiter": recipients.delimiter,
+            "size_limit": loaded.pipeline.size_limit(),
+        })
+        .to_string()
+        .as_bytes(),
+    );
+    let mut file = std::fs::File::open(&recipients.file)
+        .with_context(|| format!("reading {}", recipients.file.display()))?;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file
+            .read(&mut buf)
+            .with_context(|| format!("reading {}", recipients.file.display()))?;
+        if n == 0 {
+            break;
+        }
+        digest.update(&buf[..n]);
+    }
+    Ok(Some(format!("{:x}", digest.finalize())))
 }
 
 /// What changed since the campaign started sending, in words, if anything

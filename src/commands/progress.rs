@@ -389,6 +389,8 @@ pub struct Checking {
     span: tracing::Span,
     file: String,
     last_line: Instant,
+    /// The count last shown.
+    ticked: u64,
 }
 
 impl Checking {
@@ -412,14 +414,16 @@ impl Checking {
             span,
             file,
             last_line: Instant::now(),
+            ticked: 0,
         }
     }
 
-    /// `rows` rows have been read so far.
+    /// `rows` rows have been read so far (counted a row or a batch at a time).
     pub fn rows(&mut self, rows: u64) {
-        if !rows.is_multiple_of(ROWS_PER_TICK) {
+        if rows / ROWS_PER_TICK == self.ticked / ROWS_PER_TICK {
             return;
         }
+        self.ticked = rows;
         if self.bar {
             self.span.pb_set_position(rows);
         } else if self.last_line.elapsed() >= PLAIN_EVERY {

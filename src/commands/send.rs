@@ -10,7 +10,10 @@ use tokio::sync::{mpsc, watch};
 use super::log::{plural, OUTCOME};
 use super::progress::{self, Progress};
 use super::status::{local_time, outlook};
-use super::{content_changed, fingerprint, identity, load, output, scan, Global, Loaded, Rows};
+use super::{
+    checked_digest, content_changed, fingerprint, identity, load, output, scan, Global, Loaded,
+    Rows,
+};
 use crate::campaign::{Campaign, TransportConfig};
 use crate::engine::{self, RunConfig, RunEnd};
 use crate::error::{input_error, Exit};
@@ -227,7 +230,7 @@ pub async fn send(
 
 async fn send_locked(
     global: &Global,
-    mut loaded: Loaded,
+    loaded: Loaded,
     store: &crate::store::Store,
     record: &crate::store::CampaignRecord,
     opts: &SendOptions,
@@ -258,10 +261,10 @@ async fn send_locked(
     let mut own_pipelines = Vec::new();
     if campaign.accounts.len() > 1 {
         for o in &opened {
-            let mut p = crate::personalize::Pipeline::load(&o.campaign)
+            let p = crate::personalize::Pipeline::load(&o.campaign)
                 .map_err(|e| input_error(format!("account {}: {e:#}", o.campaign.account())))?;
             p.limit_size(size_limit);
-            own_pipelines.push(p);
+            own_pipelines.push(Arc::new(p));
         }
     }
     let campaign = &loaded.campaign;
@@ -289,76 +292,105 @@ async fn send_locked(
             );
         }
     }
-    let (mut import, found) = scan(
-        &loaded,
-        store,
-        ImportInto::Campaign(record),
-        if opts.skip_invalid {
-            Rows::BuildOrSkip
-        } else {
-            Rows::Build
-        },
-        global.progress_bar,
-    )
-    .await?;
-    found.warnings.warn(20);
-    if !found.problems.is_empty() {
-        import.rollback().await?;
-        let mut lines = found.problems.lines(found.checked, 200);
-        if lines.len() == 1 && found.problems.same_for_all(found.checked).is_some() {
+    // A resumed send reads the file again only when something its rows
+    // were checked against changed (SPEC §12: a million rows resume at once).
+    let digest = if opts.dry_run {
+        None
+    } else {
+        checked_digest(&loaded, &parts)?
+    };
+    let unchanged = !opts.force
+        && !opts.skip_invalid
+        && record.fingerprint.is_some()
+        && digest.is_some()
+        && record.checked == digest
+        && !store.suppressions_changed(record.id).await?;
+    if unchanged {
+        tracing::info!(
+            "{}: unchanged since its rows were checked; not read again",
+            campaign.recipients.file.display()
+        );
+    } else {
+        if record.checked.is_some() && !opts.dry_run {
+            // Cleared before the rows change: a run stopped between the
+            // import and the new digest leaves none, never a stale one.
+            store.set_checked(record.id, None).await?;
+        }
+        let (mut import, found) = scan(
+            &loaded,
+            store,
+            ImportInto::Campaign(record),
+            if opts.skip_invalid {
+                Rows::BuildOrSkip
+            } else {
+                Rows::Build
+            },
+            global.progress_bar,
+        )
+        .await?;
+        found.warnings.warn(20);
+        if !found.problems.is_empty() {
+            import.rollback().await?;
+            let mut lines = found.problems.lines(found.checked, 200);
+            if lines.len() == 1 && found.problems.same_for_all(found.checked).is_some() {
+                return Err(input_error(format!(
+                    "{}; nothing was sent",
+                    lines.remove(0)
+                )));
+            }
+            for line in lines {
+                tracing::error!("{line}");
+            }
             return Err(input_error(format!(
-                "{}; nothing was sent",
-                lines.remove(0)
+                "nothing was sent: {}",
+                found.problems.advice(found.checked)
             )));
         }
-        for line in lines {
-            tracing::error!("{line}");
-        }
-        return Err(input_error(format!(
-            "nothing was sent: {}",
-            found.problems.advice(found.checked)
-        )));
-    }
-    if opts.dry_run {
-        let counts = import.counts().await?;
-        import.rollback().await?;
-        let retried = if opts.retry_failed {
-            store.retryable_failed(record.id).await?
-        } else {
-            0
-        };
-        let ready = counts[State::Pending]
-            + retried
-            + if opts.resend_unknown {
-                counts[State::Unknown]
+        if opts.dry_run {
+            let counts = import.counts().await?;
+            import.rollback().await?;
+            let retried = if opts.retry_failed {
+                store.retryable_failed(record.id).await?
             } else {
                 0
             };
-        let remaining = ready + counts[State::Deferred];
-        let look = outlook(store, campaign, Some(record.id), remaining, ready).await?;
-        let mut out = output::stdout();
-        writeln!(
-            out,
-            "dry run{}: {} rows, {remaining} would be sent, {} already sent, {} skipped, {} failed, {} unknown",
-            rehearsal_note(campaign),
-            found.rows,
-            counts[State::Sent],
-            counts[State::Skipped],
-            counts[State::Failed],
-            counts[State::Unknown]
-        )?;
-        super::status::write_accounts(&mut out, &look)?;
-        if let Some(eta) = look.eta_ms {
-            writeln!(out, "eta under the limits: {}", local_time(eta))?;
+            let ready = counts[State::Pending]
+                + retried
+                + if opts.resend_unknown {
+                    counts[State::Unknown]
+                } else {
+                    0
+                };
+            let remaining = ready + counts[State::Deferred];
+            let look = outlook(store, campaign, Some(record.id), remaining, ready).await?;
+            let mut out = output::stdout();
+            writeln!(
+                out,
+                "dry run{}: {} rows, {remaining} would be sent, {} already sent, {} skipped, {} failed, {} unknown",
+                rehearsal_note(campaign),
+                found.rows,
+                counts[State::Sent],
+                counts[State::Skipped],
+                counts[State::Failed],
+                counts[State::Unknown]
+            )?;
+            super::status::write_accounts(&mut out, &look)?;
+            if let Some(eta) = look.eta_ms {
+                writeln!(out, "eta under the limits: {}", local_time(eta))?;
+            }
+            return Ok(Exit::Done);
         }
-        return Ok(Exit::Done);
-    }
-    let removed = import.commit().await?;
-    if removed > 0 {
-        tracing::warn!(
-            "{} left the file: skipped (removed)",
-            plural(removed, "unsent recipient")
-        );
+        let removed = import.commit().await?;
+        if removed > 0 {
+            tracing::warn!(
+                "{} left the file: skipped (removed)",
+                plural(removed, "unsent recipient")
+            );
+        }
+        if !opts.skip_invalid {
+            // Every row to send was checked and none failed.
+            store.set_checked(record.id, digest.as_deref()).await?;
+        }
     }
     if record.fingerprint.is_none() || opts.force {
         store
@@ -376,7 +408,7 @@ async fn send_locked(
     let zone_field = loaded.pipeline.zone_field();
     let several = campaign.accounts.len() > 1;
     if !several {
-        own_pipelines.push(loaded.pipeline);
+        own_pipelines.push(loaded.pipeline.clone());
     }
     let mut lanes = Vec::new();
     let mut transports = Vec::new();
@@ -407,7 +439,7 @@ async fn send_locked(
                 per_domain: campaign.per_domain.clone(),
             },
             transport,
-            pipeline: Arc::new(pipeline),
+            pipeline,
         });
     }
     let (events_tx, events_rx) = mpsc::unbounded_channel();

@@ -8,7 +8,7 @@ use std::str::FromStr;
 use anyhow::Result;
 use sqlx::Row as _;
 
-use super::sqlite::{insert_suppression, SqliteStore};
+use super::sqlite::{insert_suppression, SqliteStore, ADDRESS, EMAIL};
 use super::State;
 
 /// A recipient that a notification may be about.
@@ -76,12 +76,9 @@ impl SqliteStore {
             return Ok(found);
         }
         // Only a message a server accepted (or may have) can bounce.
-        let mut rows = sqlx::query(
-            "SELECT id, email, address, row_key, state, reason, message_id FROM recipients \
-             WHERE campaign_id = ? AND state IN ('sent', 'unknown', 'bounced')",
-        )
-        .bind(campaign_id)
-        .fetch(&self.pool);
+        let sql = format!("SELECT id, {EMAIL} AS email, {ADDRESS} AS address, row_key, state, reason, message_id FROM recipients \
+             WHERE campaign_id = ? AND state IN ('sent', 'unknown', 'bounced')");
+        let mut rows = sqlx::query(&sql).bind(campaign_id).fetch(&self.pool);
         while let Some(row) = rows.try_next().await? {
             let message_id: Option<String> = row.get("message_id");
             let address: String = row.get::<Option<String>, _>("address").unwrap_or_default();
@@ -170,13 +167,12 @@ impl SqliteStore {
         mut visit: impl FnMut(SendEntry) -> Result<()>,
     ) -> Result<()> {
         use futures_util::TryStreamExt;
-        let mut rows = sqlx::query(
-            "SELECT l.account, l.at, l.done_at, l.recipients, r.email, r.last_reply \
+        let sql = format!(
+            "SELECT l.account, l.at, l.done_at, l.recipients, {EMAIL} AS email, r.last_reply \
              FROM send_log l JOIN recipients r ON r.id = l.recipient_id \
-             WHERE r.campaign_id = ? ORDER BY l.account, l.at, l.id",
-        )
-        .bind(campaign_id)
-        .fetch(&self.pool);
+             WHERE r.campaign_id = ? ORDER BY l.account, l.at, l.id"
+        );
+        let mut rows = sqlx::query(&sql).bind(campaign_id).fetch(&self.pool);
         while let Some(row) = rows.try_next().await? {
             visit(SendEntry {
                 account: row.get("account"),

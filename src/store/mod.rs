@@ -322,6 +322,9 @@ pub struct CampaignRecord {
     pub id: i64,
     pub columns: Vec<String>,
     pub fingerprint: Option<String>,
+    /// What the last complete check of its rows saw: the recipients file
+    /// and everything its rows were checked against, as one digest.
+    pub checked: Option<String>,
 }
 
 /// Which campaign row a read of the recipients file fills.
@@ -445,6 +448,18 @@ pub struct ExportRow {
     pub fields: Vec<String>,
 }
 
+/// A row of the recipients file as the import takes it.
+#[derive(Debug, Clone, Copy)]
+pub struct ImportRow<'a> {
+    pub number: u64,
+    /// The address cell as written (trimmed).
+    pub email: &'a str,
+    /// The address as sent and its key, when the address is valid; a row
+    /// without becomes `skipped (invalid address)`.
+    pub valid: Option<(&'a str, &'a str)>,
+    pub fields: &'a [String],
+}
+
 /// What the store knows about a row just read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RowStatus {
@@ -541,6 +556,18 @@ impl Store {
 
     pub async fn set_fingerprint(&self, campaign_id: i64, fingerprint: &str) -> Result<()> {
         on_backend!(self, Store, b => b.set_fingerprint(campaign_id, fingerprint).await)
+    }
+
+    /// Records what the last complete check of the campaign's rows saw
+    /// (`None`: the next `send` reads the file again).
+    pub async fn set_checked(&self, campaign_id: i64, checked: Option<&str>) -> Result<()> {
+        on_backend!(self, Store, b => b.set_checked(campaign_id, checked).await)
+    }
+
+    /// Whether the suppression list changed for the campaign's rows since
+    /// they were read.
+    pub async fn suppressions_changed(&self, campaign_id: i64) -> Result<bool> {
+        on_backend!(self, Store, b => b.suppressions_changed(campaign_id).await)
     }
 
     /// Takes the campaign for this sender — SQLite: its runner lock, or says
@@ -791,6 +818,31 @@ impl Import {
         fields: &[String],
     ) -> Result<RowStatus> {
         on_backend!(self, Import, b => b.row(row_number, email, address, key, fields).await)
+    }
+
+    /// Rows of the file in file order, with what the store knows of each
+    /// (a row whose address is not valid is `Settled`). SQLite writes a
+    /// whole batch in a few statements.
+    pub async fn rows(&mut self, rows: &[ImportRow<'_>]) -> Result<Vec<RowStatus>> {
+        match self {
+            Import::Sqlite(b) => b.rows(rows).await,
+            Import::Postgres(b) => {
+                let mut statuses = Vec::with_capacity(rows.len());
+                for row in rows {
+                    statuses.push(match row.valid {
+                        Some((address, key)) => {
+                            b.row(row.number, row.email, address, key, row.fields)
+                                .await?
+                        }
+                        None => {
+                            b.invalid_row(row.number, row.email, row.fields).await?;
+                            RowStatus::Settled
+                        }
+                    });
+                }
+                Ok(statuses)
+            }
+        }
     }
 
     /// A row whose message cannot be built, with `--skip-invalid`.

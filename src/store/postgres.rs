@@ -240,6 +240,33 @@ impl PgStore {
         Ok(())
     }
 
+    /// Records what the last complete check of the campaign's rows saw
+    /// (`None`: the next `send` reads the file again).
+    pub async fn set_checked(&self, campaign_id: i64, checked: Option<&str>) -> Result<()> {
+        sqlx::query("UPDATE campaigns SET checked = $1 WHERE id = $2")
+            .bind(checked)
+            .bind(campaign_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Whether the suppression list changed for the campaign's rows since
+    /// they were read: a row to send is on it, or a row skipped for it no
+    /// longer is.
+    pub async fn suppressions_changed(&self, campaign_id: i64) -> Result<bool> {
+        Ok(sqlx::query_scalar(
+            // Each suppressed address looked up among the rows, not each row among them.
+            "SELECT EXISTS (SELECT 1 FROM suppressions s CROSS JOIN recipients r \
+             WHERE r.campaign_id = $1 AND r.row_key = s.email_key AND r.state IN ('pending', 'deferred')) \
+             OR EXISTS (SELECT 1 FROM recipients r WHERE r.campaign_id = $1 AND r.state = 'skipped' \
+             AND r.reason = 'suppressed' AND NOT EXISTS (SELECT 1 FROM suppressions s WHERE s.email_key = r.row_key))",
+        )
+        .bind(campaign_id)
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
     pub async fn set_fingerprint(&self, campaign_id: i64, fingerprint: &str) -> Result<()> {
         sqlx::query("UPDATE campaigns SET fingerprint = $1 WHERE id = $2")
             .bind(fingerprint)
@@ -1416,7 +1443,7 @@ async fn create(tx: &mut Transaction<'static, Postgres>, id: &Identity) -> Resul
 
 async fn find(conn: &mut sqlx::PgConnection, id: &Identity) -> Result<Option<CampaignRecord>> {
     let row = sqlx::query(
-        "SELECT id, columns, fingerprint FROM campaigns WHERE name = $1 AND transport = $2",
+        "SELECT id, columns, fingerprint, checked FROM campaigns WHERE name = $1 AND transport = $2",
     )
     .bind(&id.name)
     .bind(id.delivery.as_str())
@@ -1427,6 +1454,7 @@ async fn find(conn: &mut sqlx::PgConnection, id: &Identity) -> Result<Option<Cam
             id: row.get("id"),
             columns: serde_json::from_str(row.get::<&str, _>("columns"))?,
             fingerprint: row.get("fingerprint"),
+            checked: row.get("checked"),
         })
     })
     .transpose()

@@ -11,9 +11,11 @@ use sqlx::sqlite::{
 };
 use sqlx::{ConnectOptions as _, Connection as _, Row as _, Sqlite, Transaction};
 
+use std::collections::{HashMap, HashSet};
+
 use super::{
     Before, CampaignRecord, CampaignSummary, Candidate, Claim, Counts, Delivery, ExportRow,
-    Identity, ImportInto, Outcome, Ready, RowStatus, SkipReason, State, WaitReason,
+    Identity, ImportInto, ImportRow, Outcome, Ready, RowStatus, SkipReason, State, WaitReason,
 };
 use crate::error::input_error;
 use crate::limits::{Schedule, Send, Slot, Window};
@@ -318,6 +320,33 @@ impl SqliteStore {
         Ok(())
     }
 
+    /// Records what the last complete check of the campaign's rows saw
+    /// (`None`: the next `send` reads the file again).
+    pub async fn set_checked(&self, campaign_id: i64, checked: Option<&str>) -> Result<()> {
+        sqlx::query("UPDATE campaigns SET checked = ? WHERE id = ?")
+            .bind(checked)
+            .bind(campaign_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Whether the suppression list changed for the campaign's rows since
+    /// they were read: a row to send is on it, or a row skipped for it no
+    /// longer is.
+    pub async fn suppressions_changed(&self, campaign_id: i64) -> Result<bool> {
+        Ok(sqlx::query_scalar(
+            // Each suppressed address looked up among the rows, not each row among them.
+            "SELECT EXISTS (SELECT 1 FROM suppressions s CROSS JOIN recipients r \
+             WHERE r.campaign_id = ?1 AND r.row_key = s.email_key AND r.state IN ('pending', 'deferred')) \
+             OR EXISTS (SELECT 1 FROM recipients r WHERE r.campaign_id = ?1 AND r.state = 'skipped' \
+             AND r.reason = 'suppressed' AND NOT EXISTS (SELECT 1 FROM suppressions s WHERE s.email_key = r.row_key))",
+        )
+        .bind(campaign_id)
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
     pub async fn set_fingerprint(&self, campaign_id: i64, fingerprint: &str) -> Result<()> {
         sqlx::query("UPDATE campaigns SET fingerprint = ? WHERE id = ?")
             .bind(fingerprint)
@@ -457,11 +486,19 @@ impl SqliteStore {
             .bind(campaign.id)
             .execute(&mut *tx)
             .await?;
+        let next_id: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(id), 0) + 1 FROM recipients")
+            .fetch_one(&mut *tx)
+            .await?;
+        let any_suppressed: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM suppressions)")
+            .fetch_one(&mut *tx)
+            .await?;
         Ok(SqliteImport {
             tx,
             campaign_id: campaign.id,
             generation,
             now: now_ms(),
+            next_id,
+            any_suppressed,
         })
     }
 
@@ -900,7 +937,9 @@ async fn next_candidate(
     passed_over: &[i64],
 ) -> Result<Option<Candidate>> {
     let passed_over = serde_json::to_string(passed_over)?;
-    let columns = "id, row_number, email, address, fields, attempts, state, message_id, updated_at";
+    let columns = format!(
+        "id, row_number, {EMAIL} AS email, {ADDRESS} AS address, fields, attempts, state, message_id, updated_at"
+    );
     let mut row = sqlx::query(&format!(
         "SELECT {columns} FROM recipients WHERE campaign_id = ? AND state = 'deferred' AND next_attempt_at <= ? AND id NOT IN (SELECT value FROM json_each(?)) ORDER BY next_attempt_at, id LIMIT 1"
     ))
@@ -919,12 +958,13 @@ async fn next_candidate(
         .await?;
     }
     row.map(|row| {
+        let email: String = row.get("email");
         Ok(Candidate {
             id: row.get("id"),
             row_number: row.get("row_number"),
-            email: row.get("email"),
+            fields: decode_fields(row.get("fields"), &email)?,
+            email,
             address: row.get::<Option<String>, _>("address").unwrap_or_default(),
-            fields: serde_json::from_str(row.get::<&str, _>("fields"))?,
             attempts: row.get("attempts"),
             before: Before {
                 state: row.get("state"),
@@ -969,27 +1009,111 @@ async fn export_rows(
     mut visit: impl FnMut(ExportRow) -> Result<()>,
 ) -> Result<()> {
     use futures_util::TryStreamExt;
-    let mut rows = sqlx::query(
-        "SELECT email, state, reason, attempts, last_reply, updated_at, message_id, fields FROM recipients \
-         WHERE campaign_id = ? AND (? IS NULL OR state = ?) ORDER BY row_number, id",
-    )
-    .bind(campaign_id)
-    .bind(state.map(State::as_str))
-    .bind(state.map(State::as_str))
-    .fetch(conn);
+    let sql = format!(
+        "SELECT {EMAIL} AS email, state, reason, attempts, last_reply, updated_at, message_id, fields FROM recipients \
+         WHERE campaign_id = ? AND (? IS NULL OR state = ?) ORDER BY row_number, id"
+    );
+    let mut rows = sqlx::query(&sql)
+        .bind(campaign_id)
+        .bind(state.map(State::as_str))
+        .bind(state.map(State::as_str))
+        .fetch(conn);
     while let Some(row) = rows.try_next().await? {
+        let email: String = row.get("email");
         visit(ExportRow {
-            email: row.get("email"),
+            fields: decode_fields(row.get("fields"), &email)?,
+            email,
             state: row.get("state"),
             reason: row.get("reason"),
             attempts: row.get("attempts"),
             last_reply: row.get("last_reply"),
             updated_at: row.get("updated_at"),
             message_id: row.get("message_id"),
-            fields: serde_json::from_str(row.get::<&str, _>("fields"))?,
         })?;
     }
     Ok(())
+}
+
+/// A row of the recipients table, written compactly: the address as
+/// written is left empty when it is its own key (lowercase), the address as
+/// sent left NULL when it is the address as written, and the cells joined
+/// by a separator, each one that is the address as written shortened to
+/// [`SAME_AS_EMAIL`]. Rows written before keep their longer form; reading
+/// takes both ([`EMAIL`], [`ADDRESS`], [`decode_fields`]).
+#[allow(clippy::too_many_arguments)]
+fn stored_row(
+    id: i64,
+    key: &str,
+    email: &str,
+    address: &str,
+    number: i64,
+    fields: &[String],
+    state: &'static str,
+    reason: Option<String>,
+) -> Stored {
+    (
+        id,
+        key.to_string(),
+        if email == key {
+            String::new()
+        } else {
+            email.to_string()
+        },
+        (address != email).then(|| address.to_string()),
+        number,
+        encode_fields(fields, email),
+        state,
+        reason,
+    )
+}
+
+/// The address as written, from a stored row: an empty `email` of a
+/// recipient (whose key holds an `@`, unlike the `row:N` key of a row that
+/// is not one) is its key.
+pub(super) const EMAIL: &str =
+    "(CASE WHEN email = '' AND instr(row_key, '@') > 0 THEN row_key ELSE email END)";
+/// The address as sent, from a stored row: NULL is the address as written.
+pub(super) const ADDRESS: &str =
+    "COALESCE(address, CASE WHEN email = '' AND instr(row_key, '@') > 0 THEN row_key ELSE email END)";
+
+/// Starts the compact form of the cells (JSON arrays start with `[`).
+const CELLS: char = '\u{1f}';
+/// A cell that is the row's address as written.
+const SAME_AS_EMAIL: &str = "\u{1e}";
+
+/// A row's cells as stored: separated by [`CELLS`], or as JSON when a cell
+/// holds one of the two separators.
+fn encode_fields(fields: &[String], email: &str) -> String {
+    let plain = !fields.is_empty()
+        && fields
+            .iter()
+            .all(|f| !f.contains(CELLS) && !f.contains(SAME_AS_EMAIL));
+    if !plain {
+        return serde_json::to_string(fields).unwrap_or_else(|_| "[]".to_string());
+    }
+    let mut out = String::with_capacity(fields.iter().map(|f| f.len() + 1).sum());
+    for field in fields {
+        out.push(CELLS);
+        out.push_str(if field == email { SAME_AS_EMAIL } else { field });
+    }
+    out
+}
+
+/// A row's cells from their stored form; `email` is the row's address as written.
+pub(super) fn decode_fields(stored: &str, email: &str) -> Result<Vec<String>> {
+    match stored.strip_prefix(CELLS) {
+        Some(cells) => Ok(cells
+            .split(CELLS)
+            .map(|c| {
+                if c == SAME_AS_EMAIL {
+                    email.to_string()
+                } else {
+                    c.to_string()
+                }
+            })
+            .collect()),
+        None => Ok(serde_json::from_str(stored)?),
+    }
 }
 
 /// A read of the recipients file in progress, inside one transaction.
@@ -998,6 +1122,37 @@ pub struct SqliteImport {
     campaign_id: i64,
     generation: i64,
     now: i64,
+    /// The id the next new row gets: the transaction holds the write lock,
+    /// so ids are handed out here and no insert needs a round trip of its own.
+    next_id: i64,
+    /// Whether the suppression list has any entry (it cannot change while
+    /// the transaction holds the write lock).
+    any_suppressed: bool,
+}
+
+/// Rows written per statement: one round trip to SQLite's thread for this
+/// many rows (8 parameters each, well under SQLite's 32,766).
+const ROWS_PER_STATEMENT: usize = 1000;
+
+/// A row as stored: `(id, row_key, email, address, row_number, fields, state, reason)`.
+type Stored = (
+    i64,
+    String,
+    String,
+    Option<String>,
+    i64,
+    String,
+    &'static str,
+    Option<String>,
+);
+
+/// What the store knew of a key before this batch.
+struct Known {
+    id: i64,
+    seen_gen: i64,
+    state: String,
+    reason: Option<String>,
+    row_number: i64,
 }
 
 impl SqliteImport {
@@ -1009,30 +1164,12 @@ impl SqliteImport {
         email: &str,
         fields: &[String],
     ) -> Result<()> {
-        self.insert_noise(row_number, email, fields, SkipReason::InvalidAddress)
-            .await
-    }
-
-    async fn insert_noise(
-        &mut self,
-        row_number: u64,
-        email: &str,
-        fields: &[String],
-        reason: SkipReason,
-    ) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO recipients (campaign_id, row_key, email, row_number, fields, state, reason, seen_gen, updated_at) \
-             VALUES (?, ?, ?, ?, ?, 'skipped', ?, ?, ?)",
-        )
-        .bind(self.campaign_id)
-        .bind(format!("row:{row_number}"))
-        .bind(email)
-        .bind(row_number as i64)
-        .bind(serde_json::to_string(fields)?)
-        .bind(reason.to_text())
-        .bind(self.generation)
-        .bind(self.now)
-        .execute(&mut *self.tx)
+        self.rows(&[ImportRow {
+            number: row_number,
+            email,
+            valid: None,
+            fields,
+        }])
         .await?;
         Ok(())
     }
@@ -1046,94 +1183,207 @@ impl SqliteImport {
         key: &str,
         fields: &[String],
     ) -> Result<RowStatus> {
-        // One round trip: whether the address is suppressed, and its row if known.
-        let found = sqlx::query(
-            "SELECT EXISTS (SELECT 1 FROM suppressions WHERE email_key = ?1) AS suppressed, \
-             r.id, r.seen_gen, r.state, r.reason, r.row_number \
-             FROM (SELECT 1) LEFT JOIN recipients r ON r.campaign_id = ?2 AND r.row_key = ?1",
-        )
-        .bind(key)
-        .bind(self.campaign_id)
-        .fetch_one(&mut *self.tx)
-        .await?;
-        let suppressed: bool = found.get("suppressed");
-        let existing = found.get::<Option<i64>, _>("id").map(|_| found);
-        let fields_json = serde_json::to_string(fields)?;
-        let Some(existing) = existing else {
-            let (state, reason) = if suppressed {
-                ("skipped", Some("suppressed"))
-            } else {
-                ("pending", None)
-            };
-            let id: i64 = sqlx::query_scalar(
-                "INSERT INTO recipients (campaign_id, row_key, email, address, row_number, fields, state, reason, seen_gen, updated_at) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+        let mut status = self
+            .rows(&[ImportRow {
+                number: row_number,
+                email,
+                valid: Some((address, key)),
+                fields,
+            }])
+            .await?;
+        Ok(status.pop().unwrap_or(RowStatus::Settled))
+    }
+
+    /// Rows of the file in file order, what the store knows of each (a row
+    /// whose address is not valid is `Settled`: skipped, invalid address).
+    /// A few statements per batch, whatever its size: one to find the keys
+    /// already known, one for the suppressed ones, one to write them all.
+    pub async fn rows(&mut self, rows: &[ImportRow<'_>]) -> Result<Vec<RowStatus>> {
+        let keys: Vec<&str> = rows.iter().filter_map(|r| r.valid.map(|v| v.1)).collect();
+        let mut known: HashMap<String, Known> = HashMap::new();
+        let mut suppressed: HashSet<String> = HashSet::new();
+        if !keys.is_empty() {
+            let keys = serde_json::to_string(&keys)?;
+            let found = sqlx::query(
+                "SELECT row_key, id, seen_gen, state, reason, row_number FROM recipients \
+                 WHERE campaign_id = ? AND row_key IN (SELECT value FROM json_each(?))",
             )
             .bind(self.campaign_id)
-            .bind(key)
-            .bind(email)
-            .bind(address)
-            .bind(row_number as i64)
-            .bind(&fields_json)
-            .bind(state)
-            .bind(reason)
-            .bind(self.generation)
-            .bind(self.now)
-            .fetch_one(&mut *self.tx)
+            .bind(&keys)
+            .fetch_all(&mut *self.tx)
             .await?;
-            return Ok(if suppressed {
-                RowStatus::Suppressed
-            } else {
-                RowStatus::ToSend { id }
-            });
-        };
-        let id: i64 = existing.get("id");
-        if existing.get::<i64, _>("seen_gen") == self.generation {
-            let first_row: i64 = existing.get("row_number");
-            self.insert_noise(row_number, email, fields, SkipReason::Duplicate)
-                .await?;
-            return Ok(RowStatus::Duplicate { first_row });
+            for r in found {
+                known.insert(
+                    r.get("row_key"),
+                    Known {
+                        id: r.get("id"),
+                        seen_gen: r.get("seen_gen"),
+                        state: r.get("state"),
+                        reason: r.get("reason"),
+                        row_number: r.get("row_number"),
+                    },
+                );
+            }
+            if self.any_suppressed {
+                suppressed = sqlx::query_scalar(
+                    "SELECT email_key FROM suppressions WHERE email_key IN (SELECT value FROM json_each(?))",
+                )
+                .bind(&keys)
+                .fetch_all(&mut *self.tx)
+                .await?
+                .into_iter()
+                .collect();
+            }
         }
-        let state: String = existing.get("state");
-        let reason: Option<String> = existing.get("reason");
-        // Rows skipped for a reason that may no longer hold are reconsidered.
-        let reconsider = state == State::Skipped.as_str()
-            && reason
-                .as_deref()
-                .and_then(SkipReason::parse)
-                .is_some_and(|r| r.reconsidered());
-        let (new_state, new_reason, status) = match state.as_str() {
-            "pending" | "deferred" if suppressed => (
-                "skipped".to_string(),
-                Some("suppressed".to_string()),
-                RowStatus::Suppressed,
-            ),
-            "pending" | "deferred" => (state.clone(), reason.clone(), RowStatus::ToSend { id }),
-            _ if reconsider && suppressed => (
-                "skipped".to_string(),
-                Some("suppressed".to_string()),
-                RowStatus::Suppressed,
-            ),
-            _ if reconsider => ("pending".to_string(), None, RowStatus::ToSend { id }),
-            _ => (state.clone(), reason.clone(), RowStatus::Settled),
-        };
-        sqlx::query(
-            "UPDATE recipients SET email = ?, address = ?, row_number = ?, fields = ?, seen_gen = ?, state = ?, reason = ?, \
-             updated_at = CASE WHEN state = ? THEN updated_at ELSE ? END WHERE id = ?",
+        let mut statuses = Vec::with_capacity(rows.len());
+        let mut stored: Vec<Stored> = Vec::with_capacity(rows.len());
+        for row in rows {
+            let number = i64::try_from(row.number).unwrap_or(i64::MAX);
+            let Some((address, key)) = row.valid else {
+                stored.push(self.noise(row, SkipReason::InvalidAddress));
+                statuses.push(RowStatus::Settled);
+                continue;
+            };
+            let is_suppressed = suppressed.contains(key);
+            let Some(existing) = known.get_mut(key) else {
+                let id = self.next_id;
+                self.next_id += 1;
+                let (state, reason, status) = if is_suppressed {
+                    ("skipped", Some("suppressed".into()), RowStatus::Suppressed)
+                } else {
+                    ("pending", None, RowStatus::ToSend { id })
+                };
+                stored.push(stored_row(
+                    id, key, row.email, address, number, row.fields, state, reason,
+                ));
+                // A later row of this batch with the same key is a duplicate.
+                known.insert(
+                    key.to_string(),
+                    Known {
+                        id,
+                        seen_gen: self.generation,
+                        state: state.to_string(),
+                        reason: None,
+                        row_number: number,
+                    },
+                );
+                statuses.push(status);
+                continue;
+            };
+            if existing.seen_gen == self.generation {
+                let first_row = existing.row_number;
+                stored.push(self.noise(row, SkipReason::Duplicate));
+                statuses.push(RowStatus::Duplicate { first_row });
+                continue;
+            }
+            let state = existing.state.as_str();
+            // Rows skipped for a reason that may no longer hold are reconsidered.
+            let reconsider = state == State::Skipped.as_str()
+                && existing
+                    .reason
+                    .as_deref()
+                    .and_then(SkipReason::parse)
+                    .is_some_and(|r| r.reconsidered());
+            let (new_state, new_reason, status) = match state {
+                "pending" | "deferred" if is_suppressed => (
+                    "skipped",
+                    Some("suppressed".to_string()),
+                    RowStatus::Suppressed,
+                ),
+                "pending" => (
+                    "pending",
+                    existing.reason.clone(),
+                    RowStatus::ToSend { id: existing.id },
+                ),
+                "deferred" => (
+                    "deferred",
+                    existing.reason.clone(),
+                    RowStatus::ToSend { id: existing.id },
+                ),
+                _ if reconsider && is_suppressed => (
+                    "skipped",
+                    Some("suppressed".to_string()),
+                    RowStatus::Suppressed,
+                ),
+                _ if reconsider => ("pending", None, RowStatus::ToSend { id: existing.id }),
+                _ => (
+                    State::from_str(state).map_or("skipped", State::as_str),
+                    existing.reason.clone(),
+                    RowStatus::Settled,
+                ),
+            };
+            stored.push(stored_row(
+                existing.id,
+                key,
+                row.email,
+                address,
+                number,
+                row.fields,
+                new_state,
+                new_reason,
+            ));
+            existing.seen_gen = self.generation;
+            existing.row_number = number;
+            statuses.push(status);
+        }
+        for chunk in stored.chunks(ROWS_PER_STATEMENT) {
+            self.write(chunk).await?;
+        }
+        Ok(statuses)
+    }
+
+    /// A row that is not a recipient (invalid address, duplicate), kept
+    /// under the key `row:N` so that export shows every row of the file.
+    fn noise(&mut self, row: &ImportRow<'_>, reason: SkipReason) -> Stored {
+        let id = self.next_id;
+        self.next_id += 1;
+        let number = i64::try_from(row.number).unwrap_or(i64::MAX);
+        (
+            id,
+            format!("row:{}", row.number),
+            row.email.to_string(),
+            None,
+            number,
+            encode_fields(row.fields, row.email),
+            "skipped",
+            Some(reason.to_text()),
         )
-        .bind(email)
-        .bind(address)
-        .bind(row_number as i64)
-        .bind(&fields_json)
-        .bind(self.generation)
-        .bind(&new_state)
-        .bind(&new_reason)
-        .bind(&new_state)
-        .bind(self.now)
-        .bind(id)
-        .execute(&mut *self.tx)
-        .await?;
-        Ok(status)
+    }
+
+    /// Inserts new rows and refreshes known ones in one statement.
+    async fn write(&mut self, rows: &[Stored]) -> Result<()> {
+        let (gen, now, campaign) = (self.generation, self.now, self.campaign_id);
+        let one = format!("(?,?,?,?,?,?,?,?,{campaign},{gen},{now})");
+        let mut sql = String::with_capacity(256 + rows.len() * (one.len() + 1));
+        sql.push_str(
+            "INSERT INTO recipients (id, row_key, email, address, row_number, fields, state, reason, campaign_id, seen_gen, updated_at) VALUES ",
+        );
+        for i in 0..rows.len() {
+            if i > 0 {
+                sql.push(',');
+            }
+            sql.push_str(&one);
+        }
+        sql.push_str(
+            " ON CONFLICT (id) DO UPDATE SET email = excluded.email, address = excluded.address, \
+             row_number = excluded.row_number, fields = excluded.fields, seen_gen = excluded.seen_gen, \
+             reason = excluded.reason, state = excluded.state, \
+             updated_at = CASE WHEN excluded.state = state THEN updated_at ELSE excluded.updated_at END",
+        );
+        let mut query = sqlx::query(&sql);
+        for (id, key, email, address, number, fields, state, reason) in rows {
+            query = query
+                .bind(id)
+                .bind(key)
+                .bind(email)
+                .bind(address)
+                .bind(number)
+                .bind(fields)
+                .bind(*state)
+                .bind(reason);
+        }
+        query.execute(&mut *self.tx).await?;
+        Ok(())
     }
 
     /// A row whose message cannot be built, with `--skip-invalid`.
@@ -1273,7 +1523,7 @@ async fn create(tx: &mut Transaction<'static, Sqlite>, id: &Identity) -> Result<
 
 async fn find(conn: &mut sqlx::SqliteConnection, id: &Identity) -> Result<Option<CampaignRecord>> {
     let row = sqlx::query(
-        "SELECT id, columns, fingerprint FROM campaigns WHERE name = ? AND transport = ?",
+        "SELECT id, columns, fingerprint, checked FROM campaigns WHERE name = ? AND transport = ?",
     )
     .bind(&id.name)
     .bind(id.delivery.as_str())
@@ -1284,6 +1534,7 @@ async fn find(conn: &mut sqlx::SqliteConnection, id: &Identity) -> Result<Option
             id: row.get("id"),
             columns: serde_json::from_str(row.get::<&str, _>("columns"))?,
             fingerprint: row.get("fingerprint"),
+            checked: row.get("checked"),
         })
     })
     .transpose()
