@@ -25,7 +25,7 @@ use crate::limits::Window;
 use crate::personalize::Pipeline;
 use crate::reply::{Origin, Pause, Reply, ReplyClass};
 use crate::schedule::{warmup_day, SendingHours};
-use crate::store::{Candidate, Claim, Outcome, Ready, Store, WaitReason};
+use crate::store::{Candidate, Claim, Outcome, Ready, Skip, Store, WaitReason};
 use crate::time::now_ms;
 use crate::transport::Transport;
 use chrono_tz::Tz;
@@ -182,6 +182,9 @@ struct Shared {
     in_flight: usize,
     end: Option<RunEnd>,
     lanes: Vec<LaneState>,
+    /// `timezone_column` cells whose zone is outside the sending hours,
+    /// until when: claims pass over their recipients without reading them.
+    closed_zones: BTreeMap<String, (i64, WaitReason)>,
 }
 
 /// What one account's workers share.
@@ -332,6 +335,7 @@ pub async fn run_lanes<T: Transport, C: Clock>(
         claimed: 0,
         in_flight: 0,
         end: None,
+        closed_zones: BTreeMap::new(),
         lanes: lanes
             .iter()
             .map(|l| LaneState {
@@ -543,7 +547,17 @@ impl<T: Transport, C: Clock> Worker<T, C> {
             None => {
                 self.proven = false;
                 let domains = &self.domains;
-                self.store
+                shared.closed_zones.retain(|_, (until, _)| *until > now);
+                let skip = Skip {
+                    field: cfg.zone_field.unwrap_or(0),
+                    values: match cfg.zone_field {
+                        Some(_) => shared.closed_zones.keys().cloned().collect(),
+                        None => Vec::new(),
+                    },
+                };
+                let mut closed = Vec::new();
+                let claim = self
+                    .store
                     .claim_held(
                         cfg.campaign_id,
                         &cfg.account,
@@ -554,6 +568,8 @@ impl<T: Transport, C: Clock> Worker<T, C> {
                         |c| pipeline.build_stored(c).map_err(|e| e.to_string()),
                         |c| {
                             if let Some(held) = recipient_hours(cfg, c, now) {
+                                let cell = cfg.zone_field.and_then(|f| c.fields.get(f));
+                                closed.push((cell.cloned().unwrap_or_default(), held.clone()));
                                 return Some(held);
                             }
                             let address = if c.address.is_empty() {
@@ -568,8 +584,41 @@ impl<T: Transport, C: Clock> Worker<T, C> {
                                 )
                             })
                         },
+                        &skip,
                     )
-                    .await?
+                    .await?;
+                let grew = closed
+                    .iter()
+                    .any(|(cell, _)| !shared.closed_zones.contains_key(cell));
+                shared.closed_zones.extend(closed);
+                if grew
+                    && matches!(
+                        claim,
+                        Claim::Wait {
+                            why: WaitReason::RecipientHours(_),
+                            ..
+                        }
+                    )
+                {
+                    // Newly closed zones held every recipient looked at:
+                    // look again past them at once.
+                    return Ok(Next::Sleep(now));
+                }
+                // Nothing else to send: wait for the first closed zone to
+                // open, unless a retry is due before.
+                let opens = shared
+                    .closed_zones
+                    .values()
+                    .min_by_key(|(until, _)| *until)
+                    .cloned();
+                match (claim, opens) {
+                    (Claim::Idle { next_due_ms }, Some((until_ms, why)))
+                        if next_due_ms.is_none_or(|due| due > until_ms) =>
+                    {
+                        Claim::Wait { until_ms, why }
+                    }
+                    (claim, _) => claim,
+                }
             }
         };
         match claim {
@@ -1574,8 +1623,14 @@ mod tests {
             Box::new(|_, _| ok()),
             Box::new(|_| Err(login(535, "5.7.8 Username and Password not accepted."))),
         );
+        // The steady account reaches its server only once the quota one
+        // has been refused, so that the test does not depend on how the
+        // accounts interleave.
+        let offers = Arc::new(AtomicI64::new(0));
+        let counted = offers.clone();
         let quota = recorder(
-            Box::new(|_, n| {
+            Box::new(move |_, n| {
+                counted.fetch_add(1, Ordering::SeqCst);
                 if n <= 2 {
                     ok()
                 } else {
@@ -1587,7 +1642,16 @@ mod tests {
             }),
             Box::new(|_| Ok(())),
         );
-        let steady = recorder(Box::new(|_, _| ok()), Box::new(|_| Ok(())));
+        let steady = recorder(
+            Box::new(|_, _| ok()),
+            Box::new(move |_| {
+                if offers.load(Ordering::SeqCst) < 3 {
+                    Err(Reply::local(Origin::Unreachable, "connection refused"))
+                } else {
+                    Ok(())
+                }
+            }),
+        );
         let lane = |name: &str, transport: &Arc<Recorder>| {
             let mut cfg = config(&s, vec![window], 1);
             cfg.account = name.to_string();
@@ -1659,7 +1723,11 @@ mod tests {
     async fn the_circuit_breaker_sets_one_account_aside() {
         let s = setup(30).await;
         let clock = Arc::new(FakeClock(AtomicI64::new(1_000_000)));
-        let lane = |name: &str, script: Script| {
+        // The good account reaches its server only once the bad one has
+        // been refused ten times, so that the test does not depend on how
+        // the two interleave.
+        let refusals = Arc::new(AtomicI64::new(0));
+        let lane = |name: &str, script: Script, connect: ConnectScript| {
             let mut cfg = config(&s, vec![], 1);
             cfg.account = name.to_string();
             Lane {
@@ -1667,19 +1735,35 @@ mod tests {
                 transport: Arc::new(Recorder {
                     clock: clock.clone(),
                     script: StdMutex::new(script),
-                    connect: StdMutex::new(Box::new(|_| Ok(()))),
+                    connect: StdMutex::new(connect),
                     calls: StdMutex::new(Vec::new()),
                     connects: StdMutex::new(Vec::new()),
                 }),
                 pipeline: s.pipeline.clone(),
             }
         };
+        let counted = refusals.clone();
+        let seen = refusals.clone();
         let lanes = vec![
             lane(
                 "bad",
-                Box::new(|_, _| Err(Reply::new(Some(550), "5.7.26 unauthenticated sender"))),
+                Box::new(move |_, _| {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    Err(Reply::new(Some(550), "5.7.26 unauthenticated sender"))
+                }),
+                Box::new(|_| Ok(())),
             ),
-            lane("good", Box::new(|_, _| ok())),
+            lane(
+                "good",
+                Box::new(|_, _| ok()),
+                Box::new(move |_| {
+                    if seen.load(Ordering::SeqCst) < 10 {
+                        Err(Reply::local(Origin::Unreachable, "connection refused"))
+                    } else {
+                        Ok(())
+                    }
+                }),
+            ),
         ];
         let (tx, mut rx) = mpsc::unbounded_channel();
         let (_stop_tx, stop) = watch::channel(false);

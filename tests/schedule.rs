@@ -199,3 +199,50 @@ fn a_bad_zone_in_the_timezone_column_names_its_row() {
         "{stderr}"
     );
 }
+
+/// Regression: recipients were looked at 64 past the first that had to
+/// wait, so a file sorted by zone held the recipients of an open zone
+/// behind those of a closed one until that zone opened. Now the closed
+/// zone's rows are passed over without being read.
+#[test]
+fn a_closed_zone_never_hides_an_open_one_behind_it() {
+    use chrono::{Datelike, Duration, Utc};
+    let kiritimati: chrono_tz::Tz = "Pacific/Kiritimati".parse().unwrap();
+    let today = Utc::now().with_timezone(&kiritimati).date_naive();
+    let day = |d: chrono::NaiveDate| {
+        ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+            [d.weekday().num_days_from_monday() as usize]
+    };
+    let days = format!("{},{}", day(today), day(today + Duration::days(1)));
+    let mut csv = String::from("email,first_name,city,tz\n");
+    for i in 0..150 {
+        csv.push_str(&format!("pago{i}@example.com,P,X,Pacific/Pago_Pago\n"));
+    }
+    for i in 0..3 {
+        csv.push_str(&format!("kiri{i}@example.com,K,X,Pacific/Kiritimati\n"));
+    }
+    let dir = CampaignDir::new();
+    standard_campaign(
+        &dir,
+        &csv,
+        FILE_TRANSPORT,
+        &format!("[schedule]\ndays = \"{days}\"\ntimezone_column = \"tz\"\n"),
+    );
+    let out = dir.send(&["--no-wait"]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(75), "stderr: {stderr}");
+    let sent: Vec<String> = dir
+        .export(Some("sent"))
+        .into_iter()
+        .map(|r| r["email"].clone())
+        .collect();
+    assert_eq!(
+        sent,
+        [
+            "kiri0@example.com",
+            "kiri1@example.com",
+            "kiri2@example.com"
+        ],
+        "{stderr}"
+    );
+}

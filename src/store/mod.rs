@@ -407,6 +407,17 @@ pub enum WaitReason {
     RecipientHours(String),
 }
 
+/// Recipients a claim passes over without reading them: those whose
+/// field `field` holds one of `values`. The engine names the cells of
+/// `timezone_column` whose zone is outside its sending hours now, so that
+/// a file sorted by zone never hides the recipients of an open zone behind
+/// thousands of a closed one.
+#[derive(Debug, Clone, Default)]
+pub struct Skip {
+    pub field: usize,
+    pub values: Vec<String>,
+}
+
 /// One outcome of a send, as written to the store.
 #[derive(Debug, Clone)]
 pub enum Outcome {
@@ -643,8 +654,9 @@ impl Store {
         max: usize,
         build: impl Fn(&Candidate) -> std::result::Result<Outgoing, String>,
         hold: impl FnMut(&Candidate) -> Option<(i64, WaitReason)>,
+        skip: &Skip,
     ) -> Result<Claim> {
-        on_backend!(self, Store, b => b.claim_held(campaign_id, account, pause_key, windows, now, max, build, hold).await)
+        on_backend!(self, Store, b => b.claim_held(campaign_id, account, pause_key, windows, now, max, build, hold, skip).await)
     }
 
     /// When the account first sent, for its warm-up (SPEC §6b).

@@ -16,7 +16,7 @@ use sqlx::{ConnectOptions as _, Postgres, Row as _, Transaction};
 use super::{
     mask_password, message_id_key, Before, CampaignRecord, CampaignSummary, Candidate, Claim,
     Counts, Delivery, ExportRow, Identity, ImportInto, NoticeRow, Outcome, Ready, RowStatus,
-    SendEntry, SkipReason, State, WaitReason,
+    SendEntry, Skip, SkipReason, State, WaitReason,
 };
 use crate::error::input_error;
 use crate::limits::{Schedule, Send, Slot, Window};
@@ -459,6 +459,7 @@ impl PgStore {
             max,
             build,
             |_| None,
+            &Skip::default(),
         )
         .await
     }
@@ -479,6 +480,7 @@ impl PgStore {
         max: usize,
         build: impl Fn(&Candidate) -> std::result::Result<Outgoing, String>,
         mut hold: impl FnMut(&Candidate) -> Option<(i64, WaitReason)>,
+        skip: &Skip,
     ) -> Result<Claim> {
         let mut tx = self.pool.begin().await?;
         // One worker at a time decides the account's next slot; the others
@@ -502,7 +504,8 @@ impl PgStore {
         let mut passed_over: Vec<i64> = Vec::new();
         let mut held: Option<(i64, WaitReason)> = None;
         while ready.len() < max.max(1) && passed_over.len() < MAX_PASSED_OVER {
-            let Some(candidate) = next_candidate(&mut tx, campaign_id, now, &passed_over).await?
+            let Some(candidate) =
+                next_candidate(&mut tx, campaign_id, now, &passed_over, skip).await?
             else {
                 break;
             };
@@ -1039,22 +1042,36 @@ async fn next_candidate(
     campaign_id: i64,
     now: i64,
     passed_over: &[i64],
+    skip: &Skip,
 ) -> Result<Option<Candidate>> {
+    // The field index is a number, written into the query; with nothing
+    // to skip the condition is left out, so no row's fields are parsed.
+    let skipping = |n: usize| match skip.values.is_empty() {
+        true => String::new(),
+        false => format!(
+            " AND COALESCE(fields::jsonb ->> {}, '') <> ALL(${n})",
+            skip.field
+        ),
+    };
     let columns = "id, row_number, email, address, fields, attempts, state, message_id, updated_at";
     let mut row = sqlx::query(&format!(
-        "SELECT {columns} FROM recipients WHERE campaign_id = $1 AND state = 'deferred' AND next_attempt_at <= $2 AND NOT (id = ANY($3)) ORDER BY next_attempt_at, id LIMIT 1 FOR UPDATE SKIP LOCKED"
+        "SELECT {columns} FROM recipients WHERE campaign_id = $1 AND state = 'deferred' AND next_attempt_at <= $2 AND NOT (id = ANY($3)){} ORDER BY next_attempt_at, id LIMIT 1 FOR UPDATE SKIP LOCKED",
+        skipping(4)
     ))
     .bind(campaign_id)
     .bind(now)
     .bind(passed_over)
+    .bind(&skip.values)
     .fetch_optional(&mut *conn)
     .await?;
     if row.is_none() {
         row = sqlx::query(&format!(
-            "SELECT {columns} FROM recipients WHERE campaign_id = $1 AND state = 'pending' AND NOT (id = ANY($2)) ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED"
+            "SELECT {columns} FROM recipients WHERE campaign_id = $1 AND state = 'pending' AND NOT (id = ANY($2)){} ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED",
+            skipping(3)
         ))
         .bind(campaign_id)
         .bind(passed_over)
+        .bind(&skip.values)
         .fetch_optional(&mut *conn)
         .await?;
     }

@@ -15,7 +15,8 @@ use std::collections::{HashMap, HashSet};
 
 use super::{
     Before, CampaignRecord, CampaignSummary, Candidate, Claim, Counts, Delivery, ExportRow,
-    Identity, ImportInto, ImportRow, Outcome, Ready, RowStatus, SkipReason, State, WaitReason,
+    Identity, ImportInto, ImportRow, Outcome, Ready, RowStatus, Skip, SkipReason, State,
+    WaitReason,
 };
 use crate::error::input_error;
 use crate::limits::{Schedule, Send, Slot, Window};
@@ -527,6 +528,7 @@ impl SqliteStore {
             max,
             build,
             |_| None,
+            &Skip::default(),
         )
         .await
     }
@@ -547,6 +549,7 @@ impl SqliteStore {
         max: usize,
         build: impl Fn(&Candidate) -> std::result::Result<Outgoing, String>,
         mut hold: impl FnMut(&Candidate) -> Option<(i64, WaitReason)>,
+        skip: &Skip,
     ) -> Result<Claim> {
         let mut conn = self.pool.acquire().await?;
         // The `sending` marks must be on disk before the transactions start.
@@ -571,7 +574,8 @@ impl SqliteStore {
         let mut passed_over: Vec<i64> = Vec::new();
         let mut held: Option<(i64, WaitReason)> = None;
         while ready.len() < max.max(1) && passed_over.len() < MAX_PASSED_OVER {
-            let Some(candidate) = next_candidate(&mut tx, campaign_id, now, &passed_over).await?
+            let Some(candidate) =
+                next_candidate(&mut tx, campaign_id, now, &passed_over, skip).await?
             else {
                 break;
             };
@@ -935,25 +939,58 @@ async fn next_candidate(
     campaign_id: i64,
     now: i64,
     passed_over: &[i64],
+    skip: &Skip,
 ) -> Result<Option<Candidate>> {
     let passed_over = serde_json::to_string(passed_over)?;
+    let skipped = match skip.values.is_empty() {
+        true => None,
+        false => Some(serde_json::to_string(&skip.values)?),
+    };
+    // With nothing to skip the condition is left out. Cells are stored
+    // joined by CELLS: a row holding a skipped value as a whole cell is
+    // passed over. That may be another column than `skip.field`, which only
+    // delays that row until the zone opens (the engine still checks each
+    // recipient's own zone); rows stored as JSON are never passed over here.
+    let skipping = match skip.values.is_empty() {
+        true => String::new(),
+        false => format!(
+            " AND NOT EXISTS (SELECT 1 FROM json_each(?) z WHERE \
+             instr(fields || char({sep}), char({sep}) || z.value || char({sep})) > 0)",
+            sep = u32::from(CELLS)
+        ),
+    };
+    fn bind_skip<'q>(
+        query: sqlx::query::Query<'q, Sqlite, sqlx::sqlite::SqliteArguments<'q>>,
+        skipped: Option<&'q str>,
+    ) -> sqlx::query::Query<'q, Sqlite, sqlx::sqlite::SqliteArguments<'q>> {
+        match skipped {
+            Some(values) => query.bind(values),
+            None => query,
+        }
+    }
     let columns = format!(
         "id, row_number, {EMAIL} AS email, {ADDRESS} AS address, fields, attempts, state, message_id, updated_at"
     );
-    let mut row = sqlx::query(&format!(
-        "SELECT {columns} FROM recipients WHERE campaign_id = ? AND state = 'deferred' AND next_attempt_at <= ? AND id NOT IN (SELECT value FROM json_each(?)) ORDER BY next_attempt_at, id LIMIT 1"
-    ))
-    .bind(campaign_id)
-    .bind(now)
-    .bind(&passed_over)
+    let mut row = bind_skip(
+        sqlx::query(&format!(
+            "SELECT {columns} FROM recipients WHERE campaign_id = ? AND state = 'deferred' AND next_attempt_at <= ? AND id NOT IN (SELECT value FROM json_each(?)){skipping} ORDER BY next_attempt_at, id LIMIT 1"
+        ))
+        .bind(campaign_id)
+        .bind(now)
+        .bind(&passed_over),
+        skipped.as_deref(),
+    )
     .fetch_optional(&mut *conn)
     .await?;
     if row.is_none() {
-        row = sqlx::query(&format!(
-            "SELECT {columns} FROM recipients WHERE campaign_id = ? AND state = 'pending' AND id NOT IN (SELECT value FROM json_each(?)) ORDER BY id LIMIT 1"
-        ))
-        .bind(campaign_id)
-        .bind(&passed_over)
+        row = bind_skip(
+            sqlx::query(&format!(
+                "SELECT {columns} FROM recipients WHERE campaign_id = ? AND state = 'pending' AND id NOT IN (SELECT value FROM json_each(?)){skipping} ORDER BY id LIMIT 1"
+            ))
+            .bind(campaign_id)
+            .bind(&passed_over),
+            skipped.as_deref(),
+        )
         .fetch_optional(&mut *conn)
         .await?;
     }

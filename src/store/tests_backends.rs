@@ -230,6 +230,75 @@ async fn reading_a_campaign_never_sent_shows_no_row_to_anyone_else() {
     });
 }
 
+/// Recipients whose field holds a skipped value are passed over without
+/// being read (the closed zones of `timezone_column`), however many.
+#[tokio::test]
+async fn a_claim_passes_over_the_skipped_values() {
+    on_both!(|store| {
+        let c = store.campaign(&ident("c")).await.unwrap();
+        let mut imp = store
+            .import(ImportInto::Campaign(&c), &["email".into(), "tz".into()])
+            .await
+            .unwrap();
+        let rows = [
+            ("a@x.example", "Asia/Tokyo"),
+            ("b@x.example", "Asia/Tokyo"),
+            ("c@x.example", "America/New_York"),
+            ("d@x.example", ""),
+        ];
+        for (i, (email, zone)) in rows.iter().enumerate() {
+            let fields = [email.to_string(), zone.to_string()];
+            imp.row(i as u64 + 1, email, email, email, &fields)
+                .await
+                .unwrap();
+        }
+        imp.commit().await.unwrap();
+        let claim = |values: &[&str]| {
+            let store = store.clone();
+            let skip = Skip {
+                field: 1,
+                values: values.iter().map(|v| v.to_string()).collect(),
+            };
+            async move {
+                let claim = store
+                    .claim_held(
+                        c.id,
+                        "acct",
+                        "acct",
+                        &[],
+                        1_000,
+                        1,
+                        |_| Ok(out(1)),
+                        |_| None,
+                        &skip,
+                    )
+                    .await
+                    .unwrap();
+                match claim {
+                    Claim::Ready { ready, .. } => {
+                        let email = ready[0].candidate.email.clone();
+                        for r in ready {
+                            store
+                                .record(&r.candidate, r.log_id, &Outcome::Unclaimed, 1_000)
+                                .await
+                                .unwrap();
+                        }
+                        Some(email)
+                    }
+                    _ => None,
+                }
+            }
+        };
+        assert_eq!(claim(&[]).await.as_deref(), Some("a@x.example"));
+        assert_eq!(claim(&["Asia/Tokyo"]).await.as_deref(), Some("c@x.example"));
+        assert_eq!(
+            claim(&["Asia/Tokyo", "America/New_York"]).await.as_deref(),
+            Some("d@x.example")
+        );
+        assert_eq!(claim(&["Asia/Tokyo", "America/New_York", ""]).await, None);
+    });
+}
+
 #[tokio::test]
 async fn claim_marks_sending_and_logs_then_windows_hold() {
     on_both!(|store| {
