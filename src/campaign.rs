@@ -187,7 +187,7 @@ impl RawAccount {
 }
 
 /// `[imap]`: where `hikyaku bounces` reads the sending account's mailbox.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawImap {
     host: Option<String>,
@@ -276,6 +276,9 @@ pub struct Account {
     pub dkim: Option<DkimConfig>,
     pub windows: Vec<Window>,
     pub warmup: Vec<u32>,
+    /// The account's mailbox, where its bounces come back (see
+    /// [`Campaign::imap`]).
+    pub imap: Option<ImapConfig>,
 }
 
 impl Account {
@@ -660,6 +663,7 @@ impl Campaign {
         campaign.dkim = account.dkim.clone();
         campaign.windows = account.windows.clone();
         campaign.warmup = account.warmup.clone();
+        campaign.imap = account.imap.clone();
         campaign.accounts = vec![account.clone()];
         campaign
     }
@@ -740,9 +744,15 @@ impl Campaign {
             );
         }
         let dkim = raw.dkim.map(|d| dkim_config(d, &dir));
-        let (accounts, preset) = accounts(raw.transport, raw.accounts, &raw.limits, &dkim, &dir)?;
+        let accounts = accounts(
+            raw.transport,
+            raw.accounts,
+            &raw.limits,
+            &dkim,
+            raw.imap.as_ref(),
+            &dir,
+        )?;
         let first = accounts[0].clone();
-        let imap = imap_config(raw.imap, preset.as_ref(), &first.transport, &dir)?;
         let timezone_column = raw
             .schedule
             .as_ref()
@@ -776,7 +786,7 @@ impl Campaign {
             hours,
             timezone,
             retry,
-            imap,
+            imap: first.imap,
         })
     }
 }
@@ -801,16 +811,17 @@ fn preset_named(at: &str, name: Option<&str>) -> Result<Option<Preset>> {
     .transpose()
 }
 
-/// The sending accounts: `[transport]` with `[limits]` and `[dkim]`, or
-/// every `[[accounts]]` entry over them; and the first account's preset,
-/// which gives `[imap]` its defaults.
+/// The sending accounts: `[transport]` with `[limits]`, `[dkim]` and
+/// `[imap]`, or every `[[accounts]]` entry over them. Each account's
+/// mailbox is read as its own user, with its own password.
 fn accounts(
     transport: Option<RawTransport>,
     raw_accounts: Vec<RawAccount>,
     limits: &RawLimits,
     dkim: &Option<DkimConfig>,
+    raw_imap: Option<&RawImap>,
     dir: &Path,
-) -> Result<(Vec<Account>, Option<Preset>)> {
+) -> Result<Vec<Account>> {
     let warmup = |limits: &RawLimits, at: &str| {
         let warmup = limits.warmup.clone().unwrap_or_default();
         if warmup.contains(&0) {
@@ -823,14 +834,16 @@ fn accounts(
             anyhow::anyhow!("the campaign needs a [transport] section (or [[accounts]])")
         })?;
         let preset = preset_named("[transport]", raw.preset.as_deref())?;
+        let transport = transport_config(raw, preset.as_ref(), dir, "[transport]")?;
         let account = Account {
-            transport: transport_config(raw, preset.as_ref(), dir, "[transport]")?,
+            imap: imap_config(raw_imap.cloned(), preset.as_ref(), &transport, dir)?,
+            transport,
             from: None,
             dkim: dkim.clone(),
             windows: windows(limits, preset.as_ref())?,
             warmup: warmup(limits, "[limits]")?,
         };
-        return Ok((vec![account], preset));
+        return Ok(vec![account]);
     }
     if transport.is_some() {
         anyhow::bail!(
@@ -838,8 +851,13 @@ fn accounts(
              move the [transport] keys into an [[accounts]] entry"
         );
     }
+    if raw_imap.is_some_and(|i| i.user.is_some()) {
+        anyhow::bail!(
+            "[imap] user: with [[accounts]], each account's mailbox is read as its own username; \
+             remove `user`"
+        );
+    }
     let mut out: Vec<Account> = Vec::new();
-    let mut first_preset = None;
     for (i, raw) in raw_accounts.into_iter().enumerate() {
         let at = format!("[[accounts]] #{}", i + 1);
         let (raw, limits, from, own_dkim) = raw.split(limits);
@@ -865,6 +883,7 @@ fn accounts(
             transport_config(raw, preset.as_ref(), dir, &at)?
         };
         let account = Account {
+            imap: imap_config(raw_imap.cloned(), preset.as_ref(), &transport, dir)?,
             transport,
             from,
             dkim: own_dkim
@@ -880,12 +899,9 @@ fn accounts(
                 excerpt(&account.account())
             );
         }
-        if i == 0 {
-            first_preset = preset;
-        }
         out.push(account);
     }
-    Ok((out, first_preset))
+    Ok(out)
 }
 
 /// A TOML error on one line: where, what, and the text there, cut short.
@@ -1452,6 +1468,10 @@ text = "t.hbs"
         assert_eq!(second.message.from, "a@example.com");
         assert_eq!(second.dkim.as_ref().unwrap().domain, "other.example");
         assert_eq!(second.account(), "u@smtp.acme.example");
+        assert!(
+            second.imap.is_none(),
+            "no preset, no [imap]: no mailbox known"
+        );
         let first = c.for_account(0);
         assert_eq!(first.message.from, "News <news1@gmail.com>");
         assert_eq!(first.dkim.as_ref().unwrap().domain, "acme.example");

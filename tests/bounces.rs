@@ -304,3 +304,76 @@ fn bounced_is_a_state_of_status_and_export() {
     let out = dir.run(&["export", "--help"]);
     assert!(text(&out.stdout).contains("bounced"));
 }
+
+/// With several accounts each account's mailbox is read as its own user:
+/// the first account's bounce is recorded, and the second account, whose
+/// user the mailbox server does not know, is named as unread (exit 1)
+/// without keeping the first from being read.
+#[test]
+fn each_accounts_mailbox_is_read_as_its_own_user() {
+    let Some(imap) = ImapServer::start(
+        "each_accounts_mailbox_is_read_as_its_own_user",
+        USER,
+        PASSWORD,
+    ) else {
+        return;
+    };
+    let other = "other@acme.example";
+    let smtp = SmtpServer::start(&["--account", &format!("{other}:{PASSWORD}")]);
+    let ca = smtp.ca.as_ref().unwrap().display().to_string();
+    let account = |user: &str| {
+        format!(
+            "[[accounts]]\nhost = \"127.0.0.1\"\nport = {}\ntls = \"starttls\"\nusername = \"{user}\"\n\
+             ca_file = \"{ca}\"\ntimeout = \"10s\"\n",
+            smtp.port
+        )
+    };
+    let dir = CampaignDir::new();
+    campaign(
+        &dir,
+        4,
+        &format!("{}{}{}", account(USER), account(other), imap.imap_toml("")),
+    );
+    let out = dir.send(&[]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let sent = by_email(dir.export(None));
+    let a = "user1@example.com";
+    imap.deliver(
+        "INBOX",
+        &about("postfix.eml", POSTFIX, a, &sent[a]["message_id"]),
+    );
+
+    let out = bounces(&dir, &[]);
+    let said = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(
+        said.contains(&format!("account {USER}@127.0.0.1: 1 message in INBOX")),
+        "{said}"
+    );
+    assert!(said.contains("1 bounce recorded"), "{said}");
+    assert!(
+        said.contains(&format!("refused the login of {other}")),
+        "{said}"
+    );
+    assert!(
+        said.contains(&format!(
+            "the mailbox of {other}@127.0.0.1 could not be read"
+        )),
+        "{said}"
+    );
+    assert_eq!(by_email(dir.export(None))[a]["state"], "bounced");
+
+    // [imap] user cannot name one user for every account.
+    let text_now = std::fs::read_to_string(dir.campaign()).unwrap();
+    dir.write(
+        "campaign.toml",
+        text_now.replace("[imap]\n", &format!("[imap]\nuser = \"{USER}\"\n")),
+    );
+    let out = bounces(&dir, &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("[imap] user"),
+        "{}",
+        text(&out.stderr)
+    );
+}

@@ -1,4 +1,4 @@
-//! `hikyaku bounces`: reads the sending account's mailbox and records the
+//! `hikyaku bounces`: reads the sending accounts' mailboxes and records the
 //! bounces, delays and unsubscribe requests that concern the campaign.
 
 use std::path::Path;
@@ -8,7 +8,7 @@ use anyhow::Result;
 use super::log::{plural, OUTCOME};
 use super::{identity, Global};
 use crate::bounces::{self, Options};
-use crate::campaign::{Campaign, TransportConfig};
+use crate::campaign::{Campaign, ImapConfig, TransportConfig};
 use crate::error::{input_error, Exit};
 
 /// Notifications take a while to come back; a day's margin covers time
@@ -30,13 +30,27 @@ pub async fn bounces(
             campaign.path.display()
         )));
     }
-    let imap = campaign.imap.clone().ok_or_else(|| {
-        input_error(format!(
+    // Each account's mailbox, as that account sends (its own `from`).
+    let mut mailboxes: Vec<(Campaign, ImapConfig)> = Vec::new();
+    for index in 0..campaign.accounts.len() {
+        let sending = campaign.for_account(index);
+        match sending.imap.clone() {
+            Some(imap) => mailboxes.push((sending, imap)),
+            None if campaign.accounts.len() > 1 => tracing::warn!(
+                "account {}: hikyaku knows the mailbox of the gmail and workspace presets only, \
+                 and [imap] names none; its bounces are not read",
+                sending.account()
+            ),
+            None => {}
+        }
+    }
+    if mailboxes.is_empty() {
+        return Err(input_error(format!(
             "{}: hikyaku knows the mailbox of the gmail and workspace presets only: add an \
              [imap] section with the account's IMAP host",
             campaign.path.display()
-        ))
-    })?;
+        )));
+    }
     if let Some(folder) = move_to {
         if folder.is_empty()
             || !folder
@@ -47,7 +61,7 @@ pub async fn bounces(
                 "--move-to {folder:?}: only non-empty ASCII folder names are supported"
             )));
         }
-        if folder == imap.folder {
+        if mailboxes.iter().any(|(_, imap)| folder == imap.folder) {
             return Err(input_error(format!(
                 "--move-to {folder:?} is the folder being read; give another one"
             )));
@@ -76,7 +90,40 @@ pub async fn bounces(
         since,
         move_to: move_to.map(str::to_string),
     };
-    let summary = bounces::run(&campaign, &imap, &store, record.id, &options).await?;
+    let several = mailboxes.len() > 1;
+    let mut failed = Vec::new();
+    for (sending, imap) in &mailboxes {
+        let read = bounces::run(sending, imap, &store, record.id, &options).await;
+        let mailbox = several.then(|| format!("account {}: ", sending.account()));
+        match read {
+            Ok(summary) => tell(&summary, imap, since, move_to, mailbox.as_deref()),
+            // One mailbox that cannot be read leaves the others to read.
+            Err(e) if several => {
+                tracing::error!("{}{e:#}", mailbox.unwrap_or_default());
+                failed.push(sending.account());
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    if !failed.is_empty() {
+        anyhow::bail!(
+            "the mailbox of {} could not be read (see above); the others were",
+            failed.join(", ")
+        );
+    }
+    Ok(Exit::Done)
+}
+
+/// What one mailbox held, in words; `mailbox` names its account when the
+/// campaign has several.
+fn tell(
+    summary: &bounces::Summary,
+    imap: &ImapConfig,
+    since: chrono::NaiveDate,
+    move_to: Option<&str>,
+    mailbox: Option<&str>,
+) {
+    let mailbox = mailbox.unwrap_or("");
     for f in &summary.bounced {
         let suppressed = if f.suppressed {
             "; suppressed"
@@ -135,13 +182,12 @@ pub async fn bounces(
     }
     tracing::info!(
         target: OUTCOME,
-        "{} in {} since {}: {}",
+        "{mailbox}{} in {} since {}: {}",
         plural(summary.messages as u64, "message"),
         imap.folder,
         since.format("%Y-%m-%d"),
         parts.join(", ")
     );
-    Ok(Exit::Done)
 }
 
 /// A notification's status and what the remote server said.
