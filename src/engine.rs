@@ -68,14 +68,15 @@ impl Clock for SystemClock {
     }
 }
 
-/// How many recipients one claim takes. Unthrottled, a few at once, so that
+/// How many recipients one claim takes. Unthrottled, as many as the bound
+/// on uncertainty allows, so that
 /// the synced commit before sending is shared by several messages; after a
 /// crash at most `connections - 1` in flight plus one batch are left
 /// `unknown`, never more than 16 (SPEC §7.3). Under windows, one: each send
 /// needs its own slot.
 pub fn claim_batch(config: &RunConfig) -> usize {
     if config.windows.is_empty() && config.warmup.is_empty() {
-        (17usize.saturating_sub(config.connections)).clamp(1, 8)
+        17usize.saturating_sub(config.connections).clamp(1, 16)
     } else {
         1
     }
@@ -397,6 +398,8 @@ pub async fn run_lanes<T: Transport, C: Clock>(
             .record(&r.candidate, r.log_id, &Outcome::Unclaimed, clock.now_ms())
             .await?;
     }
+    // Every outcome is written before the run says how it ended.
+    store.flush().await?;
     if let Some(e) = first_error {
         return Err(e);
     }

@@ -728,6 +728,15 @@ impl Store {
         on_backend!(self, Store, b => b.record(candidate, log_id, outcome, now).await)
     }
 
+    /// Returns once every outcome recorded so far is written (SQLite
+    /// writes outcomes together, a little after they are recorded).
+    pub async fn flush(&self) -> Result<()> {
+        match self {
+            Store::Sqlite(b) => b.flush().await,
+            Store::Postgres(_) => Ok(()),
+        }
+    }
+
     /// Pauses an account (by its pause key) for every process using this store.
     pub async fn pause_account(&self, account: &str, until_ms: i64, reason: &str) -> Result<()> {
         on_backend!(self, Store, b => b.pause_account(account, until_ms, reason).await)

@@ -3,6 +3,7 @@
 
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -119,6 +120,10 @@ const MAX_PASSED_OVER: usize = 64;
 #[derive(Clone)]
 pub struct SqliteStore {
     pub(super) pool: SqlitePool,
+    /// Held by this process's claims and outcome writes: they take turns
+    /// here instead of in SQLite's busy handler, which sleeps.
+    writer: Arc<tokio::sync::Mutex<()>>,
+    outcomes: Arc<std::sync::Mutex<Outcomes>>,
 }
 
 impl SqliteStore {
@@ -209,7 +214,11 @@ impl SqliteStore {
                 missing.join(", ")
             )));
         }
-        Ok(SqliteStore { pool })
+        Ok(SqliteStore {
+            pool,
+            writer: Arc::default(),
+            outcomes: Arc::default(),
+        })
     }
 
     /// Creates the campaign's row on first use and binds its name to its
@@ -551,6 +560,11 @@ impl SqliteStore {
         mut hold: impl FnMut(&Candidate) -> Option<(i64, WaitReason)>,
         skip: &Skip,
     ) -> Result<Claim> {
+        self.failed_write()?;
+        let _writing = self.writer.clone().lock_owned().await;
+        // Outcomes still waiting are written first: the rows `sending` in
+        // the database are never more than those claimed and not settled.
+        self.write_outcomes().await?;
         let mut conn = self.pool.acquire().await?;
         // The `sending` marks must be on disk before the transactions start.
         sqlx::query("PRAGMA synchronous = FULL")
@@ -668,7 +682,12 @@ impl SqliteStore {
         Ok(Claim::Ready { ready, unbuildable })
     }
 
-    /// Records what happened to a claimed recipient.
+    /// Records what happened to a claimed recipient. Outcomes are written
+    /// together (group commit): one that arrives while another write is
+    /// under way is written by the next one, at the latest by the next
+    /// claim, whose transaction writes every outcome waiting before it
+    /// marks new rows `sending`, so that no more rows are ever `sending` in
+    /// the database than were claimed and not yet settled (SPEC §7.3).
     pub async fn record(
         &self,
         candidate: &Candidate,
@@ -676,93 +695,56 @@ impl SqliteStore {
         outcome: &Outcome,
         now: i64,
     ) -> Result<()> {
+        self.failed_write()?;
+        lock(&self.outcomes).push((candidate.clone(), log_id, outcome.clone(), now));
+        match self.writer.clone().try_lock_owned() {
+            Ok(_writing) => self.write_outcomes().await,
+            Err(_) => {
+                // Written once the current write is done, without making
+                // this sender wait for it.
+                let store = self.clone();
+                tokio::spawn(async move {
+                    let _writing = store.writer.clone().lock_owned().await;
+                    if let Err(e) = store.write_outcomes().await {
+                        lock(&store.outcomes).error.get_or_insert(format!("{e:#}"));
+                    }
+                });
+                Ok(())
+            }
+        }
+    }
+
+    /// Writes the outcomes not yet written; returns once they are.
+    pub async fn flush(&self) -> Result<()> {
+        let _writing = self.writer.clone().lock_owned().await;
+        self.write_outcomes().await?;
+        self.failed_write()
+    }
+
+    /// An error met writing outcomes in the background, once.
+    fn failed_write(&self) -> Result<()> {
+        match lock(&self.outcomes).error.take() {
+            Some(e) => Err(anyhow::anyhow!("recording outcomes: {e}")),
+            None => Ok(()),
+        }
+    }
+
+    /// Writes the waiting outcomes in one transaction, not synced: in WAL
+    /// mode the next claim's synced commit makes them durable too, and
+    /// until then a lost outcome leaves its row `sending`, which becomes
+    /// `unknown`, never sent again. Call holding [`SqliteStore::writer`].
+    async fn write_outcomes(&self) -> Result<()> {
+        let waiting = std::mem::take(&mut lock(&self.outcomes).queue);
+        if waiting.is_empty() {
+            return Ok(());
+        }
         let mut conn = self.pool.acquire().await?;
-        // An outcome need not wait for the disk: in WAL mode the next
-        // claim's synced commit makes it durable too, and until then a lost
-        // outcome leaves the row `sending`, which becomes `unknown`, never
-        // sent again. That halves the fsyncs per message.
         sqlx::query("PRAGMA synchronous = NORMAL")
             .execute(&mut *conn)
             .await?;
         let mut tx = conn.begin().await?;
-        sqlx::query("UPDATE send_log SET done_at = MAX(at, ?) WHERE id = ?")
-            .bind(now)
-            .bind(log_id)
-            .execute(&mut *tx)
-            .await?;
-        match outcome {
-            Outcome::Sent { reply } => {
-                sqlx::query("UPDATE recipients SET state = 'sent', reason = NULL, last_reply = ?, next_attempt_at = NULL, updated_at = ? WHERE id = ?")
-                    .bind(reply)
-                    .bind(now)
-                    .bind(candidate.id)
-                    .execute(&mut *tx)
-                    .await?;
-            }
-            Outcome::Deferred { reply, retry_at_ms } => {
-                sqlx::query("UPDATE recipients SET state = 'deferred', reason = 'transient failure, will retry', last_reply = ?, next_attempt_at = ?, updated_at = ? WHERE id = ?")
-                    .bind(reply)
-                    .bind(retry_at_ms)
-                    .bind(now)
-                    .bind(candidate.id)
-                    .execute(&mut *tx)
-                    .await?;
-            }
-            Outcome::Failed { reply, suppress } => {
-                sqlx::query("UPDATE recipients SET state = 'failed', reason = ?, last_reply = ?, next_attempt_at = NULL, updated_at = ? WHERE id = ?")
-                    .bind(format!("rejected: {reply}"))
-                    .bind(reply)
-                    .bind(now)
-                    .bind(candidate.id)
-                    .execute(&mut *tx)
-                    .await?;
-                if *suppress {
-                    insert_suppression(
-                        &mut tx,
-                        &candidate.address,
-                        &format!("bounced: {reply}"),
-                        now,
-                    )
-                    .await?;
-                }
-            }
-            Outcome::Unclaimed => {
-                let before = &candidate.before;
-                sqlx::query("UPDATE recipients SET state = ?, attempts = ?, message_id = ?, updated_at = ? WHERE id = ?")
-                    .bind(&before.state)
-                    .bind(candidate.attempts)
-                    .bind(&before.message_id)
-                    .bind(before.updated_at)
-                    .bind(candidate.id)
-                    .execute(&mut *tx)
-                    .await?;
-                sqlx::query("DELETE FROM send_log WHERE id = ?")
-                    .bind(log_id)
-                    .execute(&mut *tx)
-                    .await?;
-            }
-            Outcome::Unknown { reply } => {
-                sqlx::query("UPDATE recipients SET state = 'unknown', reason = 'connection lost after the message was sent: may or may not have been delivered', last_reply = ?, next_attempt_at = NULL, updated_at = ? WHERE id = ?")
-                    .bind(reply)
-                    .bind(now)
-                    .bind(candidate.id)
-                    .execute(&mut *tx)
-                    .await?;
-            }
-            Outcome::Returned { reply, unlog } => {
-                sqlx::query("UPDATE recipients SET state = 'pending', attempts = MAX(attempts - 1, 0), last_reply = ?, updated_at = ? WHERE id = ?")
-                    .bind(reply)
-                    .bind(now)
-                    .bind(candidate.id)
-                    .execute(&mut *tx)
-                    .await?;
-                if *unlog {
-                    sqlx::query("DELETE FROM send_log WHERE id = ?")
-                        .bind(log_id)
-                        .execute(&mut *tx)
-                        .await?;
-                }
-            }
+        for (candidate, log_id, outcome, now) in &waiting {
+            write_outcome(&mut tx, candidate, *log_id, outcome, *now).await?;
         }
         tx.commit().await?;
         Ok(())
@@ -914,6 +896,116 @@ impl SqliteStore {
     pub async fn close(&self) {
         self.pool.close().await;
     }
+}
+
+/// Writes one outcome of a claimed recipient.
+async fn write_outcome(
+    conn: &mut sqlx::SqliteConnection,
+    candidate: &Candidate,
+    log_id: i64,
+    outcome: &Outcome,
+    now: i64,
+) -> Result<()> {
+    sqlx::query("UPDATE send_log SET done_at = MAX(at, ?) WHERE id = ?")
+        .bind(now)
+        .bind(log_id)
+        .execute(&mut *conn)
+        .await?;
+    match outcome {
+        Outcome::Sent { reply } => {
+            sqlx::query("UPDATE recipients SET state = 'sent', reason = NULL, last_reply = ?, next_attempt_at = NULL, updated_at = ? WHERE id = ?")
+                .bind(reply)
+                .bind(now)
+                .bind(candidate.id)
+                .execute(&mut *conn)
+                .await?;
+        }
+        Outcome::Deferred { reply, retry_at_ms } => {
+            sqlx::query("UPDATE recipients SET state = 'deferred', reason = 'transient failure, will retry', last_reply = ?, next_attempt_at = ?, updated_at = ? WHERE id = ?")
+                .bind(reply)
+                .bind(retry_at_ms)
+                .bind(now)
+                .bind(candidate.id)
+                .execute(&mut *conn)
+                .await?;
+        }
+        Outcome::Failed { reply, suppress } => {
+            sqlx::query("UPDATE recipients SET state = 'failed', reason = ?, last_reply = ?, next_attempt_at = NULL, updated_at = ? WHERE id = ?")
+                .bind(format!("rejected: {reply}"))
+                .bind(reply)
+                .bind(now)
+                .bind(candidate.id)
+                .execute(&mut *conn)
+                .await?;
+            if *suppress {
+                insert_suppression(
+                    &mut *conn,
+                    &candidate.address,
+                    &format!("bounced: {reply}"),
+                    now,
+                )
+                .await?;
+            }
+        }
+        Outcome::Unclaimed => {
+            let before = &candidate.before;
+            sqlx::query("UPDATE recipients SET state = ?, attempts = ?, message_id = ?, updated_at = ? WHERE id = ?")
+                .bind(&before.state)
+                .bind(candidate.attempts)
+                .bind(&before.message_id)
+                .bind(before.updated_at)
+                .bind(candidate.id)
+                .execute(&mut *conn)
+                .await?;
+            sqlx::query("DELETE FROM send_log WHERE id = ?")
+                .bind(log_id)
+                .execute(&mut *conn)
+                .await?;
+        }
+        Outcome::Unknown { reply } => {
+            sqlx::query("UPDATE recipients SET state = 'unknown', reason = 'connection lost after the message was sent: may or may not have been delivered', last_reply = ?, next_attempt_at = NULL, updated_at = ? WHERE id = ?")
+                .bind(reply)
+                .bind(now)
+                .bind(candidate.id)
+                .execute(&mut *conn)
+                .await?;
+        }
+        Outcome::Returned { reply, unlog } => {
+            sqlx::query("UPDATE recipients SET state = 'pending', attempts = MAX(attempts - 1, 0), last_reply = ?, updated_at = ? WHERE id = ?")
+                .bind(reply)
+                .bind(now)
+                .bind(candidate.id)
+                .execute(&mut *conn)
+                .await?;
+            if *unlog {
+                sqlx::query("DELETE FROM send_log WHERE id = ?")
+                    .bind(log_id)
+                    .execute(&mut *conn)
+                    .await?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Outcomes waiting to be written, and an error met writing them.
+#[derive(Default)]
+pub(super) struct Outcomes {
+    queue: Vec<(Candidate, i64, Outcome, i64)>,
+    error: Option<String>,
+}
+
+impl Outcomes {
+    fn push(&mut self, outcome: (Candidate, i64, Outcome, i64)) {
+        self.queue.push(outcome);
+    }
+}
+
+/// The outcomes, whatever a thread that panicked holding them left.
+fn lock(outcomes: &std::sync::Mutex<Outcomes>) -> std::sync::MutexGuard<'_, Outcomes> {
+    outcomes
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 pub(super) async fn insert_suppression(
@@ -1652,6 +1744,34 @@ pub(super) mod tests {
                 .unwrap(),
             Claim::Idle { next_due_ms: None }
         ));
+    }
+
+    /// An outcome recorded while another write holds the store does not
+    /// wait for it, and is written before the next claim marks new rows
+    /// `sending`: the rows `sending` in the database stay those in flight.
+    #[tokio::test]
+    async fn outcomes_are_written_together_and_before_the_next_claim() {
+        let (_d, store) = store().await;
+        let c = store.campaign(&ident("c")).await.unwrap();
+        import(&store, &c, &["a@x.example", "b@x.example"]).await;
+        let claim = |at| store.claim(c.id, "acct", "acct", &[], at, 1, |_| Ok(out(1)));
+        let Claim::Ready { ready, .. } = claim(1).await.unwrap() else {
+            panic!("nothing claimed")
+        };
+        let busy = store.writer.clone().lock_owned().await;
+        let sent = Outcome::Sent {
+            reply: "250 ok".into(),
+        };
+        store
+            .record(&ready[0].candidate, ready[0].log_id, &sent, 2)
+            .await
+            .unwrap();
+        assert_eq!(store.counts(c.id).await.unwrap()[State::Sending], 1);
+        drop(busy);
+        assert!(matches!(claim(3).await.unwrap(), Claim::Ready { .. }));
+        let counts = store.counts(c.id).await.unwrap();
+        assert_eq!((counts[State::Sent], counts[State::Sending]), (1, 1));
+        store.flush().await.unwrap();
     }
 
     /// A runner on another machine (a database on a shared disk) holds the
