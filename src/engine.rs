@@ -7,9 +7,9 @@
 //! workers, transport and windows, all claiming from the same campaign:
 //! whichever account's slot comes first takes the next recipient, which is
 //! how each message goes through the account that can send it soonest. A
-//! lane whose login is refused, or that must wait under `--no-wait`, is set
-//! aside and the others carry on; the run ends when nothing is left or no
-//! lane is.
+//! lane whose login is refused, whose messages trip the circuit breaker, or
+//! that must wait under `--no-wait`, is set aside and the others carry on;
+//! the run ends when nothing is left or no lane is.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
@@ -154,8 +154,9 @@ pub enum Event {
         why: String,
         account: String,
     },
-    /// With several accounts: this one refused the login (or stopped under
-    /// `--no-wait`) and sends no more in this run; the others carry on.
+    /// With several accounts: this one refused the login, tripped the
+    /// circuit breaker or stopped under `--no-wait`, and sends no more in
+    /// this run; the others carry on.
     AccountSetAside { account: String, end: RunEnd },
 }
 
@@ -319,9 +320,9 @@ pub async fn run<T: Transport, C: Clock>(
 }
 
 /// [`run`] through several accounts at once, sharing the campaign, the
-/// `--limit` and the per-domain pacing. The
-/// campaign-wide settings (retry, limit, no_wait, hours, per_domain) are
-/// read from the first lane.
+/// `--limit` and the per-domain pacing. The campaign-wide settings of each
+/// lane's config (retry, limit, no_wait, hours) are the same in every lane;
+/// the per-domain rules are read from the first.
 pub async fn run_lanes<T: Transport, C: Clock>(
     store: Store,
     lanes: Vec<Lane<T>>,
