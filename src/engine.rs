@@ -34,6 +34,11 @@ use chrono_tz::Tz;
 /// then the cause is most likely the configuration, not the addresses.
 pub const CIRCUIT_BREAKER: u32 = 10;
 
+/// The most recipients one run has `sending` at once, whatever the number
+/// of accounts and connections: the bound of SPEC §7.3 on what a kill
+/// leaves `unknown`.
+pub const MAX_SENDING: usize = 16;
+
 /// A domain's pacing is shown when it holds every recipient at least this long.
 const DOMAIN_WAIT_SHOWN_MS: i64 = 1_000;
 
@@ -530,6 +535,13 @@ impl<T: Transport, C: Clock> Worker<T, C> {
             }
             max = max.min(usize::try_from(limit - shared.claimed).unwrap_or(usize::MAX));
         }
+        // Every account's claims count together: after a kill, no more
+        // than MAX_SENDING recipients of this run are left `unknown`.
+        let room = MAX_SENDING.saturating_sub(shared.busy());
+        if room == 0 {
+            return Ok(Next::AwaitOthers);
+        }
+        max = max.min(room);
         let cfg = &self.config;
         let pipeline = self.pipeline.clone();
         let now = self.clock.now_ms();
@@ -1785,6 +1797,68 @@ mod tests {
             }
         }
         assert_eq!(set_aside, ["bad"]);
+    }
+
+    /// A transport that notes how many of the campaign's recipients are
+    /// `sending` whenever a message is offered to it.
+    struct Counting {
+        store: Store,
+        campaign_id: i64,
+        most: AtomicI64,
+    }
+
+    impl Transport for Counting {
+        async fn connect(&self) -> std::result::Result<(), Reply> {
+            Ok(())
+        }
+        async fn send(&self, _row: u64, _message: &Outgoing) -> std::result::Result<Reply, Reply> {
+            // Let the other accounts' workers claim meanwhile.
+            for _ in 0..20 {
+                tokio::task::yield_now().await;
+            }
+            if let Ok(counts) = self.store.counts(self.campaign_id).await {
+                self.most
+                    .fetch_max(counts[State::Sending], Ordering::SeqCst);
+            }
+            ok()
+        }
+        async fn shutdown(&self) {}
+    }
+
+    /// Regression: each account claimed as large a batch as the bound on
+    /// uncertainty allows one run, so three unthrottled accounts had three
+    /// times as many recipients `sending` as a kill may leave `unknown`
+    /// (SPEC §7.3: never more than 16).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn several_accounts_never_have_more_than_sixteen_sending() {
+        let s = setup(200).await;
+        let transport = Arc::new(Counting {
+            store: s.store.clone(),
+            campaign_id: s.record.id,
+            most: AtomicI64::new(0),
+        });
+        let lanes: Vec<Lane<Counting>> = ["a", "b", "c"]
+            .iter()
+            .map(|name| {
+                let mut cfg = config(&s, vec![], 4);
+                cfg.account = name.to_string();
+                Lane {
+                    config: cfg,
+                    transport: transport.clone(),
+                    pipeline: s.pipeline.clone(),
+                }
+            })
+            .collect();
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let (_stop_tx, stop) = watch::channel(false);
+        let clock = Arc::new(FakeClock(AtomicI64::new(1_000_000)));
+        let end = run_lanes(s.store.clone(), lanes, clock, tx, stop)
+            .await
+            .unwrap();
+        assert_eq!(end, RunEnd::Done);
+        assert_eq!(s.store.counts(s.record.id).await.unwrap()[State::Sent], 200);
+        let most = transport.most.load(Ordering::SeqCst);
+        assert!(most <= MAX_SENDING as i64, "{most} sending at once");
     }
 
     /// When every account refuses the login, the run stops with each one's
