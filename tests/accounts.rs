@@ -242,3 +242,19 @@ fn when_every_account_refuses_the_login_the_run_stops_and_nothing_changes() {
     assert!(server.received().is_empty());
     assert!(dir.recorded().is_empty() || dir.export(None).iter().all(|r| r["state"] == "pending"));
 }
+
+/// `--test-to` sends through the first account as it sends: its `from`.
+#[test]
+fn a_test_message_goes_through_the_first_account_as_it_sends() {
+    let server = server(&[]);
+    let dir = campaign(&server, 3);
+    let out = send(&dir, &["--test-to", "tester@example.com"], None);
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
+    let received = server.received();
+    assert_eq!(received.len(), 1);
+    assert_eq!(received[0].user.as_deref(), Some(ACCOUNTS[0].0));
+    assert_eq!(received[0].rcpt_tos, ["tester@example.com"]);
+    let parsed = received[0].parsed();
+    let from = parsed.from().unwrap().first().unwrap().address().unwrap();
+    assert_eq!(from, ACCOUNTS[0].0);
+}

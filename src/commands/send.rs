@@ -581,7 +581,16 @@ fn shown_dir(campaign: &Campaign, dir: &Path) -> String {
 /// prefixed "[TEST] ", nothing recorded. With `--dry-run` they are only
 /// listed: a dry run never sends, whatever else is asked (SPEC §9).
 async fn send_test(loaded: &Loaded, test_to: &str, limit: u64, dry_run: bool) -> Result<Exit> {
-    let campaign = &loaded.campaign;
+    // With several accounts, the first one sends the test, as it sends:
+    // its `from`, its DKIM key.
+    let first = loaded.campaign.for_account(0);
+    let own;
+    let (campaign, pipeline) = if loaded.campaign.accounts.len() > 1 {
+        own = crate::personalize::Pipeline::load(&first)?;
+        (&first, &own)
+    } else {
+        (&loaded.campaign, &*loaded.pipeline)
+    };
     let tester = parse_address(test_to).map_err(|why| {
         input_error(format!(
             "--test-to {test_to:?} is not a valid address: {why}"
@@ -592,7 +601,6 @@ async fn send_test(loaded: &Loaded, test_to: &str, limit: u64, dry_run: bool) ->
     } else {
         Some(AnyTransport::new(campaign).await?)
     };
-    let pipeline = &loaded.pipeline;
     let mut reader = RecipientReader::open(&campaign.recipients)?;
     let mut sent = 0;
     let variant = Variant {
