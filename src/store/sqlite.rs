@@ -587,12 +587,23 @@ impl SqliteStore {
         let mut unbuildable = Vec::new();
         let mut passed_over: Vec<i64> = Vec::new();
         let mut held: Option<(i64, WaitReason)> = None;
+        // Read a claim's worth at a time; the rows are marked at the end.
+        let mut fetched = std::collections::VecDeque::new();
+        let mut seen: Vec<i64> = Vec::new();
         while ready.len() < max.max(1) && passed_over.len() < MAX_PASSED_OVER {
-            let Some(candidate) =
-                next_candidate(&mut tx, campaign_id, now, &passed_over, skip).await?
-            else {
+            if fetched.is_empty() {
+                let want = if windows.is_empty() {
+                    max - ready.len()
+                } else {
+                    1
+                };
+                fetched
+                    .extend(next_candidates(&mut tx, campaign_id, now, &seen, skip, want).await?);
+            }
+            let Some(candidate) = fetched.pop_front() else {
                 break;
             };
+            seen.push(candidate.id);
             let message = match build(&candidate) {
                 Ok(m) => m,
                 Err(why) => {
@@ -640,27 +651,10 @@ impl SqliteStore {
                 }
                 continue;
             }
-            sqlx::query(
-                "UPDATE recipients SET state = 'sending', attempts = attempts + 1, message_id = ?, updated_at = ? WHERE id = ?",
-            )
-            .bind(&message.message_id)
-            .bind(now)
-            .bind(candidate.id)
-            .execute(&mut *tx)
-            .await?;
-            let log_id: i64 = sqlx::query_scalar(
-                "INSERT INTO send_log (account, at, recipients, recipient_id) VALUES (?, ?, ?, ?) RETURNING id",
-            )
-            .bind(account)
-            .bind(now)
-            .bind(i64::from(message.recipient_count))
-            .bind(candidate.id)
-            .fetch_one(&mut *tx)
-            .await?;
             ready.push(Ready {
                 candidate,
                 message: Box::new(message),
-                log_id,
+                log_id: 0,
             });
             if !windows.is_empty() {
                 break;
@@ -678,6 +672,7 @@ impl SqliteStore {
             .await?;
             return Ok(Claim::Idle { next_due_ms });
         }
+        mark_sending(&mut tx, account, now, &mut ready).await?;
         tx.commit().await?;
         Ok(Claim::Ready { ready, unbuildable })
     }
@@ -1024,15 +1019,66 @@ pub(super) async fn insert_suppression(
     Ok(done.rows_affected() > 0)
 }
 
+/// Marks the claimed rows `sending` and logs their sends (their log ids
+/// handed out under the transaction's write lock), two statements for all.
+async fn mark_sending(
+    conn: &mut sqlx::SqliteConnection,
+    account: &str,
+    now: i64,
+    ready: &mut [Ready],
+) -> Result<()> {
+    if ready.is_empty() {
+        return Ok(());
+    }
+    let marks = serde_json::to_string(
+        &ready
+            .iter()
+            .map(|r| {
+                (
+                    r.candidate.id,
+                    &r.message.message_id,
+                    r.message.recipient_count,
+                )
+            })
+            .collect::<Vec<_>>(),
+    )?;
+    sqlx::query(
+        "UPDATE recipients SET state = 'sending', attempts = attempts + 1, message_id = j.value ->> 1, updated_at = ? \
+         FROM json_each(?) AS j WHERE recipients.id = j.value ->> 0",
+    )
+    .bind(now)
+    .bind(&marks)
+    .execute(&mut *conn)
+    .await?;
+    let last: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(id), 0) FROM send_log")
+        .fetch_one(&mut *conn)
+        .await?;
+    sqlx::query(
+        "INSERT INTO send_log (id, account, at, recipients, recipient_id) \
+         SELECT ? + j.key + 1, ?, ?, j.value ->> 2, j.value ->> 0 FROM json_each(?) AS j",
+    )
+    .bind(last)
+    .bind(account)
+    .bind(now)
+    .bind(&marks)
+    .execute(&mut *conn)
+    .await?;
+    for (log_id, r) in (last + 1..).zip(ready.iter_mut()) {
+        r.log_id = log_id;
+    }
+    Ok(())
+}
+
 /// The next recipient due: a deferred one whose retry time has come, else
 /// the first pending one.
-async fn next_candidate(
+async fn next_candidates(
     conn: &mut sqlx::SqliteConnection,
     campaign_id: i64,
     now: i64,
     passed_over: &[i64],
     skip: &Skip,
-) -> Result<Option<Candidate>> {
+    limit: usize,
+) -> Result<Vec<Candidate>> {
     let passed_over = serde_json::to_string(passed_over)?;
     let skipped = match skip.values.is_empty() {
         true => None,
@@ -1063,46 +1109,53 @@ async fn next_candidate(
     let columns = format!(
         "id, row_number, {EMAIL} AS email, {ADDRESS} AS address, fields, attempts, state, message_id, updated_at"
     );
-    let mut row = bind_skip(
+    let limit = i64::try_from(limit.max(1)).unwrap_or(1);
+    let mut rows = bind_skip(
         sqlx::query(&format!(
-            "SELECT {columns} FROM recipients WHERE campaign_id = ? AND state = 'deferred' AND next_attempt_at <= ? AND id NOT IN (SELECT value FROM json_each(?)){skipping} ORDER BY next_attempt_at, id LIMIT 1"
+            "SELECT {columns} FROM recipients WHERE campaign_id = ? AND state = 'deferred' AND next_attempt_at <= ? AND id NOT IN (SELECT value FROM json_each(?)){skipping} ORDER BY next_attempt_at, id LIMIT ?"
         ))
         .bind(campaign_id)
         .bind(now)
         .bind(&passed_over),
         skipped.as_deref(),
     )
-    .fetch_optional(&mut *conn)
+    .bind(limit)
+    .fetch_all(&mut *conn)
     .await?;
-    if row.is_none() {
-        row = bind_skip(
-            sqlx::query(&format!(
-                "SELECT {columns} FROM recipients WHERE campaign_id = ? AND state = 'pending' AND id NOT IN (SELECT value FROM json_each(?)){skipping} ORDER BY id LIMIT 1"
-            ))
-            .bind(campaign_id)
-            .bind(&passed_over),
-            skipped.as_deref(),
-        )
-        .fetch_optional(&mut *conn)
-        .await?;
+    let left = limit - i64::try_from(rows.len()).unwrap_or(limit);
+    if left > 0 {
+        rows.extend(
+            bind_skip(
+                sqlx::query(&format!(
+                    "SELECT {columns} FROM recipients WHERE campaign_id = ? AND state = 'pending' AND id NOT IN (SELECT value FROM json_each(?)){skipping} ORDER BY id LIMIT ?"
+                ))
+                .bind(campaign_id)
+                .bind(&passed_over),
+                skipped.as_deref(),
+            )
+            .bind(left)
+            .fetch_all(&mut *conn)
+            .await?,
+        );
     }
-    row.map(|row| {
-        let email: String = row.get("email");
-        Ok(Candidate {
-            id: row.get("id"),
-            row_number: row.get("row_number"),
-            fields: decode_fields(row.get("fields"), &email)?,
-            email,
-            address: row.get::<Option<String>, _>("address").unwrap_or_default(),
-            attempts: row.get("attempts"),
-            before: Before {
-                state: row.get("state"),
-                message_id: row.get("message_id"),
-                updated_at: row.get("updated_at"),
-            },
+    rows.into_iter()
+        .map(|row| {
+            let email: String = row.get("email");
+            Ok(Candidate {
+                id: row.get("id"),
+                row_number: row.get("row_number"),
+                fields: decode_fields(row.get("fields"), &email)?,
+                email,
+                address: row.get::<Option<String>, _>("address").unwrap_or_default(),
+                attempts: row.get("attempts"),
+                before: Before {
+                    state: row.get("state"),
+                    message_id: row.get("message_id"),
+                    updated_at: row.get("updated_at"),
+                },
+            })
         })
-    })
-    .transpose()
+        .collect()
 }
 
 async fn load_schedule(
