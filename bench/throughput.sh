@@ -1,29 +1,30 @@
 #!/usr/bin/env bash
 # Unthrottled sending (SPEC §12): hikyaku against Postfix's smtp-source, the
 # minimal C load generator, on the same connections and message size, both
-# into Postfix's smtp-sink on loopback.
+# into Postfix's smtp-sink on loopback, side by side in each of RUNS runs;
+# prints each run, the medians and their ratio.
 #
-#   bash bench/throughput.sh [MESSAGES] [CONNECTIONS] [BODY_BYTES]
-#                                      (defaults: 2000 messages, 2, 2000 bytes)
+#   bash bench/throughput.sh [MESSAGES] [CONNECTIONS] [BODY_BYTES] [RUNS] [DB]
+#              (defaults: 20000 messages, 4 connections, 4000 bytes, 3 runs,
+#               a new SQLite file per run; DB = postgres://.../NAME runs on a
+#               PostgreSQL database of that name, dropped and made anew per run)
 #
-# Needs Postfix's tools: apt-get install postfix (smtp-source, smtp-sink).
+# Needs Postfix's tools: apt-get install postfix (smtp-source, smtp-sink);
+# for PostgreSQL, psql.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-n=${1:-2000}
-conns=${2:-2}
-size=${3:-2000}
+n=${1:-20000}
+conns=${2:-4}
+size=${3:-4000}
+runs=${4:-3}
+db=${5:-}
 cargo build --release --quiet
 work=$(mktemp -d)
 port=$((20000 + RANDOM % 20000))
-smtp-sink -u nobody "127.0.0.1:$port" 256 &
+smtp-sink -u nobody "127.0.0.1:$port" 1024 &
 sink=$!
 trap 'kill "$sink" 2>/dev/null || true; rm -rf "$work"' EXIT
 sleep 0.5
-
-start=$(date +%s.%N)
-smtp-source -d -s "$conns" -m "$n" -l "$size" -f bench@acme.example -t rcpt@example.com "127.0.0.1:$port"
-end=$(date +%s.%N)
-source_secs=$(echo "$end - $start" | bc -l)
 
 mkdir -p "$work/c/templates"
 {
@@ -50,13 +51,37 @@ port = $port
 tls = "none"
 connections = $conns
 TOML
-start=$(date +%s.%N)
-./target/release/hikyaku --db "$work/state.db" -q send "$work/c/campaign.toml" 2> "$work/summary"
-end=$(date +%s.%N)
-hikyaku_secs=$(echo "$end - $start" | bc -l)
-cat "$work/summary"
 
-printf 'messages: %s, connections: %s, body: %s bytes\n' "$n" "$conns" "$size"
-printf 'smtp-source: %.2f s (%.0f msg/s)\n' "$source_secs" "$(echo "$n / $source_secs" | bc -l)"
-printf 'hikyaku send (import, check, send, record): %.2f s (%.0f msg/s)\n' "$hikyaku_secs" "$(echo "$n / $hikyaku_secs" | bc -l)"
-printf 'ratio hikyaku / smtp-source time: %.2f\n' "$(echo "$hikyaku_secs / $source_secs" | bc -l)"
+fresh_db() {
+  case "$db" in
+    postgres://*|postgresql://*)
+      local name=${db##*/} server=${db%/*}
+      psql -q "$server/postgres" -c "DROP DATABASE IF EXISTS \"$name\"" -c "CREATE DATABASE \"$name\"" >/dev/null
+      echo "$db" ;;
+    *) rm -f "$work"/state.db*; echo "$work/state.db" ;;
+  esac
+}
+
+now() { date +%s.%N; }
+rate() { echo "$n / $1" | bc -l; }
+printf 'messages: %s, connections: %s, body: %s bytes, state: %s\n' "$n" "$conns" "$size" "${db:-SQLite}"
+source_rates=() hikyaku_rates=()
+for run in $(seq "$runs"); do
+  start=$(now)
+  smtp-source -d -s "$conns" -m "$n" -l "$size" -f bench@acme.example -t rcpt@example.com "127.0.0.1:$port"
+  source_secs=$(echo "$(now) - $start" | bc -l)
+  state=$(fresh_db)
+  start=$(now)
+  ./target/release/hikyaku --db "$state" -q send "$work/c/campaign.toml" 2> "$work/summary"
+  hikyaku_secs=$(echo "$(now) - $start" | bc -l)
+  grep -q "sent $n in this run" "$work/summary" || { cat "$work/summary"; exit 1; }
+  source_rates+=("$(rate "$source_secs")")
+  hikyaku_rates+=("$(rate "$hikyaku_secs")")
+  printf 'run %s: smtp-source %.2f s (%.0f msg/s), hikyaku send %.2f s (%.0f msg/s, whole command: read, check, send, record)\n' \
+    "$run" "$source_secs" "${source_rates[-1]}" "$hikyaku_secs" "${hikyaku_rates[-1]}"
+done
+median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+source_median=$(median "${source_rates[@]}")
+hikyaku_median=$(median "${hikyaku_rates[@]}")
+printf 'median of %s runs: smtp-source %.0f msg/s, hikyaku %.0f msg/s, ratio %.2f (target >= 0.8)\n' \
+  "$runs" "$source_median" "$hikyaku_median" "$(echo "$hikyaku_median / $source_median" | bc -l)"
