@@ -47,7 +47,7 @@ fresh_db() {
   case "$db" in
     postgres://*|postgresql://*)
       local name=${db##*/} server=${db%/*}
-      psql -q "$server/postgres" -c "DROP DATABASE IF EXISTS \"$name\"" -c "CREATE DATABASE \"$name\"" >/dev/null
+      PGOPTIONS=--client-min-messages=warning psql -q "$server/postgres" -c "DROP DATABASE IF EXISTS \"$name\"" -c "CREATE DATABASE \"$name\"" >/dev/null
       echo "$db" ;;
     *) rm -f "$work"/state.db*; echo "$work/state.db" ;;
   esac
@@ -64,7 +64,7 @@ db_bytes() {
 # Seconds and peak RSS (KiB) of one command, its output kept in $work/err.
 timed() {
   /usr/bin/time -f '%e %M' -o "$work/time" "$@" > /dev/null 2> "$work/err" || true
-  cat "$work/time"
+  tail -n 1 "$work/time"
 }
 
 hikyaku() {

@@ -56,7 +56,7 @@ fresh_db() {
   case "$db" in
     postgres://*|postgresql://*)
       local name=${db##*/} server=${db%/*}
-      psql -q "$server/postgres" -c "DROP DATABASE IF EXISTS \"$name\"" -c "CREATE DATABASE \"$name\"" >/dev/null
+      PGOPTIONS=--client-min-messages=warning psql -q "$server/postgres" -c "DROP DATABASE IF EXISTS \"$name\"" -c "CREATE DATABASE \"$name\"" >/dev/null
       echo "$db" ;;
     *) rm -f "$work"/state.db*; echo "$work/state.db" ;;
   esac

@@ -148,3 +148,14 @@ fn rows_skipped_as_invalid_are_read_again_every_time() {
     assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
     assert!(!text(&out.stderr).contains(NOT_READ));
 }
+
+/// Caught before: a send left its write-ahead log behind, as large as
+/// everything it wrote (the state took twice its room between runs).
+#[test]
+fn a_send_leaves_no_write_ahead_log_behind() {
+    let dir = rehearsal(200);
+    send_one(&dir);
+    let wal = dir.path().join("state.db-wal");
+    let size = std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
+    assert_eq!(size, 0, "{} is {size} bytes", wal.display());
+}
