@@ -14,6 +14,7 @@ mod tests_backends;
 
 pub use feedback::{message_id_key, NoticeRow, SendEntry};
 
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
@@ -826,7 +827,14 @@ impl Import {
         email: &str,
         fields: &[String],
     ) -> Result<()> {
-        on_backend!(self, Import, b => b.invalid_row(row_number, email, fields).await)
+        self.rows(&[ImportRow {
+            number: row_number,
+            email,
+            valid: None,
+            fields,
+        }])
+        .await?;
+        Ok(())
     }
 
     /// A row with a valid address: added as `pending` if new, refreshed if known.
@@ -838,32 +846,22 @@ impl Import {
         key: &str,
         fields: &[String],
     ) -> Result<RowStatus> {
-        on_backend!(self, Import, b => b.row(row_number, email, address, key, fields).await)
+        let mut status = self
+            .rows(&[ImportRow {
+                number: row_number,
+                email,
+                valid: Some((address, key)),
+                fields,
+            }])
+            .await?;
+        Ok(status.pop().unwrap_or(RowStatus::Settled))
     }
 
     /// Rows of the file in file order, with what the store knows of each
-    /// (a row whose address is not valid is `Settled`). SQLite writes a
-    /// whole batch in a few statements.
+    /// (a row whose address is not valid is `Settled`). A whole batch is
+    /// read and written in a few statements, whatever its size.
     pub async fn rows(&mut self, rows: &[ImportRow<'_>]) -> Result<Vec<RowStatus>> {
-        match self {
-            Import::Sqlite(b) => b.rows(rows).await,
-            Import::Postgres(b) => {
-                let mut statuses = Vec::with_capacity(rows.len());
-                for row in rows {
-                    statuses.push(match row.valid {
-                        Some((address, key)) => {
-                            b.row(row.number, row.email, address, key, row.fields)
-                                .await?
-                        }
-                        None => {
-                            b.invalid_row(row.number, row.email, row.fields).await?;
-                            RowStatus::Settled
-                        }
-                    });
-                }
-                Ok(statuses)
-            }
-        }
+        on_backend!(self, Import, b => b.rows(rows).await)
     }
 
     /// A row whose message cannot be built, with `--skip-invalid`.
@@ -895,6 +893,141 @@ impl Import {
     pub async fn counts(&mut self) -> Result<Counts> {
         on_backend!(self, Import, b => b.counts().await)
     }
+}
+
+/// What the store knew of a key before a batch of the import.
+pub(crate) struct Known {
+    pub id: i64,
+    pub seen_gen: i64,
+    pub state: String,
+    pub reason: Option<String>,
+    pub row_number: i64,
+}
+
+/// How one row of a batch is written: `rows[row]` with `state` and
+/// `reason`. `recipient` is false for a row that is not one (invalid
+/// address, duplicate), stored under the key `row:N` without an address;
+/// `new` rows are inserted under `id`, the others refresh row `id`.
+pub(crate) struct Write {
+    pub row: usize,
+    pub id: i64,
+    pub new: bool,
+    pub recipient: bool,
+    pub state: &'static str,
+    pub reason: Option<String>,
+}
+
+/// The status of each row of a batch, in file order, and how each is
+/// written, from what the store knew of its keys (`known`, which learns the
+/// batch's rows) and which of them are suppressed. `next_id` hands out the
+/// id of a new row. The same for every backend.
+pub(crate) fn classify_rows(
+    rows: &[ImportRow<'_>],
+    known: &mut HashMap<String, Known>,
+    suppressed: &HashSet<String>,
+    generation: i64,
+    mut next_id: impl FnMut() -> i64,
+) -> (Vec<RowStatus>, Vec<Write>) {
+    let mut statuses = Vec::with_capacity(rows.len());
+    let mut writes = Vec::with_capacity(rows.len());
+    for (i, row) in rows.iter().enumerate() {
+        let number = i64::try_from(row.number).unwrap_or(i64::MAX);
+        let noise = |reason: SkipReason, id: i64| Write {
+            row: i,
+            id,
+            new: true,
+            recipient: false,
+            state: "skipped",
+            reason: Some(reason.to_text()),
+        };
+        let Some((_, key)) = row.valid else {
+            writes.push(noise(SkipReason::InvalidAddress, next_id()));
+            statuses.push(RowStatus::Settled);
+            continue;
+        };
+        let is_suppressed = suppressed.contains(key);
+        let Some(existing) = known.get_mut(key) else {
+            let id = next_id();
+            let (state, reason, status) = if is_suppressed {
+                ("skipped", Some("suppressed".into()), RowStatus::Suppressed)
+            } else {
+                ("pending", None, RowStatus::ToSend { id })
+            };
+            writes.push(Write {
+                row: i,
+                id,
+                new: true,
+                recipient: true,
+                state,
+                reason,
+            });
+            // A later row of this batch with the same key is a duplicate.
+            known.insert(
+                key.to_string(),
+                Known {
+                    id,
+                    seen_gen: generation,
+                    state: state.to_string(),
+                    reason: None,
+                    row_number: number,
+                },
+            );
+            statuses.push(status);
+            continue;
+        };
+        if existing.seen_gen == generation {
+            statuses.push(RowStatus::Duplicate {
+                first_row: existing.row_number,
+            });
+            writes.push(noise(SkipReason::Duplicate, next_id()));
+            continue;
+        }
+        let state = existing.state.as_str();
+        // Rows skipped for a reason that may no longer hold are reconsidered.
+        let reconsider = state == State::Skipped.as_str()
+            && existing
+                .reason
+                .as_deref()
+                .and_then(SkipReason::parse)
+                .is_some_and(|r| r.reconsidered());
+        let id = existing.id;
+        let (state, reason, status) = match state {
+            "pending" | "deferred" if is_suppressed => (
+                "skipped",
+                Some("suppressed".to_string()),
+                RowStatus::Suppressed,
+            ),
+            "pending" => ("pending", existing.reason.clone(), RowStatus::ToSend { id }),
+            "deferred" => (
+                "deferred",
+                existing.reason.clone(),
+                RowStatus::ToSend { id },
+            ),
+            _ if reconsider && is_suppressed => (
+                "skipped",
+                Some("suppressed".to_string()),
+                RowStatus::Suppressed,
+            ),
+            _ if reconsider => ("pending", None, RowStatus::ToSend { id }),
+            _ => (
+                State::from_str(state).map_or("skipped", State::as_str),
+                existing.reason.clone(),
+                RowStatus::Settled,
+            ),
+        };
+        writes.push(Write {
+            row: i,
+            id,
+            new: false,
+            recipient: true,
+            state,
+            reason,
+        });
+        existing.seen_gen = generation;
+        existing.row_number = number;
+        statuses.push(status);
+    }
+    (statuses, writes)
 }
 
 /// What makes a database another program's (SPEC §11), in words: a table

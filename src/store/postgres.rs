@@ -5,7 +5,7 @@
 //! worker and a lease the worker renews, so that only a dead worker's
 //! in-flight rows become `unknown`.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -14,9 +14,9 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{ConnectOptions as _, Postgres, Row as _, Transaction};
 
 use super::{
-    mask_password, message_id_key, Before, CampaignRecord, CampaignSummary, Candidate, Claim,
-    Counts, Delivery, ExportRow, Identity, ImportInto, NoticeRow, Outcome, Ready, RowStatus,
-    SendEntry, Skip, SkipReason, State, WaitReason,
+    classify_rows, mask_password, message_id_key, Before, CampaignRecord, CampaignSummary,
+    Candidate, Claim, Counts, Delivery, ExportRow, Identity, ImportInto, ImportRow, Known,
+    NoticeRow, Outcome, Ready, RowStatus, SendEntry, Skip, SkipReason, State, WaitReason,
 };
 use crate::error::input_error;
 use crate::limits::{Schedule, Send, Slot, Window};
@@ -1149,6 +1149,19 @@ async fn export_rows(
     Ok(())
 }
 
+/// Rows of a batch of the import, column by column, for `UNNEST`.
+#[derive(Default)]
+struct Columns {
+    id: Vec<i64>,
+    key: Vec<String>,
+    email: Vec<String>,
+    address: Vec<Option<String>>,
+    number: Vec<i64>,
+    fields: Vec<String>,
+    state: Vec<&'static str>,
+    reason: Vec<Option<String>>,
+}
+
 /// A read of the recipients file in progress, inside one transaction.
 pub struct PgImport {
     tx: Transaction<'static, Postgres>,
@@ -1161,139 +1174,123 @@ pub struct PgImport {
 }
 
 impl PgImport {
-    /// A row whose address is not valid: `skipped (invalid address)`; the
-    /// warning printed for it says why.
-    pub async fn invalid_row(
-        &mut self,
-        row_number: u64,
-        email: &str,
-        fields: &[String],
-    ) -> Result<()> {
-        self.insert_noise(row_number, email, fields, SkipReason::InvalidAddress)
-            .await
-    }
-
-    async fn insert_noise(
-        &mut self,
-        row_number: u64,
-        email: &str,
-        fields: &[String],
-        reason: SkipReason,
-    ) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO recipients (campaign_id, row_key, email, row_number, fields, state, reason, seen_gen, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, 'skipped', $6, $7, $8)",
-        )
-        .bind(self.campaign_id)
-        .bind(format!("row:{row_number}"))
-        .bind(email)
-        .bind(row_number as i64)
-        .bind(serde_json::to_string(fields)?)
-        .bind(reason.to_text())
-        .bind(self.generation)
-        .bind(self.now)
-        .execute(&mut *self.tx)
-        .await?;
-        Ok(())
-    }
-
-    /// A row with a valid address: added as `pending` if new, refreshed if known.
-    pub async fn row(
-        &mut self,
-        row_number: u64,
-        email: &str,
-        address: &str,
-        key: &str,
-        fields: &[String],
-    ) -> Result<RowStatus> {
-        // One round trip: whether the address is suppressed, and its row if known.
-        let found = sqlx::query(
-            "SELECT EXISTS (SELECT 1 FROM suppressions WHERE email_key = $1) AS suppressed, \
-             r.id, r.seen_gen, r.state, r.reason, r.row_number \
-             FROM (SELECT 1) AS one LEFT JOIN recipients r ON r.campaign_id = $2 AND r.row_key = $1",
-        )
-        .bind(key)
-        .bind(self.campaign_id)
-        .fetch_one(&mut *self.tx)
-        .await?;
-        let suppressed: bool = found.get("suppressed");
-        let existing = found.get::<Option<i64>, _>("id").map(|_| found);
-        let fields_json = serde_json::to_string(fields)?;
-        let Some(existing) = existing else {
-            let (state, reason) = if suppressed {
-                ("skipped", Some("suppressed"))
-            } else {
-                ("pending", None)
-            };
-            let id: i64 = sqlx::query_scalar(
-                "INSERT INTO recipients (campaign_id, row_key, email, address, row_number, fields, state, reason, seen_gen, updated_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING id",
+    /// Rows of the file in file order, what the store knows of each (a row
+    /// whose address is not valid is `Settled`: skipped, invalid address).
+    /// A few statements per batch, whatever its size: one to find the keys
+    /// already known, one for the suppressed ones, one to insert the new
+    /// rows and one to refresh the known ones.
+    pub async fn rows(&mut self, rows: &[ImportRow<'_>]) -> Result<Vec<RowStatus>> {
+        let keys: Vec<&str> = rows.iter().filter_map(|r| r.valid.map(|v| v.1)).collect();
+        let mut known: HashMap<String, Known> = HashMap::new();
+        let mut suppressed: HashSet<String> = HashSet::new();
+        if !keys.is_empty() {
+            let found = sqlx::query(
+                "SELECT row_key, id, seen_gen, state, reason, row_number FROM recipients \
+                 WHERE campaign_id = $1 AND row_key = ANY($2)",
             )
             .bind(self.campaign_id)
-            .bind(key)
-            .bind(email)
-            .bind(address)
-            .bind(row_number as i64)
-            .bind(&fields_json)
-            .bind(state)
-            .bind(reason)
+            .bind(&keys)
+            .fetch_all(&mut *self.tx)
+            .await?;
+            for r in found {
+                known.insert(
+                    r.get("row_key"),
+                    Known {
+                        id: r.get("id"),
+                        seen_gen: r.get("seen_gen"),
+                        state: r.get("state"),
+                        reason: r.get("reason"),
+                        row_number: r.get("row_number"),
+                    },
+                );
+            }
+            suppressed =
+                sqlx::query_scalar("SELECT email_key FROM suppressions WHERE email_key = ANY($1)")
+                    .bind(&keys)
+                    .fetch_all(&mut *self.tx)
+                    .await?
+                    .into_iter()
+                    .collect();
+        }
+        // New rows get their ids from the insert: until then, a stand-in
+        // below zero, which no stored row has.
+        let mut stand_in = 0;
+        let (mut statuses, writes) =
+            classify_rows(rows, &mut known, &suppressed, self.generation, || {
+                stand_in -= 1;
+                stand_in
+            });
+        let (mut new, mut old) = (Columns::default(), Columns::default());
+        for w in &writes {
+            let row = &rows[w.row];
+            let (key, address) = match row.valid {
+                Some((address, key)) if w.recipient => (key.to_string(), Some(address.to_string())),
+                _ => (format!("row:{}", row.number), None),
+            };
+            let columns = if w.new { &mut new } else { &mut old };
+            columns.id.push(w.id);
+            columns.key.push(key);
+            columns.email.push(row.email.to_string());
+            columns.address.push(address);
+            columns
+                .number
+                .push(i64::try_from(row.number).unwrap_or(i64::MAX));
+            columns.fields.push(serde_json::to_string(row.fields)?);
+            columns.state.push(w.state);
+            columns.reason.push(w.reason.clone());
+        }
+        if !new.id.is_empty() {
+            let ids: HashMap<String, i64> = sqlx::query_as(
+                "INSERT INTO recipients (campaign_id, row_key, email, address, row_number, fields, state, reason, seen_gen, updated_at) \
+                 SELECT $1, u.* , $9, $10 FROM UNNEST($2::text[], $3::text[], $4::text[], $5::bigint[], $6::text[], $7::text[], $8::text[]) \
+                 AS u(row_key, email, address, row_number, fields, state, reason) \
+                 RETURNING row_key, id",
+            )
+            .bind(self.campaign_id)
+            .bind(&new.key)
+            .bind(&new.email)
+            .bind(&new.address)
+            .bind(&new.number)
+            .bind(&new.fields)
+            .bind(&new.state)
+            .bind(&new.reason)
             .bind(self.generation)
             .bind(self.now)
-            .fetch_one(&mut *self.tx)
-            .await?;
-            return Ok(if suppressed {
-                RowStatus::Suppressed
-            } else {
-                RowStatus::ToSend { id }
-            });
-        };
-        let id: i64 = existing.get("id");
-        if existing.get::<i64, _>("seen_gen") == self.generation {
-            let first_row: i64 = existing.get("row_number");
-            self.insert_noise(row_number, email, fields, SkipReason::Duplicate)
-                .await?;
-            return Ok(RowStatus::Duplicate { first_row });
+            .fetch_all(&mut *self.tx)
+            .await?
+            .into_iter()
+            .collect();
+            for w in writes.iter().filter(|w| w.new) {
+                if let RowStatus::ToSend { id } = &mut statuses[w.row] {
+                    let key = rows[w.row].valid.map_or("", |v| v.1);
+                    *id = *ids
+                        .get(key)
+                        .with_context(|| format!("row {} was not stored", rows[w.row].number))?;
+                }
+            }
         }
-        let state: String = existing.get("state");
-        let reason: Option<String> = existing.get("reason");
-        // Rows skipped for a reason that may no longer hold are reconsidered.
-        let reconsider = state == State::Skipped.as_str()
-            && reason
-                .as_deref()
-                .and_then(SkipReason::parse)
-                .is_some_and(|r| r.reconsidered());
-        let (new_state, new_reason, status) = match state.as_str() {
-            "pending" | "deferred" if suppressed => (
-                "skipped".to_string(),
-                Some("suppressed".to_string()),
-                RowStatus::Suppressed,
-            ),
-            "pending" | "deferred" => (state.clone(), reason.clone(), RowStatus::ToSend { id }),
-            _ if reconsider && suppressed => (
-                "skipped".to_string(),
-                Some("suppressed".to_string()),
-                RowStatus::Suppressed,
-            ),
-            _ if reconsider => ("pending".to_string(), None, RowStatus::ToSend { id }),
-            _ => (state.clone(), reason.clone(), RowStatus::Settled),
-        };
-        sqlx::query(
-            "UPDATE recipients SET email = $1, address = $2, row_number = $3, fields = $4, seen_gen = $5, state = $6, reason = $7, \
-             updated_at = CASE WHEN state = $8 THEN updated_at ELSE $9 END WHERE id = $10",
-        )
-        .bind(email)
-        .bind(address)
-        .bind(row_number as i64)
-        .bind(&fields_json)
-        .bind(self.generation)
-        .bind(&new_state)
-        .bind(&new_reason)
-        .bind(&new_state)
-        .bind(self.now)
-        .bind(id)
-        .execute(&mut *self.tx)
-        .await?;
-        Ok(status)
+        if !old.id.is_empty() {
+            sqlx::query(
+                "UPDATE recipients r SET email = u.email, address = u.address, row_number = u.row_number, \
+                 fields = u.fields, seen_gen = $9, state = u.state, reason = u.reason, \
+                 updated_at = CASE WHEN r.state = u.state THEN r.updated_at ELSE $10 END \
+                 FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::text[], $7::text[], $8::text[]) \
+                 AS u(id, row_key, email, address, row_number, fields, state, reason) WHERE r.id = u.id",
+            )
+            .bind(&old.id)
+            .bind(&old.key)
+            .bind(&old.email)
+            .bind(&old.address)
+            .bind(&old.number)
+            .bind(&old.fields)
+            .bind(&old.state)
+            .bind(&old.reason)
+            .bind(self.generation)
+            .bind(self.now)
+            .execute(&mut *self.tx)
+            .await?;
+        }
+        Ok(statuses)
     }
 
     /// A row whose message cannot be built, with `--skip-invalid`.

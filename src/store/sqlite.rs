@@ -15,9 +15,9 @@ use sqlx::{ConnectOptions as _, Connection as _, Row as _, Sqlite, Transaction};
 use std::collections::{HashMap, HashSet};
 
 use super::{
-    Before, CampaignRecord, CampaignSummary, Candidate, Claim, Counts, Delivery, ExportRow,
-    Identity, ImportInto, ImportRow, Outcome, Ready, RowStatus, Skip, SkipReason, State,
-    WaitReason,
+    classify_rows, Before, CampaignRecord, CampaignSummary, Candidate, Claim, Counts, Delivery,
+    ExportRow, Identity, ImportInto, ImportRow, Known, Outcome, Ready, RowStatus, Skip, SkipReason,
+    State, WaitReason,
 };
 use crate::error::input_error;
 use crate::limits::{Schedule, Send, Slot, Window};
@@ -1335,54 +1335,7 @@ type Stored = (
     Option<String>,
 );
 
-/// What the store knew of a key before this batch.
-struct Known {
-    id: i64,
-    seen_gen: i64,
-    state: String,
-    reason: Option<String>,
-    row_number: i64,
-}
-
 impl SqliteImport {
-    /// A row whose address is not valid: `skipped (invalid address)`; the
-    /// warning printed for it says why.
-    pub async fn invalid_row(
-        &mut self,
-        row_number: u64,
-        email: &str,
-        fields: &[String],
-    ) -> Result<()> {
-        self.rows(&[ImportRow {
-            number: row_number,
-            email,
-            valid: None,
-            fields,
-        }])
-        .await?;
-        Ok(())
-    }
-
-    /// A row with a valid address: added as `pending` if new, refreshed if known.
-    pub async fn row(
-        &mut self,
-        row_number: u64,
-        email: &str,
-        address: &str,
-        key: &str,
-        fields: &[String],
-    ) -> Result<RowStatus> {
-        let mut status = self
-            .rows(&[ImportRow {
-                number: row_number,
-                email,
-                valid: Some((address, key)),
-                fields,
-            }])
-            .await?;
-        Ok(status.pop().unwrap_or(RowStatus::Settled))
-    }
-
     /// Rows of the file in file order, what the store knows of each (a row
     /// whose address is not valid is `Settled`: skipped, invalid address).
     /// A few statements per batch, whatever its size: one to find the keys
@@ -1424,119 +1377,38 @@ impl SqliteImport {
                 .collect();
             }
         }
-        let mut statuses = Vec::with_capacity(rows.len());
-        let mut stored: Vec<Stored> = Vec::with_capacity(rows.len());
-        for row in rows {
-            let number = i64::try_from(row.number).unwrap_or(i64::MAX);
-            let Some((address, key)) = row.valid else {
-                stored.push(self.noise(row, SkipReason::InvalidAddress));
-                statuses.push(RowStatus::Settled);
-                continue;
-            };
-            let is_suppressed = suppressed.contains(key);
-            let Some(existing) = known.get_mut(key) else {
-                let id = self.next_id;
-                self.next_id += 1;
-                let (state, reason, status) = if is_suppressed {
-                    ("skipped", Some("suppressed".into()), RowStatus::Suppressed)
-                } else {
-                    ("pending", None, RowStatus::ToSend { id })
-                };
-                stored.push(stored_row(
-                    id, key, row.email, address, number, row.fields, state, reason,
-                ));
-                // A later row of this batch with the same key is a duplicate.
-                known.insert(
-                    key.to_string(),
-                    Known {
-                        id,
-                        seen_gen: self.generation,
-                        state: state.to_string(),
-                        reason: None,
-                        row_number: number,
-                    },
-                );
-                statuses.push(status);
-                continue;
-            };
-            if existing.seen_gen == self.generation {
-                let first_row = existing.row_number;
-                stored.push(self.noise(row, SkipReason::Duplicate));
-                statuses.push(RowStatus::Duplicate { first_row });
-                continue;
-            }
-            let state = existing.state.as_str();
-            // Rows skipped for a reason that may no longer hold are reconsidered.
-            let reconsider = state == State::Skipped.as_str()
-                && existing
-                    .reason
-                    .as_deref()
-                    .and_then(SkipReason::parse)
-                    .is_some_and(|r| r.reconsidered());
-            let (new_state, new_reason, status) = match state {
-                "pending" | "deferred" if is_suppressed => (
-                    "skipped",
-                    Some("suppressed".to_string()),
-                    RowStatus::Suppressed,
-                ),
-                "pending" => (
-                    "pending",
-                    existing.reason.clone(),
-                    RowStatus::ToSend { id: existing.id },
-                ),
-                "deferred" => (
-                    "deferred",
-                    existing.reason.clone(),
-                    RowStatus::ToSend { id: existing.id },
-                ),
-                _ if reconsider && is_suppressed => (
-                    "skipped",
-                    Some("suppressed".to_string()),
-                    RowStatus::Suppressed,
-                ),
-                _ if reconsider => ("pending", None, RowStatus::ToSend { id: existing.id }),
-                _ => (
-                    State::from_str(state).map_or("skipped", State::as_str),
-                    existing.reason.clone(),
-                    RowStatus::Settled,
-                ),
-            };
-            stored.push(stored_row(
-                existing.id,
-                key,
-                row.email,
-                address,
-                number,
-                row.fields,
-                new_state,
-                new_reason,
-            ));
-            existing.seen_gen = self.generation;
-            existing.row_number = number;
-            statuses.push(status);
-        }
+        let next_id = &mut self.next_id;
+        let (statuses, writes) =
+            classify_rows(rows, &mut known, &suppressed, self.generation, || {
+                *next_id += 1;
+                *next_id - 1
+            });
+        let stored: Vec<Stored> = writes
+            .into_iter()
+            .map(|w| {
+                let row = &rows[w.row];
+                let number = i64::try_from(row.number).unwrap_or(i64::MAX);
+                match row.valid {
+                    Some((address, key)) if w.recipient => stored_row(
+                        w.id, key, row.email, address, number, row.fields, w.state, w.reason,
+                    ),
+                    _ => (
+                        w.id,
+                        format!("row:{}", row.number),
+                        row.email.to_string(),
+                        None,
+                        number,
+                        encode_fields(row.fields, row.email),
+                        w.state,
+                        w.reason,
+                    ),
+                }
+            })
+            .collect();
         for chunk in stored.chunks(ROWS_PER_STATEMENT) {
             self.write(chunk).await?;
         }
         Ok(statuses)
-    }
-
-    /// A row that is not a recipient (invalid address, duplicate), kept
-    /// under the key `row:N` so that export shows every row of the file.
-    fn noise(&mut self, row: &ImportRow<'_>, reason: SkipReason) -> Stored {
-        let id = self.next_id;
-        self.next_id += 1;
-        let number = i64::try_from(row.number).unwrap_or(i64::MAX);
-        (
-            id,
-            format!("row:{}", row.number),
-            row.email.to_string(),
-            None,
-            number,
-            encode_fields(row.fields, row.email),
-            "skipped",
-            Some(reason.to_text()),
-        )
     }
 
     /// Inserts new rows and refreshes known ones in one statement.
@@ -1771,15 +1643,19 @@ pub(super) mod tests {
             .import(ImportInto::Campaign(c), &["email".into()])
             .await
             .unwrap();
-        let mut statuses = Vec::new();
-        for (i, email) in rows.iter().enumerate() {
-            let key = email.to_lowercase();
-            statuses.push(
-                imp.row(i as u64 + 1, email, email, &key, &[email.to_string()])
-                    .await
-                    .unwrap(),
-            );
-        }
+        let keys: Vec<String> = rows.iter().map(|e| e.to_lowercase()).collect();
+        let fields: Vec<[String; 1]> = rows.iter().map(|e| [e.to_string()]).collect();
+        let batch: Vec<ImportRow<'_>> = rows
+            .iter()
+            .enumerate()
+            .map(|(i, email)| ImportRow {
+                number: i as u64 + 1,
+                email,
+                valid: Some((email, &keys[i])),
+                fields: &fields[i],
+            })
+            .collect();
+        let statuses = imp.rows(&batch).await.unwrap();
         imp.commit().await.unwrap();
         statuses
     }

@@ -593,3 +593,160 @@ async fn a_worker_arriving_after_the_read_joins_it() {
     }
     pg.drop().await;
 }
+
+/// Imports `batches` in one read of the file, one `rows` call per batch;
+/// `None` is a row whose address is not valid. Rows are numbered on.
+async fn import_batches(
+    store: &Store,
+    c: &CampaignRecord,
+    batches: &[&[Option<&str>]],
+) -> Vec<Vec<RowStatus>> {
+    let mut imp = store
+        .import(ImportInto::Campaign(c), &["email".into()])
+        .await
+        .unwrap();
+    let mut all = Vec::new();
+    let mut number = 0;
+    for batch in batches {
+        let cells: Vec<(String, [String; 1])> = batch
+            .iter()
+            .map(|e| {
+                let e = e.unwrap_or("not an address");
+                (e.to_lowercase(), [e.to_string()])
+            })
+            .collect();
+        let rows: Vec<ImportRow<'_>> = batch
+            .iter()
+            .zip(&cells)
+            .map(|(e, (key, fields))| {
+                number += 1;
+                ImportRow {
+                    number,
+                    email: &fields[0],
+                    valid: e.map(|e| (e, key.as_str())),
+                    fields,
+                }
+            })
+            .collect();
+        all.push(imp.rows(&rows).await.unwrap());
+    }
+    imp.commit().await.unwrap();
+    all
+}
+
+fn to_send(status: &RowStatus) -> i64 {
+    match status {
+        RowStatus::ToSend { id } => *id,
+        other => panic!("expected a row to send, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_batch_of_rows_is_classified_as_row_by_row() {
+    on_both!(|store| {
+        let c = store.campaign(&ident("c")).await.unwrap();
+        store.suppress("s@x.example", "manual").await.unwrap();
+        let st = import_batches(
+            &store,
+            &c,
+            &[
+                &[
+                    Some("a@x.example"),
+                    Some("b@x.example"),
+                    Some("B@x.example"),
+                    Some("S@x.example"),
+                    None,
+                ],
+                &[Some("c@x.example"), Some("A@x.example")],
+            ],
+        )
+        .await;
+        let (a, b) = (to_send(&st[0][0]), to_send(&st[0][1]));
+        assert_eq!(st[0][2], RowStatus::Duplicate { first_row: 2 });
+        assert_eq!(st[0][3], RowStatus::Suppressed);
+        assert_eq!(st[0][4], RowStatus::Settled);
+        let c_id = to_send(&st[1][0]);
+        assert_eq!(st[1][1], RowStatus::Duplicate { first_row: 1 });
+        assert!(a > 0 && b > 0 && c_id > 0 && a != b && b != c_id && a != c_id);
+        let counts = store.counts(c.id).await.unwrap();
+        assert_eq!(
+            (counts[State::Pending], counts[State::Skipped]),
+            (3, 4),
+            "{counts:?}"
+        );
+        let mut skipped = Vec::new();
+        store
+            .export(c.id, Some(State::Skipped), |r| {
+                skipped.push((r.email, r.reason.unwrap_or_default()));
+                Ok(())
+            })
+            .await
+            .unwrap();
+        skipped.sort();
+        assert_eq!(
+            skipped,
+            [
+                ("A@x.example", "duplicate"),
+                ("B@x.example", "duplicate"),
+                ("S@x.example", "suppressed"),
+                ("not an address", "invalid address"),
+            ]
+            .map(|(e, r)| (e.to_string(), r.to_string()))
+        );
+        // One of them is sent; the file is read again with a new row.
+        let Claim::Ready { mut ready, .. } = store
+            .claim(c.id, "acct", "acct", &[], 1_000, 1, |_| Ok(out(1)))
+            .await
+            .unwrap()
+        else {
+            panic!("expected a claim")
+        };
+        let Ready {
+            candidate, log_id, ..
+        } = ready.remove(0);
+        let sent = candidate.id;
+        store
+            .record(
+                &candidate,
+                log_id,
+                &Outcome::Sent {
+                    reply: "250 ok".into(),
+                },
+                1_000,
+            )
+            .await
+            .unwrap();
+        let st = import_batches(
+            &store,
+            &c,
+            &[&[
+                Some("a@x.example"),
+                Some("b@x.example"),
+                Some("c@x.example"),
+                Some("s@x.example"),
+                Some("d@x.example"),
+            ]],
+        )
+        .await;
+        for (i, id) in [a, b, c_id].into_iter().enumerate() {
+            if id == sent {
+                assert_eq!(st[0][i], RowStatus::Settled, "row {}", i + 1);
+            } else {
+                assert_eq!(st[0][i], RowStatus::ToSend { id }, "row {}", i + 1);
+            }
+        }
+        assert_eq!(st[0][3], RowStatus::Suppressed);
+        let d = to_send(&st[0][4]);
+        assert!(![a, b, c_id].contains(&d));
+        let counts = store.counts(c.id).await.unwrap();
+        assert_eq!(
+            (
+                counts[State::Pending],
+                counts[State::Sent],
+                counts[State::Skipped]
+            ),
+            (3, 1, 1),
+            "{counts:?}"
+        );
+    });
+}
