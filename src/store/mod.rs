@@ -408,6 +408,24 @@ pub enum WaitReason {
     RecipientHours(String),
 }
 
+impl WaitReason {
+    /// Why a send must wait for `slot` of `schedule`: the window it would
+    /// overfill, with that window's use now, or else the pacing.
+    pub fn for_slot(schedule: &Schedule, slot: &crate::limits::Slot, now: i64) -> WaitReason {
+        match slot.hold {
+            Some(crate::limits::Hold::Full(window)) => {
+                let used = schedule
+                    .usage(now)
+                    .into_iter()
+                    .find(|(w, _)| *w == window)
+                    .map_or(0, |(_, u)| u);
+                WaitReason::Window { window, used }
+            }
+            _ => WaitReason::Pacing,
+        }
+    }
+}
+
 /// Recipients a claim passes over without reading them: those whose
 /// field `field` holds one of `values`. The engine names the cells of
 /// `timezone_column` whose zone is outside its sending hours now, so that

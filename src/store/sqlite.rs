@@ -626,21 +626,9 @@ impl SqliteStore {
                     if !unbuildable.is_empty() {
                         break;
                     }
-                    let why = match slot.hold {
-                        Some(crate::limits::Hold::Full(window)) => {
-                            let used = schedule
-                                .usage(now)
-                                .into_iter()
-                                .find(|(w, _)| *w == window)
-                                .map(|(_, u)| u)
-                                .unwrap_or(0);
-                            WaitReason::Window { window, used }
-                        }
-                        _ => WaitReason::Pacing,
-                    };
                     return Ok(Claim::Wait {
                         until_ms: slot.at_ms,
-                        why,
+                        why: WaitReason::for_slot(&schedule, &slot, now),
                     });
                 }
             }
