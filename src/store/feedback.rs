@@ -3,12 +3,13 @@
 //! log entries one campaign's report counts (`hikyaku report`).
 
 use std::collections::HashSet;
-use std::str::FromStr;
 
 use anyhow::Result;
 use sqlx::Row as _;
 
-use super::sqlite::{insert_suppression, SqliteStore, ADDRESS, EMAIL};
+use super::sqlite::{
+    insert_suppression, stored_state, SqliteStore, ADDRESS, BOUNCED, EMAIL, SENT, UNKNOWN,
+};
 use super::State;
 
 /// A recipient that a notification may be about.
@@ -77,7 +78,7 @@ impl SqliteStore {
         }
         // Only a message a server accepted (or may have) can bounce.
         let sql = format!("SELECT id, {EMAIL} AS email, {ADDRESS} AS address, row_key, state, reason, message_id FROM recipients \
-             WHERE campaign_id = ? AND state IN ('sent', 'unknown', 'bounced')");
+             WHERE campaign_id = ? AND state IN ({SENT}, {UNKNOWN}, {BOUNCED})");
         let mut rows = sqlx::query(&sql).bind(campaign_id).fetch(&self.pool);
         while let Some(row) = rows.try_next().await? {
             let message_id: Option<String> = row.get("message_id");
@@ -90,9 +91,7 @@ impl SqliteStore {
             if !(by_id || by_address) {
                 continue;
             }
-            let Ok(state) = State::from_str(row.get("state")) else {
-                continue;
-            };
+            let state = stored_state(row.get("state"))?;
             found.push(NoticeRow {
                 id: row.get("id"),
                 email: row.get("email"),
@@ -126,10 +125,10 @@ impl SqliteStore {
         } else {
             diagnostic
         };
-        let changed = sqlx::query(
-            "UPDATE recipients SET state = 'bounced', reason = ?, last_reply = ?, next_attempt_at = NULL, updated_at = ? \
-             WHERE id = ? AND state IN ('sent', 'unknown')",
-        )
+        let changed = sqlx::query(&format!(
+            "UPDATE recipients SET state = {BOUNCED}, reason = ?, last_reply = ?, next_attempt_at = NULL, updated_at = ? \
+             WHERE id = ? AND state IN ({SENT}, {UNKNOWN})",
+        ))
         .bind(format!("bounced: {status}"))
         .bind(reply)
         .bind(now)
@@ -149,9 +148,9 @@ impl SqliteStore {
     /// Notes a delayed delivery on a `sent` row's reason; nothing else
     /// changes. False when the same note is already there.
     pub async fn note_delay(&self, id: i64, note: &str) -> Result<bool> {
-        let done = sqlx::query(
-            "UPDATE recipients SET reason = ?1 WHERE id = ?2 AND state = 'sent' AND reason IS NOT ?1",
-        )
+        let done = sqlx::query(&format!(
+            "UPDATE recipients SET reason = ?1 WHERE id = ?2 AND state = {SENT} AND reason IS NOT ?1",
+        ))
         .bind(note)
         .bind(id)
         .execute(&self.pool)

@@ -25,19 +25,20 @@ use crate::error::input_error;
 use crate::limits::{Schedule, Window};
 use crate::message::Outgoing;
 
-/// A recipient's delivery state (SPEC §7).
+/// A recipient's delivery state (SPEC §7). The numbers are how SQLite
+/// stores a state: never change or reuse one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum State {
-    Pending,
-    Sending,
-    Sent,
-    Deferred,
-    Failed,
-    Unknown,
-    Skipped,
+    Pending = 0,
+    Sending = 1,
+    Sent = 2,
+    Deferred = 3,
+    Failed = 4,
+    Unknown = 5,
+    Skipped = 6,
     /// Accepted, then a delivery status notification came back.
-    Bounced,
+    Bounced = 7,
 }
 
 impl State {

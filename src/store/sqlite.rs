@@ -24,9 +24,39 @@ use crate::limits::{Schedule, Send, Slot, Window};
 use crate::message::Outgoing;
 use crate::time::now_ms;
 
+/// States as stored: [`State`]'s numbers, `pending` 0, which SQLite keeps
+/// in a row's header alone.
+const PENDING: i64 = State::Pending as i64;
+const SENDING: i64 = State::Sending as i64;
+pub(super) const SENT: i64 = State::Sent as i64;
+const DEFERRED: i64 = State::Deferred as i64;
+const FAILED: i64 = State::Failed as i64;
+pub(super) const UNKNOWN: i64 = State::Unknown as i64;
+const SKIPPED: i64 = State::Skipped as i64;
+pub(super) const BOUNCED: i64 = State::Bounced as i64;
+
+/// A state's stored number, from its name.
+fn state_code(name: &str) -> Result<i64> {
+    State::from_str(name)
+        .map(|state| state as i64)
+        .map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// A state from its stored number; another number is a damaged database.
+pub(super) fn stored_state(code: i64) -> Result<State> {
+    usize::try_from(code)
+        .ok()
+        .and_then(|i| State::ALL.get(i).copied())
+        .with_context(|| format!("the state database is damaged: a recipient in state {code}"))
+}
+
 /// The rows of a campaign (bound first) that `--retry-failed` sends again.
-const RETRYABLE_FAILED: &str = "campaign_id = ? AND state = 'failed' \
-     AND NOT EXISTS (SELECT 1 FROM suppressions s WHERE s.email_key = recipients.row_key)";
+fn retryable_failed() -> String {
+    format!(
+        "campaign_id = ? AND state = {FAILED} \
+         AND NOT EXISTS (SELECT 1 FROM suppressions s WHERE s.email_key = recipients.row_key)"
+    )
+}
 
 /// Marks a database file as hikyaku's (SQLite's `application_id`, 'hiky').
 const APPLICATION_ID: u32 = 0x6869_6b79;
@@ -345,13 +375,13 @@ impl SqliteStore {
     /// they were read: a row to send is on it, or a row skipped for it no
     /// longer is.
     pub async fn suppressions_changed(&self, campaign_id: i64) -> Result<bool> {
-        Ok(sqlx::query_scalar(
+        Ok(sqlx::query_scalar(&format!(
             // Each suppressed address looked up among the rows, not each row among them.
             "SELECT EXISTS (SELECT 1 FROM suppressions s CROSS JOIN recipients r \
-             WHERE r.campaign_id = ?1 AND r.row_key = s.email_key AND r.state IN ('pending', 'deferred')) \
-             OR EXISTS (SELECT 1 FROM recipients r WHERE r.campaign_id = ?1 AND r.state = 'skipped' \
+             WHERE r.campaign_id = ?1 AND r.row_key = s.email_key AND r.state IN ({PENDING}, {DEFERRED})) \
+             OR EXISTS (SELECT 1 FROM recipients r WHERE r.campaign_id = ?1 AND r.state = {SKIPPED} \
              AND r.reason = 'suppressed' AND NOT EXISTS (SELECT 1 FROM suppressions s WHERE s.email_key = r.row_key))",
-        )
+        ))
         .bind(campaign_id)
         .fetch_one(&self.pool)
         .await?)
@@ -427,10 +457,10 @@ impl SqliteStore {
     /// Rows a dead runner left `sending` may or may not have been delivered:
     /// they become `unknown` (SPEC §7.3). Call only while holding the lock.
     pub async fn settle_interrupted(&self, campaign_id: i64) -> Result<u64> {
-        let done = sqlx::query(
-            "UPDATE recipients SET state = 'unknown', reason = 'interrupted while sending: may or may not have been delivered', updated_at = ? \
-             WHERE campaign_id = ? AND state = 'sending'",
-        )
+        let done = sqlx::query(&format!(
+            "UPDATE recipients SET state = {UNKNOWN}, reason = 'interrupted while sending: may or may not have been delivered', updated_at = ? \
+             WHERE campaign_id = ? AND state = {SENDING}",
+        ))
         .bind(now_ms())
         .bind(campaign_id)
         .execute(&self.pool)
@@ -440,9 +470,9 @@ impl SqliteStore {
 
     /// `unknown` rows go back to `pending` (`--resend-unknown`).
     pub async fn requeue_unknown(&self, campaign_id: i64) -> Result<u64> {
-        let done = sqlx::query(
-            "UPDATE recipients SET state = 'pending', reason = NULL, updated_at = ? WHERE campaign_id = ? AND state = 'unknown'",
-        )
+        let done = sqlx::query(&format!(
+            "UPDATE recipients SET state = {PENDING}, reason = NULL, updated_at = ? WHERE campaign_id = ? AND state = {UNKNOWN}",
+        ))
         .bind(now_ms())
         .bind(campaign_id)
         .execute(&self.pool)
@@ -455,8 +485,9 @@ impl SqliteStore {
     /// so that a transient failure gets `max_attempts` again.
     pub async fn requeue_failed(&self, campaign_id: i64) -> Result<u64> {
         let done = sqlx::query(&format!(
-            "UPDATE recipients SET state = 'pending', reason = NULL, attempts = 0, next_attempt_at = NULL, updated_at = ? \
-             WHERE {RETRYABLE_FAILED}"
+            "UPDATE recipients SET state = {PENDING}, reason = NULL, attempts = 0, next_attempt_at = NULL, updated_at = ? \
+             WHERE {}",
+            retryable_failed()
         ))
         .bind(now_ms())
         .bind(campaign_id)
@@ -468,7 +499,8 @@ impl SqliteStore {
     /// How many rows `--retry-failed` would send again.
     pub async fn retryable_failed(&self, campaign_id: i64) -> Result<i64> {
         Ok(sqlx::query_scalar(&format!(
-            "SELECT COUNT(*) FROM recipients WHERE {RETRYABLE_FAILED}"
+            "SELECT COUNT(*) FROM recipients WHERE {}",
+            retryable_failed()
         ))
         .bind(campaign_id)
         .fetch_one(&self.pool)
@@ -609,7 +641,7 @@ impl SqliteStore {
                 Err(why) => {
                     // The row was checked before the run; something changed
                     // since (an attachment removed): a campaign defect, not a bounce.
-                    sqlx::query("UPDATE recipients SET state = 'skipped', reason = ?, updated_at = ? WHERE id = ?")
+                    sqlx::query(&format!("UPDATE recipients SET state = {SKIPPED}, reason = ?, updated_at = ? WHERE id = ?"))
                         .bind(SkipReason::InvalidMessage(why.to_string()).to_text())
                         .bind(now)
                         .bind(candidate.id)
@@ -652,9 +684,9 @@ impl SqliteStore {
             if let Some((until_ms, why)) = held {
                 return Ok(Claim::Wait { until_ms, why });
             }
-            let next_due_ms: Option<i64> = sqlx::query_scalar(
-                "SELECT MIN(next_attempt_at) FROM recipients WHERE campaign_id = ? AND state = 'deferred'",
-            )
+            let next_due_ms: Option<i64> = sqlx::query_scalar(&format!(
+                "SELECT MIN(next_attempt_at) FROM recipients WHERE campaign_id = ? AND state = {DEFERRED}",
+            ))
             .bind(campaign_id)
             .fetch_one(&mut *tx)
             .await?;
@@ -820,7 +852,7 @@ impl SqliteStore {
 
     /// The earliest retry time among deferred recipients.
     pub async fn next_retry(&self, campaign_id: i64) -> Result<Option<i64>> {
-        Ok(sqlx::query_scalar("SELECT MIN(next_attempt_at) FROM recipients WHERE campaign_id = ? AND state = 'deferred'")
+        Ok(sqlx::query_scalar(&format!("SELECT MIN(next_attempt_at) FROM recipients WHERE campaign_id = ? AND state = {DEFERRED}"))
             .bind(campaign_id)
             .fetch_one(&self.pool)
             .await?)
@@ -903,7 +935,7 @@ async fn write_outcome(
         .await?;
     match outcome {
         Outcome::Sent { reply } => {
-            sqlx::query("UPDATE recipients SET state = 'sent', reason = NULL, last_reply = ?, next_attempt_at = NULL, updated_at = ? WHERE id = ?")
+            sqlx::query(&format!("UPDATE recipients SET state = {SENT}, reason = NULL, last_reply = ?, next_attempt_at = NULL, updated_at = ? WHERE id = ?"))
                 .bind(reply)
                 .bind(now)
                 .bind(candidate.id)
@@ -911,7 +943,7 @@ async fn write_outcome(
                 .await?;
         }
         Outcome::Deferred { reply, retry_at_ms } => {
-            sqlx::query("UPDATE recipients SET state = 'deferred', reason = 'transient failure, will retry', last_reply = ?, next_attempt_at = ?, updated_at = ? WHERE id = ?")
+            sqlx::query(&format!("UPDATE recipients SET state = {DEFERRED}, reason = 'transient failure, will retry', last_reply = ?, next_attempt_at = ?, updated_at = ? WHERE id = ?"))
                 .bind(reply)
                 .bind(retry_at_ms)
                 .bind(now)
@@ -920,7 +952,7 @@ async fn write_outcome(
                 .await?;
         }
         Outcome::Failed { reply, suppress } => {
-            sqlx::query("UPDATE recipients SET state = 'failed', reason = ?, last_reply = ?, next_attempt_at = NULL, updated_at = ? WHERE id = ?")
+            sqlx::query(&format!("UPDATE recipients SET state = {FAILED}, reason = ?, last_reply = ?, next_attempt_at = NULL, updated_at = ? WHERE id = ?"))
                 .bind(format!("rejected: {reply}"))
                 .bind(reply)
                 .bind(now)
@@ -940,7 +972,7 @@ async fn write_outcome(
         Outcome::Unclaimed => {
             let before = &candidate.before;
             sqlx::query("UPDATE recipients SET state = ?, attempts = ?, message_id = ?, updated_at = ? WHERE id = ?")
-                .bind(&before.state)
+                .bind(state_code(&before.state)?)
                 .bind(candidate.attempts)
                 .bind(&before.message_id)
                 .bind(before.updated_at)
@@ -953,7 +985,7 @@ async fn write_outcome(
                 .await?;
         }
         Outcome::Unknown { reply } => {
-            sqlx::query("UPDATE recipients SET state = 'unknown', reason = 'connection lost after the message was sent: may or may not have been delivered', last_reply = ?, next_attempt_at = NULL, updated_at = ? WHERE id = ?")
+            sqlx::query(&format!("UPDATE recipients SET state = {UNKNOWN}, reason = 'connection lost after the message was sent: may or may not have been delivered', last_reply = ?, next_attempt_at = NULL, updated_at = ? WHERE id = ?"))
                 .bind(reply)
                 .bind(now)
                 .bind(candidate.id)
@@ -961,7 +993,7 @@ async fn write_outcome(
                 .await?;
         }
         Outcome::Returned { reply, unlog } => {
-            sqlx::query("UPDATE recipients SET state = 'pending', attempts = MAX(attempts - 1, 0), last_reply = ?, updated_at = ? WHERE id = ?")
+            sqlx::query(&format!("UPDATE recipients SET state = {PENDING}, attempts = MAX(attempts - 1, 0), last_reply = ?, updated_at = ? WHERE id = ?"))
                 .bind(reply)
                 .bind(now)
                 .bind(candidate.id)
@@ -1037,10 +1069,10 @@ async fn mark_sending(
             })
             .collect::<Vec<_>>(),
     )?;
-    sqlx::query(
-        "UPDATE recipients SET state = 'sending', attempts = attempts + 1, message_id = j.value ->> 1, updated_at = ? \
+    sqlx::query(&format!(
+        "UPDATE recipients SET state = {SENDING}, attempts = attempts + 1, message_id = j.value ->> 1, updated_at = ? \
          FROM json_each(?) AS j WHERE recipients.id = j.value ->> 0",
-    )
+    ))
     .bind(now)
     .bind(&marks)
     .execute(&mut *conn)
@@ -1107,7 +1139,7 @@ async fn next_candidates(
     let limit = i64::try_from(limit.max(1)).unwrap_or(1);
     let mut rows = bind_skip(
         sqlx::query(&format!(
-            "SELECT {columns} FROM recipients WHERE campaign_id = ? AND state = 'deferred' AND next_attempt_at <= ? AND id NOT IN (SELECT value FROM json_each(?)){skipping} ORDER BY next_attempt_at, id LIMIT ?"
+            "SELECT {columns} FROM recipients WHERE campaign_id = ? AND state = {DEFERRED} AND next_attempt_at <= ? AND id NOT IN (SELECT value FROM json_each(?)){skipping} ORDER BY next_attempt_at, id LIMIT ?"
         ))
         .bind(campaign_id)
         .bind(now)
@@ -1122,7 +1154,7 @@ async fn next_candidates(
         rows.extend(
             bind_skip(
                 sqlx::query(&format!(
-                    "SELECT {columns} FROM recipients WHERE campaign_id = ? AND state = 'pending' AND id NOT IN (SELECT value FROM json_each(?)){skipping} ORDER BY id LIMIT ?"
+                    "SELECT {columns} FROM recipients WHERE campaign_id = ? AND state = {PENDING} AND id NOT IN (SELECT value FROM json_each(?)){skipping} ORDER BY id LIMIT ?"
                 ))
                 .bind(campaign_id)
                 .bind(&passed_over),
@@ -1144,7 +1176,7 @@ async fn next_candidates(
                 address: row.get::<Option<String>, _>("address").unwrap_or_default(),
                 attempts: row.get("attempts"),
                 before: Before {
-                    state: row.get("state"),
+                    state: stored_state(row.get("state"))?.as_str().to_string(),
                     message_id: row.get("message_id"),
                     updated_at: row.get("updated_at"),
                 },
@@ -1192,15 +1224,15 @@ async fn export_rows(
     );
     let mut rows = sqlx::query(&sql)
         .bind(campaign_id)
-        .bind(state.map(State::as_str))
-        .bind(state.map(State::as_str))
+        .bind(state.map(|s| s as i64))
+        .bind(state.map(|s| s as i64))
         .fetch(conn);
     while let Some(row) = rows.try_next().await? {
         let email: String = row.get("email");
         visit(ExportRow {
             fields: decode_fields(row.get("fields"), &email)?,
             email,
-            state: row.get("state"),
+            state: stored_state(row.get("state"))?.as_str().to_string(),
             reason: row.get("reason"),
             attempts: row.get("attempts"),
             last_reply: row.get("last_reply"),
@@ -1348,7 +1380,7 @@ impl SqliteImport {
                     Known {
                         id: r.get("id"),
                         seen_gen: r.get("seen_gen"),
-                        state: r.get("state"),
+                        state: stored_state(r.get("state"))?.as_str().to_string(),
                         reason: r.get("reason"),
                         row_number: r.get("row_number"),
                     },
@@ -1428,7 +1460,7 @@ impl SqliteImport {
                 .bind(address)
                 .bind(number)
                 .bind(fields)
-                .bind(*state)
+                .bind(state_code(state)?)
                 .bind(reason);
         }
         query.execute(&mut *self.tx).await?;
@@ -1437,9 +1469,9 @@ impl SqliteImport {
 
     /// A row whose message cannot be built, with `--skip-invalid`.
     pub async fn skip_invalid_message(&mut self, id: i64, why: &str) -> Result<()> {
-        sqlx::query(
-            "UPDATE recipients SET state = 'skipped', reason = ?, updated_at = ? WHERE id = ?",
-        )
+        sqlx::query(&format!(
+            "UPDATE recipients SET state = {SKIPPED}, reason = ?, updated_at = ? WHERE id = ?",
+        ))
         .bind(SkipReason::InvalidMessage(why.to_string()).to_text())
         .bind(self.now)
         .bind(id)
@@ -1451,10 +1483,10 @@ impl SqliteImport {
     /// Rows that left the file and were never sent become `skipped (removed)`;
     /// then everything read becomes visible at once. Returns how many left.
     pub async fn commit(mut self) -> Result<u64> {
-        let removed = sqlx::query(
-            "UPDATE recipients SET state = 'skipped', reason = 'removed', updated_at = ? \
-             WHERE campaign_id = ? AND seen_gen < ? AND state IN ('pending', 'deferred')",
-        )
+        let removed = sqlx::query(&format!(
+            "UPDATE recipients SET state = {SKIPPED}, reason = 'removed', updated_at = ? \
+             WHERE campaign_id = ? AND seen_gen < ? AND state IN ({PENDING}, {DEFERRED})",
+        ))
         .bind(self.now)
         .bind(self.campaign_id)
         .bind(self.generation)
@@ -1482,10 +1514,10 @@ impl SqliteImport {
 
     /// Counts per state as they would be after commit (for dry runs).
     pub async fn counts(&mut self) -> Result<Counts> {
-        let rows = sqlx::query(
-            "SELECT CASE WHEN seen_gen < ? AND state IN ('pending', 'deferred') THEN 'skipped' ELSE state END AS st, COUNT(*) AS n \
+        let rows = sqlx::query(&format!(
+            "SELECT CASE WHEN seen_gen < ? AND state IN ({PENDING}, {DEFERRED}) THEN {SKIPPED} ELSE state END AS st, COUNT(*) AS n \
              FROM recipients WHERE campaign_id = ? GROUP BY st",
-        )
+        ))
         .bind(self.generation)
         .bind(self.campaign_id)
         .fetch_all(&mut *self.tx)
@@ -1498,7 +1530,7 @@ impl SqliteImport {
 fn tally(rows: Vec<sqlx::sqlite::SqliteRow>) -> Counts {
     let mut counts = Counts::default();
     for row in rows {
-        if let Ok(state) = State::from_str(row.get("st")) {
+        if let Ok(state) = stored_state(row.get("st")) {
             counts[state] = row.get("n");
         }
     }
@@ -1749,6 +1781,174 @@ pub(super) mod tests {
             b.unwrap();
             c.unwrap();
         }
+    }
+
+    /// A state's stored number is its place among all states, both ways;
+    /// another number is an error, not a panic.
+    #[test]
+    fn a_state_is_stored_as_its_place_among_all_states() {
+        for (i, state) in State::ALL.into_iter().enumerate() {
+            let code = i64::try_from(i).unwrap();
+            assert_eq!(state as i64, code);
+            assert_eq!(stored_state(code).unwrap(), state);
+            assert_eq!(state_code(state.as_str()).unwrap(), code);
+        }
+        assert!(stored_state(8).is_err());
+        assert!(stored_state(-1).is_err());
+    }
+
+    /// A row of `export`, comparable.
+    type Exported = (
+        String,
+        String,
+        Option<String>,
+        i64,
+        Option<String>,
+        i64,
+        Option<String>,
+        Vec<String>,
+    );
+
+    async fn exported(store: &Store, campaign_id: i64, state: Option<State>) -> Vec<Exported> {
+        let mut rows = Vec::new();
+        store
+            .export(campaign_id, state, |r| {
+                rows.push((
+                    r.email,
+                    r.state,
+                    r.reason,
+                    r.attempts,
+                    r.last_reply,
+                    r.updated_at,
+                    r.message_id,
+                    r.fields,
+                ));
+                Ok(())
+            })
+            .await
+            .unwrap();
+        rows
+    }
+
+    /// A database from before states were numbers: every row keeps its
+    /// state, reason and everything `export` shows, and each state is
+    /// found again by what reads it (counts, export by state, claims).
+    #[tokio::test]
+    async fn states_written_as_words_are_read_back_after_the_migration() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.db");
+        let mut before = sqlx::migrate!("./migrations/sqlite");
+        let numbers = before
+            .migrations
+            .iter()
+            .position(|m| m.description == "states as numbers")
+            .unwrap();
+        before.migrations = before.migrations[..numbers].to_vec().into();
+        let options = SqliteConnectOptions::new()
+            .filename(&path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .foreign_keys(false);
+        let mut conn = options.connect().await.unwrap();
+        before.run_direct(&mut conn).await.unwrap();
+        sqlx::query("INSERT INTO campaigns (id, name, created_at) VALUES (1, 'c', 0)")
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        for (i, state) in State::ALL.iter().enumerate() {
+            let n = i64::try_from(i).unwrap() + 1;
+            // Both stored forms of the address and of the cells.
+            let (key, email, fields) = if i % 2 == 0 {
+                (
+                    format!("r{n}@x.example"),
+                    String::new(),
+                    "\u{1f}\u{1e}\u{1f}Ann".to_string(),
+                )
+            } else {
+                let email = format!("R{n}@X.example");
+                (
+                    email.to_lowercase(),
+                    email.clone(),
+                    format!("[\"{email}\",\"Bo\"]"),
+                )
+            };
+            sqlx::query(
+                "INSERT INTO recipients (campaign_id, row_key, email, row_number, fields, state, reason, \
+                 attempts, last_reply, message_id, next_attempt_at, seen_gen, updated_at) \
+                 VALUES (1, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1, ?)",
+            )
+            .bind(&key)
+            .bind(&email)
+            .bind(9 - n)
+            .bind(fields)
+            .bind(state.as_str())
+            .bind(format!("why {}", state.as_str()))
+            .bind(n % 3)
+            .bind((n % 2 == 0).then(|| format!("250 ok {n}")))
+            .bind((n % 2 == 1).then(|| format!("<{n}@x.example>")))
+            .bind((*state == State::Deferred).then_some(1_i64))
+            .bind(1_000 * n)
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        }
+        // What export showed before, read as it read it then.
+        let sql = format!(
+            "SELECT {EMAIL} AS email, state, reason, attempts, last_reply, updated_at, message_id, fields \
+             FROM recipients ORDER BY row_number, id"
+        );
+        let expected: Vec<Exported> = sqlx::query(&sql)
+            .fetch_all(&mut conn)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| {
+                let email: String = r.get("email");
+                (
+                    email.clone(),
+                    r.get("state"),
+                    r.get("reason"),
+                    r.get("attempts"),
+                    r.get("last_reply"),
+                    r.get("updated_at"),
+                    r.get("message_id"),
+                    decode_fields(r.get("fields"), &email).unwrap(),
+                )
+            })
+            .collect();
+        conn.close().await.unwrap();
+
+        let store = Store::open(&path).await.unwrap();
+        assert_eq!(exported(&store, 1, None).await, expected);
+        let counts = store.counts(1).await.unwrap();
+        for state in State::ALL {
+            assert_eq!(counts[state], 1, "{state:?}");
+            let one = exported(&store, 1, Some(state)).await;
+            assert_eq!(one.len(), 1, "{state:?}");
+            assert_eq!(one[0].1, state.as_str());
+            assert_eq!(
+                one[0].2.as_deref(),
+                Some(format!("why {}", state.as_str()).as_str())
+            );
+        }
+        // The deferred row is due, then the pending one.
+        let Claim::Ready { ready, .. } = store
+            .claim(1, "acct", "acct", &[], 2, 5, |_| Ok(out(1)))
+            .await
+            .unwrap()
+        else {
+            panic!("nothing claimed")
+        };
+        let claimed: Vec<&str> = ready
+            .iter()
+            .map(|r| r.candidate.before.state.as_str())
+            .collect();
+        assert_eq!(claimed, ["deferred", "pending"]);
+        // A state no number stands for is refused by the table.
+        let refused = sqlx::query("UPDATE recipients SET state = 8 WHERE id = 1")
+            .execute(&store.pool)
+            .await;
+        assert!(refused.is_err());
     }
 
     /// A database written before rehearsals and bound names: its rows stay,
