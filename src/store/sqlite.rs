@@ -270,11 +270,11 @@ impl SqliteStore {
 
     /// Every campaign of the database, by name.
     pub async fn campaigns(&self) -> Result<Vec<CampaignSummary>> {
-        let rows = sqlx::query(
+        let rows = sqlx::query(&format!(
             "SELECT c.id, c.name, c.transport, c.file, c.lock_pid, c.lock_host, c.lock_at, \
-             (SELECT MAX(updated_at) FROM recipients r WHERE r.campaign_id = c.id) AS last \
+             (SELECT MAX({UPDATED_AT}) FROM recipients WHERE recipients.campaign_id = c.id) AS last \
              FROM campaigns c ORDER BY c.name, c.transport",
-        )
+        ))
         .fetch_all(&self.pool)
         .await?;
         let mut out: Vec<CampaignSummary> = Vec::new();
@@ -519,11 +519,16 @@ impl SqliteStore {
                 &made
             }
         };
-        let generation: i64 = sqlx::query_scalar("UPDATE campaigns SET import_gen = import_gen + 1, columns = ? WHERE id = ? RETURNING import_gen")
-            .bind(serde_json::to_string(columns)?)
-            .bind(campaign.id)
-            .fetch_one(&mut *tx)
-            .await?;
+        let now = now_ms();
+        let read = sqlx::query(
+            "UPDATE campaigns SET import_gen = import_gen + 1, columns = ?, \
+             imported_before = imported_at, imported_at = ? WHERE id = ? RETURNING import_gen, imported_before",
+        )
+        .bind(serde_json::to_string(columns)?)
+        .bind(now)
+        .bind(campaign.id)
+        .fetch_one(&mut *tx)
+        .await?;
         sqlx::query("DELETE FROM recipients WHERE campaign_id = ? AND row_key LIKE 'row:%'")
             .bind(campaign.id)
             .execute(&mut *tx)
@@ -537,8 +542,9 @@ impl SqliteStore {
         Ok(SqliteImport {
             tx,
             campaign_id: campaign.id,
-            generation,
-            now: now_ms(),
+            generation: read.get("import_gen"),
+            now,
+            imported_before: read.get("imported_before"),
             next_id,
             any_suppressed,
         })
@@ -1219,8 +1225,8 @@ async fn export_rows(
 ) -> Result<()> {
     use futures_util::TryStreamExt;
     let sql = format!(
-        "SELECT {EMAIL} AS email, state, reason, attempts, last_reply, updated_at, message_id, fields FROM recipients \
-         WHERE campaign_id = ? AND (? IS NULL OR state = ?) ORDER BY row_number, id"
+        "SELECT {EMAIL} AS email, state, reason, attempts, last_reply, {UPDATED_AT} AS updated_at, message_id, fields \
+         FROM recipients WHERE campaign_id = ? AND (? IS NULL OR state = ?) ORDER BY row_number, id"
     );
     let mut rows = sqlx::query(&sql)
         .bind(campaign_id)
@@ -1281,6 +1287,12 @@ fn stored_row(
 /// is not one) is its key.
 pub(super) const EMAIL: &str =
     "(CASE WHEN email = '' AND instr(row_key, '@') > 0 THEN row_key ELSE email END)";
+/// When a stored row last changed: 0 is when the read of the recipients
+/// file that wrote it did, kept once in its campaign (the latest read for
+/// rows it saw, the read before for the others while a read is under way).
+pub(super) const UPDATED_AT: &str = "(CASE WHEN updated_at != 0 THEN updated_at ELSE \
+     (SELECT COALESCE(CASE WHEN recipients.seen_gen = imp.import_gen THEN imp.imported_at ELSE imp.imported_before END, 0) \
+      FROM campaigns imp WHERE imp.id = recipients.campaign_id) END)";
 /// The address as sent, from a stored row: NULL is the address as written.
 pub(super) const ADDRESS: &str =
     "COALESCE(address, CASE WHEN email = '' AND instr(row_key, '@') > 0 THEN row_key ELSE email END)";
@@ -1331,6 +1343,8 @@ pub struct SqliteImport {
     campaign_id: i64,
     generation: i64,
     now: i64,
+    /// When the read before this one wrote its rows (see [`UPDATED_AT`]).
+    imported_before: Option<i64>,
     /// The id the next new row gets: the transaction holds the write lock,
     /// so ids are handed out here and no insert needs a round trip of its own.
     next_id: i64,
@@ -1433,8 +1447,11 @@ impl SqliteImport {
 
     /// Inserts new rows and refreshes known ones in one statement.
     async fn write(&mut self, rows: &[Stored]) -> Result<()> {
-        let (gen, now, campaign) = (self.generation, self.now, self.campaign_id);
-        let one = format!("(?,?,?,?,?,?,?,?,{campaign},{gen},{now})");
+        let (gen, campaign) = (self.generation, self.campaign_id);
+        // A row this read writes is unchanged since it, at 0; one it leaves
+        // in its state keeps its time, which a 0 of the read before becomes.
+        let before = self.imported_before.unwrap_or(0);
+        let one = format!("(?,?,?,?,?,?,?,?,{campaign},{gen},0)");
         let mut sql = String::with_capacity(256 + rows.len() * (one.len() + 1));
         sql.push_str(
             "INSERT INTO recipients (id, row_key, email, address, row_number, fields, state, reason, campaign_id, seen_gen, updated_at) VALUES ",
@@ -1445,12 +1462,13 @@ impl SqliteImport {
             }
             sql.push_str(&one);
         }
-        sql.push_str(
+        sql.push_str(&format!(
             " ON CONFLICT (id) DO UPDATE SET email = excluded.email, address = excluded.address, \
              row_number = excluded.row_number, fields = excluded.fields, seen_gen = excluded.seen_gen, \
              reason = excluded.reason, state = excluded.state, \
-             updated_at = CASE WHEN excluded.state = state THEN updated_at ELSE excluded.updated_at END",
-        );
+             updated_at = CASE WHEN excluded.state != state THEN 0 \
+             WHEN updated_at = 0 AND seen_gen < {gen} THEN {before} ELSE updated_at END",
+        ));
         let mut query = sqlx::query(&sql);
         for (id, key, email, address, number, fields, state, reason) in rows {
             query = query
@@ -1493,6 +1511,15 @@ impl SqliteImport {
         .execute(&mut *self.tx)
         .await?
         .rows_affected();
+        // Rows at 0 are the latest read's once it is committed.
+        sqlx::query(
+            "UPDATE recipients SET updated_at = ? WHERE campaign_id = ? AND seen_gen < ? AND updated_at = 0",
+        )
+        .bind(self.imported_before.unwrap_or(0))
+        .bind(self.campaign_id)
+        .bind(self.generation)
+        .execute(&mut *self.tx)
+        .await?;
         self.tx.commit().await?;
         Ok(removed)
     }
@@ -1795,6 +1822,135 @@ pub(super) mod tests {
         }
         assert!(stored_state(8).is_err());
         assert!(stored_state(-1).is_err());
+    }
+
+    /// A row that a read of the file wrote and nothing changed since
+    /// stores no time of its own, yet `export` shows the time of that read,
+    /// through later reads that keep it, drop others or add some, and
+    /// through a send.
+    #[tokio::test]
+    async fn a_row_only_imported_shows_the_time_of_its_read() {
+        let (_d, store) = store().await;
+        let c = store.campaign(&ident("c")).await.unwrap();
+        let times = |store: &Store| {
+            let pool = store.pool.clone();
+            async move {
+                let rows = sqlx::query("SELECT row_key, updated_at FROM recipients ORDER BY id")
+                    .fetch_all(&pool)
+                    .await
+                    .unwrap();
+                rows.into_iter()
+                    .map(|r| (r.get::<String, _>("row_key"), r.get::<i64, _>("updated_at")))
+                    .collect::<Vec<_>>()
+            }
+        };
+        let shown = |store: &Store| {
+            let store = store.clone();
+            async move {
+                exported(&store, c.id, None)
+                    .await
+                    .into_iter()
+                    .map(|r| (r.0, r.1, r.5))
+                    .collect::<Vec<_>>()
+            }
+        };
+        let read_at = |store: &Store| {
+            let pool = store.pool.clone();
+            async move {
+                sqlx::query_scalar::<_, i64>("SELECT imported_at FROM campaigns")
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap()
+            }
+        };
+        import(&store, &c, &["a@x.example", "b@x.example", "c@x.example"]).await;
+        let first = read_at(&store).await;
+        assert!(times(&store).await.iter().all(|(_, t)| *t == 0));
+        let abc = |t| {
+            ["a", "b", "c"]
+                .map(|k| (format!("{k}@x.example"), "pending".to_string(), t))
+                .to_vec()
+        };
+        assert_eq!(shown(&store).await, abc(first));
+        // A read rolled back (check) changes nothing.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let imp = store
+            .import(ImportInto::Campaign(&c), &["email".into()])
+            .await
+            .unwrap();
+        imp.rollback().await.unwrap();
+        assert_eq!(shown(&store).await, abc(first));
+
+        // A second read keeps a and b, drops c and adds d.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        import(&store, &c, &["a@x.example", "b@x.example", "d@x.example"]).await;
+        let second = read_at(&store).await;
+        assert!(second > first);
+        let row = |k: &str, st: &str, t| (format!("{k}@x.example"), st.to_string(), t);
+        let after_second = shown(&store).await;
+        assert_eq!(after_second[0], row("a", "pending", first));
+        assert_eq!(after_second[1], row("b", "pending", first));
+        assert_eq!(after_second[2].1, "skipped");
+        assert!(after_second[2].2 >= second);
+        assert_eq!(after_second[3], row("d", "pending", second));
+
+        // A send changes a row's time; the others keep theirs.
+        let Claim::Ready { ready, .. } = store
+            .claim(c.id, "acct", "acct", &[], 3, 1, |_| Ok(out(1)))
+            .await
+            .unwrap()
+        else {
+            panic!("nothing claimed")
+        };
+        let sent = Outcome::Sent {
+            reply: "250 ok".into(),
+        };
+        store
+            .record(&ready[0].candidate, ready[0].log_id, &sent, 4)
+            .await
+            .unwrap();
+        store.flush().await.unwrap();
+
+        // A third read keeps a and d only.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        import(&store, &c, &["a@x.example", "d@x.example"]).await;
+        let third = shown(&store).await;
+        assert_eq!(third[0], row("a", "sent", 4));
+        assert_eq!(third[1].1, "skipped");
+        assert!(third[1].2 >= read_at(&store).await);
+        // In file order: d is the second row now, c the third before.
+        assert_eq!(third[2], row("d", "pending", second));
+        assert_eq!(third[3], after_second[2]);
+    }
+
+    /// A row skipped by a read and left out of the next one keeps the time
+    /// of the read that skipped it.
+    #[tokio::test]
+    async fn a_skipped_row_left_out_keeps_the_time_of_its_read() {
+        let (_d, store) = store().await;
+        let c = store.campaign(&ident("c")).await.unwrap();
+        store.suppress("s@x.example", "asked").await.unwrap();
+        import(&store, &c, &["a@x.example", "s@x.example"]).await;
+        let first: i64 = sqlx::query_scalar("SELECT imported_at FROM campaigns")
+            .fetch_one(&store.pool)
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        import(&store, &c, &["a@x.example"]).await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        import(&store, &c, &["a@x.example"]).await;
+        let rows: Vec<(String, String, i64)> = exported(&store, c.id, None)
+            .await
+            .into_iter()
+            .map(|r| (r.0, r.1, r.5))
+            .collect();
+        assert_eq!(
+            rows,
+            [
+                ("a@x.example".to_string(), "pending".to_string(), first),
+                ("s@x.example".to_string(), "skipped".to_string(), first)
+            ]
+        );
     }
 
     /// A row of `export`, comparable.
