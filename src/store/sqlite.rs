@@ -35,6 +35,12 @@ pub(super) const UNKNOWN: i64 = State::Unknown as i64;
 const SKIPPED: i64 = State::Skipped as i64;
 pub(super) const BOUNCED: i64 = State::Bounced as i64;
 
+/// The states the index by state holds: not `pending` nor `sent`, nearly
+/// every row, which claims read in id order from the table instead. A query
+/// by state uses the index only when it says this, word for word.
+const INDEXED: &str = "state NOT IN (0, 2)";
+const _: () = assert!(PENDING == 0 && SENT == 2);
+
 /// A state's stored number, from its name.
 fn state_code(name: &str) -> Result<i64> {
     State::from_str(name)
@@ -53,7 +59,7 @@ pub(super) fn stored_state(code: i64) -> Result<State> {
 /// The rows of a campaign (bound first) that `--retry-failed` sends again.
 fn retryable_failed() -> String {
     format!(
-        "campaign_id = ? AND state = {FAILED} \
+        "campaign_id = ? AND state = {FAILED} AND {INDEXED} \
          AND NOT EXISTS (SELECT 1 FROM suppressions s WHERE s.email_key = recipients.row_key)"
     )
 }
@@ -379,7 +385,7 @@ impl SqliteStore {
             // Each suppressed address looked up among the rows, not each row among them.
             "SELECT EXISTS (SELECT 1 FROM suppressions s CROSS JOIN recipients r \
              WHERE r.campaign_id = ?1 AND r.row_key = s.email_key AND r.state IN ({PENDING}, {DEFERRED})) \
-             OR EXISTS (SELECT 1 FROM recipients r WHERE r.campaign_id = ?1 AND r.state = {SKIPPED} \
+             OR EXISTS (SELECT 1 FROM recipients r WHERE r.campaign_id = ?1 AND r.state = {SKIPPED} AND r.{INDEXED} \
              AND r.reason = 'suppressed' AND NOT EXISTS (SELECT 1 FROM suppressions s WHERE s.email_key = r.row_key))",
         ))
         .bind(campaign_id)
@@ -459,7 +465,7 @@ impl SqliteStore {
     pub async fn settle_interrupted(&self, campaign_id: i64) -> Result<u64> {
         let done = sqlx::query(&format!(
             "UPDATE recipients SET state = {UNKNOWN}, reason = 'interrupted while sending: may or may not have been delivered', updated_at = ? \
-             WHERE campaign_id = ? AND state = {SENDING}",
+             WHERE campaign_id = ? AND state = {SENDING} AND {INDEXED}",
         ))
         .bind(now_ms())
         .bind(campaign_id)
@@ -470,13 +476,16 @@ impl SqliteStore {
 
     /// `unknown` rows go back to `pending` (`--resend-unknown`).
     pub async fn requeue_unknown(&self, campaign_id: i64) -> Result<u64> {
+        let mut tx = self.pool.begin().await?;
+        pending_from_start(&mut tx, campaign_id).await?;
         let done = sqlx::query(&format!(
-            "UPDATE recipients SET state = {PENDING}, reason = NULL, updated_at = ? WHERE campaign_id = ? AND state = {UNKNOWN}",
+            "UPDATE recipients SET state = {PENDING}, reason = NULL, updated_at = ? WHERE campaign_id = ? AND state = {UNKNOWN} AND {INDEXED}",
         ))
         .bind(now_ms())
         .bind(campaign_id)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
+        tx.commit().await?;
         Ok(done.rows_affected())
     }
 
@@ -484,6 +493,8 @@ impl SqliteStore {
     /// `pending` for one more round (`--retry-failed`), their attempts reset
     /// so that a transient failure gets `max_attempts` again.
     pub async fn requeue_failed(&self, campaign_id: i64) -> Result<u64> {
+        let mut tx = self.pool.begin().await?;
+        pending_from_start(&mut tx, campaign_id).await?;
         let done = sqlx::query(&format!(
             "UPDATE recipients SET state = {PENDING}, reason = NULL, attempts = 0, next_attempt_at = NULL, updated_at = ? \
              WHERE {}",
@@ -491,8 +502,9 @@ impl SqliteStore {
         ))
         .bind(now_ms())
         .bind(campaign_id)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
+        tx.commit().await?;
         Ok(done.rows_affected())
     }
 
@@ -522,7 +534,8 @@ impl SqliteStore {
         let now = now_ms();
         let read = sqlx::query(
             "UPDATE campaigns SET import_gen = import_gen + 1, columns = ?, \
-             imported_before = imported_at, imported_at = ? WHERE id = ? RETURNING import_gen, imported_before",
+             imported_before = imported_at, imported_at = ?, pending_from = NULL \
+             WHERE id = ? RETURNING import_gen, imported_before",
         )
         .bind(serde_json::to_string(columns)?)
         .bind(now)
@@ -691,7 +704,7 @@ impl SqliteStore {
                 return Ok(Claim::Wait { until_ms, why });
             }
             let next_due_ms: Option<i64> = sqlx::query_scalar(&format!(
-                "SELECT MIN(next_attempt_at) FROM recipients WHERE campaign_id = ? AND state = {DEFERRED}",
+                "SELECT MIN(next_attempt_at) FROM recipients WHERE campaign_id = ? AND state = {DEFERRED} AND {INDEXED}",
             ))
             .bind(campaign_id)
             .fetch_one(&mut *tx)
@@ -858,7 +871,7 @@ impl SqliteStore {
 
     /// The earliest retry time among deferred recipients.
     pub async fn next_retry(&self, campaign_id: i64) -> Result<Option<i64>> {
-        Ok(sqlx::query_scalar(&format!("SELECT MIN(next_attempt_at) FROM recipients WHERE campaign_id = ? AND state = {DEFERRED}"))
+        Ok(sqlx::query_scalar(&format!("SELECT MIN(next_attempt_at) FROM recipients WHERE campaign_id = ? AND state = {DEFERRED} AND {INDEXED}"))
             .bind(campaign_id)
             .fetch_one(&self.pool)
             .await?)
@@ -985,6 +998,7 @@ async fn write_outcome(
                 .bind(candidate.id)
                 .execute(&mut *conn)
                 .await?;
+            pending_again(conn, candidate.id).await?;
             sqlx::query("DELETE FROM send_log WHERE id = ?")
                 .bind(log_id)
                 .execute(&mut *conn)
@@ -1005,6 +1019,7 @@ async fn write_outcome(
                 .bind(candidate.id)
                 .execute(&mut *conn)
                 .await?;
+            pending_again(conn, candidate.id).await?;
             if *unlog {
                 sqlx::query("DELETE FROM send_log WHERE id = ?")
                     .bind(log_id)
@@ -1145,7 +1160,7 @@ async fn next_candidates(
     let limit = i64::try_from(limit.max(1)).unwrap_or(1);
     let mut rows = bind_skip(
         sqlx::query(&format!(
-            "SELECT {columns} FROM recipients WHERE campaign_id = ? AND state = {DEFERRED} AND next_attempt_at <= ? AND id NOT IN (SELECT value FROM json_each(?)){skipping} ORDER BY next_attempt_at, id LIMIT ?"
+            "SELECT {columns} FROM recipients WHERE campaign_id = ? AND state = {DEFERRED} AND {INDEXED} AND next_attempt_at <= ? AND id NOT IN (SELECT value FROM json_each(?)){skipping} ORDER BY next_attempt_at, id LIMIT ?"
         ))
         .bind(campaign_id)
         .bind(now)
@@ -1156,13 +1171,18 @@ async fn next_candidates(
     .fetch_all(&mut *conn)
     .await?;
     let left = limit - i64::try_from(rows.len()).unwrap_or(limit);
-    if left > 0 {
+    let first_pending = match left > 0 {
+        true => first_pending(conn, campaign_id).await?,
+        false => None,
+    };
+    if let Some(first) = first_pending {
         rows.extend(
             bind_skip(
                 sqlx::query(&format!(
-                    "SELECT {columns} FROM recipients WHERE campaign_id = ? AND state = {PENDING} AND id NOT IN (SELECT value FROM json_each(?)){skipping} ORDER BY id LIMIT ?"
+                    "SELECT {columns} FROM recipients NOT INDEXED WHERE campaign_id = ? AND state = {PENDING} AND id >= ? AND id NOT IN (SELECT value FROM json_each(?)){skipping} ORDER BY id LIMIT ?"
                 ))
                 .bind(campaign_id)
+                .bind(first)
                 .bind(&passed_over),
                 skipped.as_deref(),
             )
@@ -1189,6 +1209,53 @@ async fn next_candidates(
             })
         })
         .collect()
+}
+
+/// The campaign's first pending row, read in id order from where the
+/// last one was (`pending_from`), which moves up to it.
+async fn first_pending(conn: &mut sqlx::SqliteConnection, campaign_id: i64) -> Result<Option<i64>> {
+    let from: Option<i64> = sqlx::query_scalar("SELECT pending_from FROM campaigns WHERE id = ?")
+        .bind(campaign_id)
+        .fetch_optional(&mut *conn)
+        .await?
+        .flatten();
+    let from = from.unwrap_or(0);
+    let first: Option<i64> = sqlx::query_scalar(&format!(
+        "SELECT id FROM recipients NOT INDEXED WHERE campaign_id = ? AND state = {PENDING} AND id >= ? ORDER BY id LIMIT 1"
+    ))
+    .bind(campaign_id)
+    .bind(from)
+    .fetch_optional(&mut *conn)
+    .await?;
+    if let Some(first) = first.filter(|first| *first > from) {
+        sqlx::query("UPDATE campaigns SET pending_from = ? WHERE id = ?")
+            .bind(first)
+            .bind(campaign_id)
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(first)
+}
+
+/// Rows of the campaign anywhere may become pending: claims read from its first row.
+async fn pending_from_start(conn: &mut sqlx::SqliteConnection, campaign_id: i64) -> Result<()> {
+    sqlx::query("UPDATE campaigns SET pending_from = NULL WHERE id = ?")
+        .bind(campaign_id)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+/// A row of the campaign that became pending again lies below no cursor.
+async fn pending_again(conn: &mut sqlx::SqliteConnection, id: i64) -> Result<()> {
+    sqlx::query(
+        "UPDATE campaigns SET pending_from = ?1 \
+         WHERE id = (SELECT campaign_id FROM recipients WHERE id = ?1) AND pending_from > ?1",
+    )
+    .bind(id)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
 }
 
 async fn load_schedule(
@@ -1951,6 +2018,119 @@ pub(super) mod tests {
                 ("s@x.example".to_string(), "skipped".to_string(), first)
             ]
         );
+    }
+
+    /// Claims read pending rows from where the last claim found the first
+    /// one; a row that becomes pending again below that point, whatever
+    /// the way, is claimed again, first.
+    #[tokio::test]
+    async fn a_row_pending_again_below_the_claims_is_claimed_first() {
+        let (_d, store) = store().await;
+        let c = store.campaign(&ident("c")).await.unwrap();
+        let rows: Vec<String> = (1..=8).map(|i| format!("r{i}@x.example")).collect();
+        let rows: Vec<&str> = rows.iter().map(String::as_str).collect();
+        import(&store, &c, &rows).await;
+        let claim = |n| {
+            let store = store.clone();
+            async move {
+                match store
+                    .claim(c.id, "acct", "acct", &[], 1, n, |_| Ok(out(1)))
+                    .await
+                    .unwrap()
+                {
+                    Claim::Ready { ready, .. } => ready,
+                    other => panic!("{other:?}"),
+                }
+            }
+        };
+        let emails = |ready: &[Ready]| -> Vec<String> {
+            ready.iter().map(|r| r.candidate.email.clone()).collect()
+        };
+        let settle = |ready: Vec<Ready>, outcome: Outcome| {
+            let store = store.clone();
+            async move {
+                for r in &ready {
+                    store
+                        .record(&r.candidate, r.log_id, &outcome, 2)
+                        .await
+                        .unwrap();
+                }
+                store.flush().await.unwrap();
+            }
+        };
+        let sent = Outcome::Sent {
+            reply: "250 ok".into(),
+        };
+        let first = claim(2).await;
+        assert_eq!(emails(&first), ["r1@x.example", "r2@x.example"]);
+        let (returned, unclaimed) = (vec![first.into_iter().next().unwrap()], claim(1).await);
+        assert_eq!(emails(&unclaimed), ["r3@x.example"]);
+        settle(claim(2).await, sent.clone()).await;
+        let from: Option<i64> = sqlx::query_scalar("SELECT pending_from FROM campaigns")
+            .fetch_one(&store.pool)
+            .await
+            .unwrap();
+        assert!(from.unwrap() > unclaimed[0].candidate.id);
+        settle(unclaimed, Outcome::Unclaimed).await;
+        assert_eq!(emails(&claim(1).await), ["r3@x.example"]);
+        settle(
+            returned,
+            Outcome::Returned {
+                reply: "421 later".into(),
+                unlog: true,
+            },
+        )
+        .await;
+        assert_eq!(emails(&claim(2).await), ["r1@x.example", "r6@x.example"]);
+        // Rows below where claims read: unknown, then sent again on request.
+        assert_eq!(emails(&claim(1).await), ["r7@x.example"]);
+        assert_eq!(store.settle_interrupted(c.id).await.unwrap(), 5);
+        assert_eq!(store.requeue_unknown(c.id).await.unwrap(), 5);
+        assert_eq!(emails(&claim(1).await), ["r1@x.example"]);
+        // Failed, then retried on request.
+        let failing = claim(4).await;
+        assert_eq!(
+            emails(&failing),
+            [
+                "r2@x.example",
+                "r3@x.example",
+                "r6@x.example",
+                "r7@x.example"
+            ]
+        );
+        let failed = Outcome::Failed {
+            reply: "550 no".into(),
+            suppress: false,
+        };
+        settle(failing, failed).await;
+        let last = claim(1).await;
+        assert_eq!(emails(&last), ["r8@x.example"]);
+        settle(last, Outcome::Unclaimed).await;
+        assert_eq!(store.requeue_failed(c.id).await.unwrap(), 4);
+        assert_eq!(emails(&claim(1).await), ["r2@x.example"]);
+    }
+
+    /// A row that a new read of the file makes pending (taken off the
+    /// suppression list) is claimed, though claims had passed it.
+    #[tokio::test]
+    async fn a_row_a_new_read_makes_pending_is_claimed() {
+        let (_d, store) = store().await;
+        let c = store.campaign(&ident("c")).await.unwrap();
+        store.suppress("s@x.example", "asked").await.unwrap();
+        let rows = ["s@x.example", "a@x.example", "b@x.example"];
+        import(&store, &c, &rows).await;
+        let claim = || store.claim(c.id, "acct", "acct", &[], 1, 1, |_| Ok(out(1)));
+        let Claim::Ready { ready, .. } = claim().await.unwrap() else {
+            panic!("nothing claimed")
+        };
+        assert_eq!(ready[0].candidate.email, "a@x.example");
+        assert!(matches!(claim().await.unwrap(), Claim::Ready { .. }));
+        assert!(store.unsuppress("s@x.example").await.unwrap());
+        import(&store, &c, &rows).await;
+        let Claim::Ready { ready, .. } = claim().await.unwrap() else {
+            panic!("the row back from the suppression list was not claimed")
+        };
+        assert_eq!(ready[0].candidate.email, "s@x.example");
     }
 
     /// A row of `export`, comparable.
