@@ -45,7 +45,7 @@ pub async fn check(global: &Global, path: &Path, connect: bool) -> Result<Exit> 
     let into = match &record {
         Some(record) => {
             errors.extend(content_changed(record, &parts)?);
-            ImportInto::Campaign(record)
+            ImportInto::Discarded(record)
         }
         None => ImportInto::Found(&id),
     };

@@ -319,7 +319,11 @@ async fn send_locked(
         let (mut import, found) = scan(
             &loaded,
             store,
-            ImportInto::Campaign(record),
+            if opts.dry_run {
+                ImportInto::Discarded(record)
+            } else {
+                ImportInto::Campaign(record)
+            },
             if opts.skip_invalid {
                 Rows::BuildOrSkip
             } else {

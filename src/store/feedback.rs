@@ -7,9 +7,8 @@ use std::collections::HashSet;
 use anyhow::Result;
 use sqlx::Row as _;
 
-use super::sqlite::{
-    insert_suppression, stored_state, SqliteStore, ADDRESS, BOUNCED, EMAIL, SENT, UNKNOWN,
-};
+use super::compact::{ADDRESS, EMAIL};
+use super::sqlite::{insert_suppression, stored_state, SqliteStore, BOUNCED, SENT, UNKNOWN};
 use super::State;
 
 /// A recipient that a notification may be about.

@@ -6,6 +6,7 @@
 //! its SMTP transaction starts, and `sent` after the server accepted it. A
 //! row left `sending` by a dead process becomes `unknown`, never `pending`.
 
+mod compact;
 mod feedback;
 mod postgres;
 mod sqlite;
@@ -329,11 +330,55 @@ pub struct CampaignRecord {
     pub checked: Option<String>,
 }
 
+/// Outcomes recorded and not yet written, and an error met writing them
+/// in the background: each backend writes the waiting ones together, and
+/// before its next claim marks new rows `sending` (SPEC §7.3).
+#[derive(Default)]
+pub(crate) struct Outcomes {
+    pub(crate) queue: Vec<(Candidate, i64, Outcome, i64)>,
+    pub(crate) error: Option<String>,
+}
+
+impl Outcomes {
+    fn push(&mut self, outcome: (Candidate, i64, Outcome, i64)) {
+        self.queue.push(outcome);
+    }
+}
+
+/// The outcomes, whatever a thread that panicked holding them left.
+fn lock(outcomes: &std::sync::Mutex<Outcomes>) -> std::sync::MutexGuard<'_, Outcomes> {
+    outcomes
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+#[cfg(test)]
+impl Store {
+    /// An outcome recorded whose write has not run yet (another write
+    /// held the store).
+    pub(crate) fn queue_outcome_for_test(
+        &self,
+        candidate: &Candidate,
+        log_id: i64,
+        outcome: &Outcome,
+        now: i64,
+    ) {
+        let outcomes = match self {
+            Store::Sqlite(b) => &b.outcomes,
+            Store::Postgres(b) => &b.outcomes,
+        };
+        lock(outcomes).push((candidate.clone(), log_id, outcome.clone(), now));
+    }
+}
+
 /// Which campaign row a read of the recipients file fills.
 #[derive(Debug, Clone, Copy)]
 pub enum ImportInto<'a> {
     /// The campaign's row, found or made by the caller.
     Campaign(&'a CampaignRecord),
+    /// The campaign's row, for a read that is always rolled back (check, a
+    /// dry run): on PostgreSQL it leaves no dead rows behind.
+    Discarded(&'a CampaignRecord),
     /// The campaign's row, found or else made inside the read's own
     /// transaction: a read that is rolled back (status, export, check, a dry
     /// run of a campaign never sent) leaves no row behind and never shows
@@ -748,13 +793,10 @@ impl Store {
         on_backend!(self, Store, b => b.record(candidate, log_id, outcome, now).await)
     }
 
-    /// Returns once every outcome recorded so far is written (SQLite
-    /// writes outcomes together, a little after they are recorded).
+    /// Returns once every outcome recorded so far is written (each
+    /// backend writes outcomes together, a little after they are recorded).
     pub async fn flush(&self) -> Result<()> {
-        match self {
-            Store::Sqlite(b) => b.flush().await,
-            Store::Postgres(_) => Ok(()),
-        }
+        on_backend!(self, Store, b => b.flush().await)
     }
 
     /// Pauses an account (by its pause key) for every process using this store.

@@ -7,16 +7,18 @@
 
 use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{ConnectOptions as _, Postgres, Row as _, Transaction};
 
+use super::compact::{self, decode_fields, encode_fields, ADDRESS, CELLS, EMAIL};
 use super::{
-    classify_rows, mask_password, message_id_key, Before, CampaignRecord, CampaignSummary,
+    classify_rows, lock, mask_password, message_id_key, Before, CampaignRecord, CampaignSummary,
     Candidate, Claim, Counts, Delivery, ExportRow, Identity, ImportInto, ImportRow, Known,
-    NoticeRow, Outcome, Ready, RowStatus, SendEntry, Skip, SkipReason, State, WaitReason,
+    NoticeRow, Outcome, Outcomes, Ready, RowStatus, SendEntry, Skip, SkipReason, State, WaitReason,
 };
 use crate::error::input_error;
 use crate::limits::{Schedule, Send, Slot, Window};
@@ -37,6 +39,10 @@ pub struct PgStore {
     pool: PgPool,
     /// This process's worker id: on its `sending` rows and its lease.
     worker: String,
+    /// Held while outcomes are written: a write under way gathers what is
+    /// recorded meanwhile for the next one, instead of one commit each.
+    writer: Arc<tokio::sync::Mutex<()>>,
+    pub(super) outcomes: Arc<std::sync::Mutex<Outcomes>>,
 }
 
 /// hikyaku's tables; a database holding any other is not its own.
@@ -120,6 +126,8 @@ impl PgStore {
         Ok(PgStore {
             pool,
             worker: uuid::Uuid::new_v4().to_string(),
+            writer: Arc::default(),
+            outcomes: Arc::default(),
         })
     }
 
@@ -390,11 +398,12 @@ impl PgStore {
     pub async fn import(&self, into: ImportInto<'_>, columns: &[String]) -> Result<PgImport> {
         let mut tx = self.pool.begin().await?;
         let made;
-        let campaign = match into {
-            ImportInto::Campaign(record) => record,
+        let (campaign, discarded) = match into {
+            ImportInto::Campaign(record) => (record, false),
+            ImportInto::Discarded(record) => (record, true),
             ImportInto::Found(id) => {
                 made = create(&mut tx, id).await?;
-                &made
+                (&made, true)
             }
         };
         advisory_lock(&mut tx, "import", &campaign.id.to_string()).await?;
@@ -407,6 +416,32 @@ impl PgStore {
         .await?;
         let live = live_workers(&mut tx, campaign.id).await?;
         let joined = live.iter().any(|(token, _)| readers.contains(token));
+        // A read that is rolled back writes into a copy of the campaign's
+        // rows that goes with the transaction: rows written to the table
+        // itself and rolled back would stay as dead rows, taking room
+        // until a vacuum (a checked 1,000,000-row file: about as much again).
+        let table = if discarded {
+            sqlx::query(&format!(
+                "CREATE TEMPORARY TABLE {} (LIKE recipients INCLUDING DEFAULTS) ON COMMIT DROP",
+                DISCARDED.trim_start_matches("pg_temp.")
+            ))
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(&format!(
+                "INSERT INTO {DISCARDED} SELECT * FROM recipients WHERE campaign_id = $1"
+            ))
+            .bind(campaign.id)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(&format!(
+                "CREATE UNIQUE INDEX ON {DISCARDED} (campaign_id, row_key)"
+            ))
+            .execute(&mut *tx)
+            .await?;
+            DISCARDED
+        } else {
+            "recipients"
+        };
         let generation: i64 = if joined {
             sqlx::query_scalar("SELECT import_gen FROM campaigns WHERE id = $1")
                 .bind(campaign.id)
@@ -418,14 +453,17 @@ impl PgStore {
                 .bind(campaign.id)
                 .fetch_one(&mut *tx)
                 .await?;
-            sqlx::query("DELETE FROM recipients WHERE campaign_id = $1 AND row_key LIKE 'row:%'")
-                .bind(campaign.id)
-                .execute(&mut *tx)
-                .await?;
+            sqlx::query(&format!(
+                "DELETE FROM {table} WHERE campaign_id = $1 AND row_key LIKE 'row:%'"
+            ))
+            .bind(campaign.id)
+            .execute(&mut *tx)
+            .await?;
             generation
         };
         Ok(PgImport {
             tx,
+            table,
             campaign_id: campaign.id,
             generation,
             now: now_ms(),
@@ -482,6 +520,9 @@ impl PgStore {
         mut hold: impl FnMut(&Candidate) -> Option<(i64, WaitReason)>,
         skip: &Skip,
     ) -> Result<Claim> {
+        // Outcomes still waiting are written first: the rows `sending` in
+        // the database are never more than those claimed and not settled.
+        self.flush().await?;
         let mut tx = self.pool.begin().await?;
         // One worker at a time decides the account's next slot; the others
         // wait here, then see its send in the log.
@@ -589,7 +630,12 @@ impl PgStore {
         Ok(Claim::Ready { ready, unbuildable })
     }
 
-    /// Records what happened to a claimed recipient.
+    /// Records what happened to a claimed recipient. Outcomes are written
+    /// together: one recorded while another write is under way is written
+    /// by the next one, at the latest by the next claim, which writes every
+    /// outcome waiting before it marks new rows `sending`, so that no more
+    /// rows are ever `sending` in the database than were claimed and not
+    /// yet settled (SPEC §7.3).
     pub async fn record(
         &self,
         candidate: &Candidate,
@@ -597,86 +643,58 @@ impl PgStore {
         outcome: &Outcome,
         now: i64,
     ) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
-        sqlx::query("UPDATE send_log SET done_at = GREATEST(at, $1) WHERE id = $2")
-            .bind(now)
-            .bind(log_id)
-            .execute(&mut *tx)
-            .await?;
-        match outcome {
-            Outcome::Sent { reply } => {
-                sqlx::query("UPDATE recipients SET state = 'sent', reason = NULL, last_reply = $1, next_attempt_at = NULL, updated_at = $2 WHERE id = $3")
-                    .bind(reply)
-                    .bind(now)
-                    .bind(candidate.id)
-                    .execute(&mut *tx)
-                    .await?;
-            }
-            Outcome::Deferred { reply, retry_at_ms } => {
-                sqlx::query("UPDATE recipients SET state = 'deferred', reason = 'transient failure, will retry', last_reply = $1, next_attempt_at = $2, updated_at = $3 WHERE id = $4")
-                    .bind(reply)
-                    .bind(retry_at_ms)
-                    .bind(now)
-                    .bind(candidate.id)
-                    .execute(&mut *tx)
-                    .await?;
-            }
-            Outcome::Failed { reply, suppress } => {
-                sqlx::query("UPDATE recipients SET state = 'failed', reason = $1, last_reply = $2, next_attempt_at = NULL, updated_at = $3 WHERE id = $4")
-                    .bind(format!("rejected: {reply}"))
-                    .bind(reply)
-                    .bind(now)
-                    .bind(candidate.id)
-                    .execute(&mut *tx)
-                    .await?;
-                if *suppress {
-                    insert_suppression(
-                        &mut tx,
-                        &candidate.address,
-                        &format!("bounced: {reply}"),
-                        now,
-                    )
-                    .await?;
-                }
-            }
-            Outcome::Unclaimed => {
-                let before = &candidate.before;
-                sqlx::query("UPDATE recipients SET state = $1, attempts = $2, message_id = $3, updated_at = $4 WHERE id = $5")
-                    .bind(&before.state)
-                    .bind(candidate.attempts)
-                    .bind(&before.message_id)
-                    .bind(before.updated_at)
-                    .bind(candidate.id)
-                    .execute(&mut *tx)
-                    .await?;
-                sqlx::query("DELETE FROM send_log WHERE id = $1")
-                    .bind(log_id)
-                    .execute(&mut *tx)
-                    .await?;
-            }
-            Outcome::Unknown { reply } => {
-                sqlx::query("UPDATE recipients SET state = 'unknown', reason = 'connection lost after the message was sent: may or may not have been delivered', last_reply = $1, next_attempt_at = NULL, updated_at = $2 WHERE id = $3")
-                    .bind(reply)
-                    .bind(now)
-                    .bind(candidate.id)
-                    .execute(&mut *tx)
-                    .await?;
-            }
-            Outcome::Returned { reply, unlog } => {
-                sqlx::query("UPDATE recipients SET state = 'pending', attempts = GREATEST(attempts - 1, 0), last_reply = $1, updated_at = $2 WHERE id = $3")
-                    .bind(reply)
-                    .bind(now)
-                    .bind(candidate.id)
-                    .execute(&mut *tx)
-                    .await?;
-                if *unlog {
-                    sqlx::query("DELETE FROM send_log WHERE id = $1")
-                        .bind(log_id)
-                        .execute(&mut *tx)
-                        .await?;
-                }
+        self.failed_write()?;
+        lock(&self.outcomes).push((candidate.clone(), log_id, outcome.clone(), now));
+        match self.writer.clone().try_lock_owned() {
+            Ok(_writing) => self.write_outcomes(false).await,
+            Err(_) => {
+                // Written once the current write is done, without making
+                // this sender wait for it.
+                let store = self.clone();
+                tokio::spawn(async move {
+                    let _writing = store.writer.clone().lock_owned().await;
+                    if let Err(e) = store.write_outcomes(false).await {
+                        lock(&store.outcomes).error.get_or_insert(format!("{e:#}"));
+                    }
+                });
+                Ok(())
             }
         }
+    }
+
+    /// Writes the outcomes not yet written, synced; returns once they are.
+    pub async fn flush(&self) -> Result<()> {
+        let _writing = self.writer.clone().lock_owned().await;
+        self.write_outcomes(true).await?;
+        self.failed_write()
+    }
+
+    /// An error met writing outcomes in the background, once.
+    fn failed_write(&self) -> Result<()> {
+        match lock(&self.outcomes).error.take() {
+            Some(e) => Err(anyhow::anyhow!("recording outcomes: {e}")),
+            None => Ok(()),
+        }
+    }
+
+    /// Writes the waiting outcomes in one transaction, a few statements
+    /// whatever their number. Unless `synced`, the commit does not wait for
+    /// the disk: the next claim's synced commit makes them durable too (the
+    /// log is written in order), and until then a lost outcome leaves its
+    /// row `sending`, which becomes `unknown`, never sent again. Call
+    /// holding [`PgStore::writer`].
+    async fn write_outcomes(&self, synced: bool) -> Result<()> {
+        let waiting = std::mem::take(&mut lock(&self.outcomes).queue);
+        if waiting.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.pool.begin().await?;
+        if !synced {
+            sqlx::query("SET LOCAL synchronous_commit = off")
+                .execute(&mut *tx)
+                .await?;
+        }
+        write_outcomes(&mut tx, &waiting).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -761,7 +779,7 @@ impl PgStore {
         visit: impl FnMut(ExportRow) -> Result<()>,
     ) -> Result<()> {
         let mut conn = self.pool.acquire().await?;
-        export_rows(&mut conn, campaign_id, state, visit).await
+        export_rows(&mut conn, "recipients", campaign_id, state, visit).await
     }
 
     pub async fn suppress(&self, address: &str, reason: &str) -> Result<bool> {
@@ -876,12 +894,11 @@ impl PgStore {
             return Ok(found);
         }
         // Only a message a server accepted (or may have) can bounce.
-        let mut rows = sqlx::query(
-            "SELECT id, email, address, row_key, state, reason, message_id FROM recipients \
-             WHERE campaign_id = $1 AND state IN ('sent', 'unknown', 'bounced')",
-        )
-        .bind(campaign_id)
-        .fetch(&self.pool);
+        let sql = format!(
+            "SELECT id, {EMAIL} AS email, {ADDRESS} AS address, row_key, state, reason, message_id FROM recipients \
+             WHERE campaign_id = $1 AND state IN ('sent', 'unknown', 'bounced')"
+        );
+        let mut rows = sqlx::query(&sql).bind(campaign_id).fetch(&self.pool);
         while let Some(row) = rows.try_next().await? {
             let message_id: Option<String> = row.get("message_id");
             let address: String = row.get::<Option<String>, _>("address").unwrap_or_default();
@@ -970,13 +987,12 @@ impl PgStore {
         mut visit: impl FnMut(SendEntry) -> Result<()>,
     ) -> Result<()> {
         use futures_util::TryStreamExt;
-        let mut rows = sqlx::query(
-            "SELECT l.account, l.at, l.done_at, l.recipients, r.email, r.last_reply \
+        let sql = format!(
+            "SELECT l.account, l.at, l.done_at, l.recipients, {EMAIL} AS email, r.last_reply \
              FROM send_log l JOIN recipients r ON r.id = l.recipient_id \
-             WHERE r.campaign_id = $1 ORDER BY l.account, l.at, l.id",
-        )
-        .bind(campaign_id)
-        .fetch(&self.pool);
+             WHERE r.campaign_id = $1 ORDER BY l.account, l.at, l.id"
+        );
+        let mut rows = sqlx::query(&sql).bind(campaign_id).fetch(&self.pool);
         while let Some(row) = rows.try_next().await? {
             visit(SendEntry {
                 account: row.get("account"),
@@ -1007,6 +1023,160 @@ impl PgStore {
     }
 }
 
+/// Outcomes of claimed recipients, column by column, for `UNNEST`.
+#[derive(Default)]
+struct Settled {
+    id: Vec<i64>,
+    state: Vec<&'static str>,
+    reason: Vec<Option<String>>,
+    reply: Vec<String>,
+    next: Vec<Option<i64>>,
+    now: Vec<i64>,
+}
+
+/// Writes outcomes of claimed recipients (at most one per recipient) in a
+/// few statements whatever their number: their sends' ends, the rows
+/// settled, the rows given back, the suppressions.
+async fn write_outcomes(
+    conn: &mut sqlx::PgConnection,
+    outcomes: &[(Candidate, i64, Outcome, i64)],
+) -> Result<()> {
+    let (mut logs, mut ends) = (Vec::new(), Vec::new());
+    let mut unlogged = Vec::new();
+    let mut settled = Settled::default();
+    let mut returned = Settled::default();
+    let (mut unclaimed, mut before_state, mut attempts, mut before_id, mut before_at) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut suppressed, mut suppressed_key, mut suppressed_why, mut suppressed_at) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for (candidate, log_id, outcome, now) in outcomes {
+        logs.push(*log_id);
+        ends.push(*now);
+        let mut settle = |state, reason: Option<String>, reply: &str, next| {
+            settled.id.push(candidate.id);
+            settled.state.push(state);
+            settled.reason.push(reason);
+            settled.reply.push(reply.to_string());
+            settled.next.push(next);
+            settled.now.push(*now);
+        };
+        match outcome {
+            Outcome::Sent { reply } => settle("sent", None, reply, None),
+            Outcome::Deferred { reply, retry_at_ms } => settle(
+                "deferred",
+                Some("transient failure, will retry".into()),
+                reply,
+                Some(*retry_at_ms),
+            ),
+            Outcome::Failed { reply, suppress } => {
+                settle("failed", Some(format!("rejected: {reply}")), reply, None);
+                if *suppress {
+                    suppressed_key.push(candidate.address.to_lowercase());
+                    suppressed.push(candidate.address.clone());
+                    suppressed_why.push(format!("bounced: {reply}"));
+                    suppressed_at.push(*now);
+                }
+            }
+            Outcome::Unknown { reply } => settle(
+                "unknown",
+                Some(
+                    "connection lost after the message was sent: may or may not have been delivered"
+                        .into(),
+                ),
+                reply,
+                None,
+            ),
+            Outcome::Unclaimed => {
+                unclaimed.push(candidate.id);
+                before_state.push(candidate.before.state.clone());
+                attempts.push(candidate.attempts);
+                before_id.push(candidate.before.message_id.clone());
+                before_at.push(candidate.before.updated_at);
+                unlogged.push(*log_id);
+            }
+            Outcome::Returned { reply, unlog } => {
+                returned.id.push(candidate.id);
+                returned.reply.push(reply.clone());
+                returned.now.push(*now);
+                if *unlog {
+                    unlogged.push(*log_id);
+                }
+            }
+        }
+    }
+    sqlx::query(
+        "UPDATE send_log l SET done_at = GREATEST(l.at, u.now) \
+         FROM UNNEST($1::bigint[], $2::bigint[]) AS u(id, now) WHERE l.id = u.id",
+    )
+    .bind(&logs)
+    .bind(&ends)
+    .execute(&mut *conn)
+    .await?;
+    if !settled.id.is_empty() {
+        sqlx::query(
+            "UPDATE recipients r SET state = u.state, reason = u.reason, last_reply = u.reply, \
+             next_attempt_at = u.next, updated_at = u.now \
+             FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::bigint[]) \
+             AS u(id, state, reason, reply, next, now) WHERE r.id = u.id",
+        )
+        .bind(&settled.id)
+        .bind(&settled.state)
+        .bind(&settled.reason)
+        .bind(&settled.reply)
+        .bind(&settled.next)
+        .bind(&settled.now)
+        .execute(&mut *conn)
+        .await?;
+    }
+    if !unclaimed.is_empty() {
+        sqlx::query(
+            "UPDATE recipients r SET state = u.state, attempts = u.attempts, message_id = u.message_id, \
+             updated_at = u.updated_at \
+             FROM UNNEST($1::bigint[], $2::text[], $3::bigint[], $4::text[], $5::bigint[]) \
+             AS u(id, state, attempts, message_id, updated_at) WHERE r.id = u.id",
+        )
+        .bind(&unclaimed)
+        .bind(&before_state)
+        .bind(&attempts)
+        .bind(&before_id)
+        .bind(&before_at)
+        .execute(&mut *conn)
+        .await?;
+    }
+    if !returned.id.is_empty() {
+        sqlx::query(
+            "UPDATE recipients r SET state = 'pending', attempts = GREATEST(r.attempts - 1, 0), \
+             last_reply = u.reply, updated_at = u.now \
+             FROM UNNEST($1::bigint[], $2::text[], $3::bigint[]) AS u(id, reply, now) WHERE r.id = u.id",
+        )
+        .bind(&returned.id)
+        .bind(&returned.reply)
+        .bind(&returned.now)
+        .execute(&mut *conn)
+        .await?;
+    }
+    if !unlogged.is_empty() {
+        sqlx::query("DELETE FROM send_log WHERE id = ANY($1)")
+            .bind(&unlogged)
+            .execute(&mut *conn)
+            .await?;
+    }
+    if !suppressed.is_empty() {
+        sqlx::query(
+            "INSERT INTO suppressions (email_key, email, reason, created_at) \
+             SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bigint[]) \
+             ON CONFLICT (email_key) DO NOTHING",
+        )
+        .bind(&suppressed_key)
+        .bind(&suppressed)
+        .bind(&suppressed_why)
+        .bind(&suppressed_at)
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(())
+}
+
 async fn insert_suppression(
     conn: &mut sqlx::PgConnection,
     address: &str,
@@ -1032,16 +1202,26 @@ async fn next_candidate(
     passed_over: &[i64],
     skip: &Skip,
 ) -> Result<Option<Candidate>> {
-    // The field index is a number, written into the query; with nothing
-    // to skip the condition is left out, so no row's fields are parsed.
+    // With nothing to skip the condition is left out. Cells stored
+    // compactly are joined by CELLS: a row holding a skipped value as a
+    // whole cell is passed over. That may be another column than
+    // `skip.field`, which only delays that row until the zone opens (the
+    // engine still checks each recipient's own zone). Rows stored as JSON
+    // are looked up by the field's index, a number written into the query.
     let skipping = |n: usize| match skip.values.is_empty() {
         true => String::new(),
         false => format!(
-            " AND COALESCE(fields::jsonb ->> {}, '') <> ALL(${n})",
-            skip.field
+            " AND CASE WHEN left(fields, 1) = chr({sep}) \
+             THEN NOT EXISTS (SELECT 1 FROM UNNEST(${n}::text[]) z(v) \
+             WHERE strpos(fields || chr({sep}), chr({sep}) || z.v || chr({sep})) > 0) \
+             ELSE COALESCE(fields::jsonb ->> {}, '') <> ALL(${n}) END",
+            skip.field,
+            sep = u32::from(CELLS)
         ),
     };
-    let columns = "id, row_number, email, address, fields, attempts, state, message_id, updated_at";
+    let columns = format!(
+        "id, row_number, {EMAIL} AS email, {ADDRESS} AS address, fields, attempts, state, message_id, updated_at"
+    );
     let mut row = sqlx::query(&format!(
         "SELECT {columns} FROM recipients WHERE campaign_id = $1 AND state = 'deferred' AND next_attempt_at <= $2 AND NOT (id = ANY($3)){} ORDER BY next_attempt_at, id LIMIT 1 FOR UPDATE SKIP LOCKED",
         skipping(4)
@@ -1064,12 +1244,13 @@ async fn next_candidate(
         .await?;
     }
     row.map(|row| {
+        let email: String = row.get("email");
         Ok(Candidate {
             id: row.get("id"),
             row_number: row.get("row_number"),
-            email: row.get("email"),
+            fields: decode_fields(row.get("fields"), &email)?,
+            email,
             address: row.get::<Option<String>, _>("address").unwrap_or_default(),
-            fields: serde_json::from_str(row.get::<&str, _>("fields"))?,
             attempts: row.get("attempts"),
             before: Before {
                 state: row.get("state"),
@@ -1109,29 +1290,32 @@ async fn load_schedule(
 
 async fn export_rows(
     conn: &mut sqlx::PgConnection,
+    table: &str,
     campaign_id: i64,
     state: Option<State>,
     mut visit: impl FnMut(ExportRow) -> Result<()>,
 ) -> Result<()> {
     use futures_util::TryStreamExt;
-    let mut rows = sqlx::query(
-        "SELECT email, state, reason, attempts, last_reply, updated_at, message_id, fields FROM recipients \
-         WHERE campaign_id = $1 AND ($2 IS NULL OR state = $3) ORDER BY row_number, id",
-    )
-    .bind(campaign_id)
-    .bind(state.map(State::as_str))
-    .bind(state.map(State::as_str))
-    .fetch(conn);
+    let sql = format!(
+        "SELECT {EMAIL} AS email, state, reason, attempts, last_reply, updated_at, message_id, fields FROM {table} \
+         WHERE campaign_id = $1 AND ($2::text IS NULL OR state = $3) ORDER BY row_number, id"
+    );
+    let mut rows = sqlx::query(&sql)
+        .bind(campaign_id)
+        .bind(state.map(State::as_str))
+        .bind(state.map(State::as_str))
+        .fetch(conn);
     while let Some(row) = rows.try_next().await? {
+        let email: String = row.get("email");
         visit(ExportRow {
-            email: row.get("email"),
+            fields: decode_fields(row.get("fields"), &email)?,
+            email,
             state: row.get("state"),
             reason: row.get("reason"),
             attempts: row.get("attempts"),
             last_reply: row.get("last_reply"),
             updated_at: row.get("updated_at"),
             message_id: row.get("message_id"),
-            fields: serde_json::from_str(row.get::<&str, _>("fields"))?,
         })?;
     }
     Ok(())
@@ -1150,9 +1334,17 @@ struct Columns {
     reason: Vec<Option<String>>,
 }
 
+/// The transaction's own copy of a campaign's rows that a read which is
+/// rolled back writes into; named with its schema, so that no statement
+/// prepared for the table itself is ever taken for it.
+const DISCARDED: &str = "pg_temp.hikyaku_discarded_read";
+
 /// A read of the recipients file in progress, inside one transaction.
 pub struct PgImport {
     tx: Transaction<'static, Postgres>,
+    /// Where the rows are written: `recipients`, or [`DISCARDED`] for a
+    /// read that is rolled back.
+    table: &'static str,
     campaign_id: i64,
     generation: i64,
     now: i64,
@@ -1172,10 +1364,11 @@ impl PgImport {
         let mut known: HashMap<String, Known> = HashMap::new();
         let mut suppressed: HashSet<String> = HashSet::new();
         if !keys.is_empty() {
-            let found = sqlx::query(
-                "SELECT row_key, id, seen_gen, state, reason, row_number FROM recipients \
+            let found = sqlx::query(&format!(
+                "SELECT row_key, id, seen_gen, state, reason, row_number FROM {} \
                  WHERE campaign_id = $1 AND row_key = ANY($2)",
-            )
+                self.table
+            ))
             .bind(self.campaign_id)
             .bind(&keys)
             .fetch_all(&mut *self.tx)
@@ -1211,29 +1404,40 @@ impl PgImport {
         let (mut new, mut old) = (Columns::default(), Columns::default());
         for w in &writes {
             let row = &rows[w.row];
-            let (key, address) = match row.valid {
-                Some((address, key)) if w.recipient => (key.to_string(), Some(address.to_string())),
-                _ => (format!("row:{}", row.number), None),
+            let (key, (email, address, fields)) = match row.valid {
+                Some((address, key)) if w.recipient => (
+                    key.to_string(),
+                    compact::recipient(key, row.email, address, row.fields),
+                ),
+                _ => (
+                    format!("row:{}", row.number),
+                    (
+                        row.email.to_string(),
+                        None,
+                        encode_fields(row.fields, row.email),
+                    ),
+                ),
             };
             let columns = if w.new { &mut new } else { &mut old };
             columns.id.push(w.id);
             columns.key.push(key);
-            columns.email.push(row.email.to_string());
+            columns.email.push(email);
             columns.address.push(address);
             columns
                 .number
                 .push(i64::try_from(row.number).unwrap_or(i64::MAX));
-            columns.fields.push(serde_json::to_string(row.fields)?);
+            columns.fields.push(fields);
             columns.state.push(w.state);
             columns.reason.push(w.reason.clone());
         }
         if !new.id.is_empty() {
-            let ids: HashMap<String, i64> = sqlx::query_as(
-                "INSERT INTO recipients (campaign_id, row_key, email, address, row_number, fields, state, reason, seen_gen, updated_at) \
+            let ids: HashMap<String, i64> = sqlx::query_as(&format!(
+                "INSERT INTO {} (campaign_id, row_key, email, address, row_number, fields, state, reason, seen_gen, updated_at) \
                  SELECT $1, u.* , $9, $10 FROM UNNEST($2::text[], $3::text[], $4::text[], $5::bigint[], $6::text[], $7::text[], $8::text[]) \
                  AS u(row_key, email, address, row_number, fields, state, reason) \
                  RETURNING row_key, id",
-            )
+                self.table
+            ))
             .bind(self.campaign_id)
             .bind(&new.key)
             .bind(&new.email)
@@ -1258,13 +1462,14 @@ impl PgImport {
             }
         }
         if !old.id.is_empty() {
-            sqlx::query(
-                "UPDATE recipients r SET email = u.email, address = u.address, row_number = u.row_number, \
+            sqlx::query(&format!(
+                "UPDATE {} r SET email = u.email, address = u.address, row_number = u.row_number, \
                  fields = u.fields, seen_gen = $9, state = u.state, reason = u.reason, \
                  updated_at = CASE WHEN r.state = u.state THEN r.updated_at ELSE $10 END \
                  FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::text[], $7::text[], $8::text[]) \
                  AS u(id, row_key, email, address, row_number, fields, state, reason) WHERE r.id = u.id",
-            )
+                self.table
+            ))
             .bind(&old.id)
             .bind(&old.key)
             .bind(&old.email)
@@ -1283,9 +1488,10 @@ impl PgImport {
 
     /// A row whose message cannot be built, with `--skip-invalid`.
     pub async fn skip_invalid_message(&mut self, id: i64, why: &str) -> Result<()> {
-        sqlx::query(
-            "UPDATE recipients SET state = 'skipped', reason = $1, updated_at = $2 WHERE id = $3",
-        )
+        sqlx::query(&format!(
+            "UPDATE {} SET state = 'skipped', reason = $1, updated_at = $2 WHERE id = $3",
+            self.table
+        ))
         .bind(SkipReason::InvalidMessage(why.to_string()).to_text())
         .bind(self.now)
         .bind(id)
@@ -1302,6 +1508,10 @@ impl PgImport {
     }
 
     pub async fn commit(mut self) -> Result<u64> {
+        anyhow::ensure!(
+            self.table != DISCARDED,
+            "a read of the recipients file made to be rolled back was kept"
+        );
         sqlx::query("UPDATE workers SET ready = TRUE WHERE campaign_id = $1 AND token = $2")
             .bind(self.campaign_id)
             .bind(&self.worker)
@@ -1337,15 +1547,16 @@ impl PgImport {
         state: Option<State>,
         visit: impl FnMut(ExportRow) -> Result<()>,
     ) -> Result<()> {
-        export_rows(&mut self.tx, self.campaign_id, state, visit).await
+        export_rows(&mut self.tx, self.table, self.campaign_id, state, visit).await
     }
 
     /// Counts per state as they would be after commit (for dry runs).
     pub async fn counts(&mut self) -> Result<Counts> {
-        let rows = sqlx::query(
+        let rows = sqlx::query(&format!(
             "SELECT CASE WHEN seen_gen < $1 AND state IN ('pending', 'deferred') THEN 'skipped' ELSE state END AS st, COUNT(*) AS n \
-             FROM recipients WHERE campaign_id = $2 GROUP BY st",
-        )
+             FROM {} WHERE campaign_id = $2 GROUP BY st",
+            self.table
+        ))
         .bind(self.generation)
         .bind(self.campaign_id)
         .fetch_all(&mut *self.tx)

@@ -14,10 +14,11 @@ use sqlx::{ConnectOptions as _, Connection as _, Row as _, Sqlite, Transaction};
 
 use std::collections::{HashMap, HashSet};
 
+use super::compact::{self, decode_fields, encode_fields, ADDRESS, CELLS, EMAIL};
 use super::{
-    classify_rows, Before, CampaignRecord, CampaignSummary, Candidate, Claim, Counts, Delivery,
-    ExportRow, Identity, ImportInto, ImportRow, Known, Outcome, Ready, RowStatus, Skip, SkipReason,
-    State, WaitReason,
+    classify_rows, lock, Before, CampaignRecord, CampaignSummary, Candidate, Claim, Counts,
+    Delivery, ExportRow, Identity, ImportInto, ImportRow, Known, Outcome, Outcomes, Ready,
+    RowStatus, Skip, SkipReason, State, WaitReason,
 };
 use crate::error::input_error;
 use crate::limits::{Schedule, Send, Slot, Window};
@@ -159,7 +160,7 @@ pub struct SqliteStore {
     /// Held by this process's claims and outcome writes: they take turns
     /// here instead of in SQLite's busy handler, which sleeps.
     writer: Arc<tokio::sync::Mutex<()>>,
-    outcomes: Arc<std::sync::Mutex<Outcomes>>,
+    pub(super) outcomes: Arc<std::sync::Mutex<Outcomes>>,
 }
 
 impl SqliteStore {
@@ -525,7 +526,7 @@ impl SqliteStore {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let made;
         let campaign = match into {
-            ImportInto::Campaign(record) => record,
+            ImportInto::Campaign(record) | ImportInto::Discarded(record) => record,
             ImportInto::Found(id) => {
                 made = create(&mut tx, id).await?;
                 &made
@@ -1031,26 +1032,6 @@ async fn write_outcome(
     Ok(())
 }
 
-/// Outcomes waiting to be written, and an error met writing them.
-#[derive(Default)]
-pub(super) struct Outcomes {
-    queue: Vec<(Candidate, i64, Outcome, i64)>,
-    error: Option<String>,
-}
-
-impl Outcomes {
-    fn push(&mut self, outcome: (Candidate, i64, Outcome, i64)) {
-        self.queue.push(outcome);
-    }
-}
-
-/// The outcomes, whatever a thread that panicked holding them left.
-fn lock(outcomes: &std::sync::Mutex<Outcomes>) -> std::sync::MutexGuard<'_, Outcomes> {
-    outcomes
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
 pub(super) async fn insert_suppression(
     conn: &mut sqlx::SqliteConnection,
     address: &str,
@@ -1316,12 +1297,7 @@ async fn export_rows(
     Ok(())
 }
 
-/// A row of the recipients table, written compactly: the address as
-/// written is left empty when it is its own key (lowercase), the address as
-/// sent left NULL when it is the address as written, and the cells joined
-/// by a separator, each one that is the address as written shortened to
-/// [`SAME_AS_EMAIL`]. Rows written before keep their longer form; reading
-/// takes both ([`EMAIL`], [`ADDRESS`], [`decode_fields`]).
+/// A row of the recipients table, written compactly ([`super::compact`]).
 #[allow(clippy::too_many_arguments)]
 fn stored_row(
     id: i64,
@@ -1333,76 +1309,25 @@ fn stored_row(
     state: &'static str,
     reason: Option<String>,
 ) -> Stored {
+    let (email, address, fields) = compact::recipient(key, email, address, fields);
     (
         id,
         key.to_string(),
-        if email == key {
-            String::new()
-        } else {
-            email.to_string()
-        },
-        (address != email).then(|| address.to_string()),
+        email,
+        address,
         number,
-        encode_fields(fields, email),
+        fields,
         state,
         reason,
     )
 }
 
-/// The address as written, from a stored row: an empty `email` of a
-/// recipient (whose key holds an `@`, unlike the `row:N` key of a row that
-/// is not one) is its key.
-pub(super) const EMAIL: &str =
-    "(CASE WHEN email = '' AND instr(row_key, '@') > 0 THEN row_key ELSE email END)";
 /// When a stored row last changed: 0 is when the read of the recipients
 /// file that wrote it did, kept once in its campaign (the latest read for
 /// rows it saw, the read before for the others while a read is under way).
 pub(super) const UPDATED_AT: &str = "(CASE WHEN updated_at != 0 THEN updated_at ELSE \
      (SELECT COALESCE(CASE WHEN recipients.seen_gen = imp.import_gen THEN imp.imported_at ELSE imp.imported_before END, 0) \
       FROM campaigns imp WHERE imp.id = recipients.campaign_id) END)";
-/// The address as sent, from a stored row: NULL is the address as written.
-pub(super) const ADDRESS: &str =
-    "COALESCE(address, CASE WHEN email = '' AND instr(row_key, '@') > 0 THEN row_key ELSE email END)";
-
-/// Starts the compact form of the cells (JSON arrays start with `[`).
-const CELLS: char = '\u{1f}';
-/// A cell that is the row's address as written.
-const SAME_AS_EMAIL: &str = "\u{1e}";
-
-/// A row's cells as stored: separated by [`CELLS`], or as JSON when a cell
-/// holds one of the two separators.
-fn encode_fields(fields: &[String], email: &str) -> String {
-    let plain = !fields.is_empty()
-        && fields
-            .iter()
-            .all(|f| !f.contains(CELLS) && !f.contains(SAME_AS_EMAIL));
-    if !plain {
-        return serde_json::to_string(fields).unwrap_or_else(|_| "[]".to_string());
-    }
-    let mut out = String::with_capacity(fields.iter().map(|f| f.len() + 1).sum());
-    for field in fields {
-        out.push(CELLS);
-        out.push_str(if field == email { SAME_AS_EMAIL } else { field });
-    }
-    out
-}
-
-/// A row's cells from their stored form; `email` is the row's address as written.
-pub(super) fn decode_fields(stored: &str, email: &str) -> Result<Vec<String>> {
-    match stored.strip_prefix(CELLS) {
-        Some(cells) => Ok(cells
-            .split(CELLS)
-            .map(|c| {
-                if c == SAME_AS_EMAIL {
-                    email.to_string()
-                } else {
-                    c.to_string()
-                }
-            })
-            .collect()),
-        None => Ok(serde_json::from_str(stored)?),
-    }
-}
 
 /// A read of the recipients file in progress, inside one transaction.
 pub struct SqliteImport {
