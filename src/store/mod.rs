@@ -483,6 +483,54 @@ pub struct Skip {
     pub values: Vec<String>,
 }
 
+/// Recipients one claim passes over (held by `hold`) before it waits.
+const MAX_PASSED_OVER: usize = 64;
+
+/// What a claim is for: the account, its pause key and windows, and now.
+pub(crate) struct Gate<'a> {
+    pub account: &'a str,
+    pub pause_key: &'a str,
+    pub windows: &'a [Window],
+    pub now: i64,
+}
+
+/// Recipients picked for a claim, their messages built outside any
+/// transaction, handed to the backend's `take`.
+#[derive(Default)]
+pub(crate) struct Picked {
+    /// Every row picked: the backend lets go of the ones not taken.
+    pub ids: Vec<i64>,
+    pub built: Vec<(Candidate, Outgoing)>,
+    pub unbuildable: Vec<(Candidate, String)>,
+    /// The earliest a passed-over recipient may go, and why.
+    pub held: Option<(i64, WaitReason)>,
+}
+
+impl Picked {
+    /// What the claim comes to once the backend has marked `ready` (those
+    /// of `built` still as they were picked) and skipped the unbuildable:
+    /// `None` when nothing at all was picked (the backend then says when
+    /// something is due). Forgets the taken rows: they need no letting go.
+    pub fn settle(&mut self, built_any: bool, ready: Vec<Ready>) -> Option<Claim> {
+        let taken: HashSet<i64> = ready
+            .iter()
+            .map(|r| r.candidate.id)
+            .chain(self.unbuildable.iter().map(|(c, _)| c.id))
+            .collect();
+        self.ids.retain(|id| !taken.contains(id));
+        let unbuildable = std::mem::take(&mut self.unbuildable);
+        if ready.is_empty() && unbuildable.is_empty() {
+            if let Some((until_ms, why)) = self.held.take() {
+                return Some(Claim::Wait { until_ms, why });
+            }
+            if !built_any {
+                return None;
+            }
+        }
+        Some(Claim::Ready { ready, unbuildable })
+    }
+}
+
 /// One outcome of a send, as written to the store.
 #[derive(Debug, Clone)]
 pub enum Outcome {
@@ -702,12 +750,37 @@ impl Store {
         max: usize,
         build: impl Fn(&Candidate) -> std::result::Result<Outgoing, String>,
     ) -> Result<Claim> {
-        on_backend!(self, Store, b => b.claim(campaign_id, account, pause_key, windows, now, max, build).await)
+        self.claim_held(
+            campaign_id,
+            account,
+            pause_key,
+            windows,
+            now,
+            max,
+            build,
+            |_| None,
+            &Skip::default(),
+        )
+        .await
     }
 
     /// [`Store::claim`], passing over recipients that `hold` says must wait
     /// (until when, and why: their domain's pacing, their own sending
     /// hours), so that one slow destination never holds up the others.
+    /// `hold` is asked last, when the recipient would otherwise be claimed.
+    ///
+    /// The protocol is the same on both backends (SPEC §10):
+    /// 1. the account's pause and next slot are read first, without a lock:
+    ///    nothing is built for a send that must wait;
+    /// 2. recipients are picked for this worker (kept from the others: on
+    ///    SQLite within the process, on PostgreSQL by `FOR UPDATE SKIP
+    ///    LOCKED` and a short reservation) and their messages are rendered
+    ///    and signed outside any database transaction;
+    /// 3. one transaction, taken by one worker at a time for the account,
+    ///    decides the slot again, marks `sending` the picked rows that are
+    ///    still as they were picked and logs their sends, and is committed
+    ///    (synced) before any of them is sent. A row another worker changed
+    ///    in between is left to it, its message dropped.
     #[allow(clippy::too_many_arguments)]
     pub async fn claim_held(
         &self,
@@ -718,10 +791,57 @@ impl Store {
         now: i64,
         max: usize,
         build: impl Fn(&Candidate) -> std::result::Result<Outgoing, String>,
-        hold: impl FnMut(&Candidate) -> Option<(i64, WaitReason)>,
+        mut hold: impl FnMut(&Candidate) -> Option<(i64, WaitReason)>,
         skip: &Skip,
     ) -> Result<Claim> {
-        on_backend!(self, Store, b => b.claim_held(campaign_id, account, pause_key, windows, now, max, build, hold, skip).await)
+        let gate = Gate {
+            account,
+            pause_key,
+            windows,
+            now,
+        };
+        if let Some(wait) = on_backend!(self, Store, b => b.wait_before(&gate, 1).await)? {
+            return Ok(wait);
+        }
+        // With windows, one at a time: each send needs its own slot.
+        let want = if windows.is_empty() { max.max(1) } else { 1 };
+        let mut picked = Picked::default();
+        let mut passed_over = 0;
+        let result = async {
+            while picked.built.len() < want && passed_over < MAX_PASSED_OVER {
+                let left = want - picked.built.len();
+                // Not one picked already by this claim, held or not.
+                let batch = on_backend!(self, Store, b => b.pick(campaign_id, now, &picked.ids, skip, left).await)?;
+                if batch.is_empty() {
+                    break;
+                }
+                for candidate in batch {
+                    picked.ids.push(candidate.id);
+                    let message = match build(&candidate) {
+                        Ok(m) => m,
+                        Err(why) => {
+                            // The row was checked before the run; something
+                            // changed since (an attachment removed): a
+                            // campaign defect, not a bounce.
+                            picked.unbuildable.push((candidate, why));
+                            continue;
+                        }
+                    };
+                    if let Some((until_ms, why)) = hold(&candidate) {
+                        passed_over += 1;
+                        if picked.held.as_ref().is_none_or(|(u, _)| until_ms < *u) {
+                            picked.held = Some((until_ms, why));
+                        }
+                        continue;
+                    }
+                    picked.built.push((candidate, message));
+                }
+            }
+            on_backend!(self, Store, b => b.take(campaign_id, &gate, &mut picked).await)
+        }
+        .await;
+        on_backend!(self, Store, b => b.unpick(&picked.ids).await);
+        result
     }
 
     /// When the account first sent, for its warm-up (SPEC §6b).

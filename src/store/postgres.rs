@@ -17,8 +17,9 @@ use sqlx::{ConnectOptions as _, Postgres, Row as _, Transaction};
 use super::compact::{self, decode_fields, encode_fields, ADDRESS, CELLS, EMAIL};
 use super::{
     classify_rows, lock, mask_password, message_id_key, Before, CampaignRecord, CampaignSummary,
-    Candidate, Claim, Counts, Delivery, ExportRow, Identity, ImportInto, ImportRow, Known,
-    NoticeRow, Outcome, Outcomes, Ready, RowStatus, SendEntry, Skip, SkipReason, State, WaitReason,
+    Candidate, Claim, Counts, Delivery, ExportRow, Gate, Identity, ImportInto, ImportRow, Known,
+    NoticeRow, Outcome, Outcomes, Picked, Ready, RowStatus, SendEntry, Skip, SkipReason, State,
+    WaitReason,
 };
 use crate::error::input_error;
 use crate::limits::{Schedule, Send, Slot, Window};
@@ -31,8 +32,9 @@ use super::lease_ms;
 const RETRYABLE_FAILED: &str = "campaign_id = $1 AND state = 'failed' \
      AND NOT EXISTS (SELECT 1 FROM suppressions s WHERE s.email_key = recipients.row_key)";
 
-/// Recipients one claim passes over for their domain before it waits.
-const MAX_PASSED_OVER: usize = 64;
+/// How long a worker keeps the rows it picked from the others while it
+/// builds their messages, before it claims them or lets them go.
+pub(super) const PICK_MS: i64 = 10_000;
 
 #[derive(Clone)]
 pub struct PgStore {
@@ -472,162 +474,235 @@ impl PgStore {
         })
     }
 
-    /// Picks up to `max` recipients and, if the account's windows allow it
-    /// now, marks them `sending` and logs their sends, in one transaction
-    /// synced to disk before any of them is sent. `build` renders a message
-    /// (its recipient count decides what the windows see). With windows,
-    /// claim one at a time: each send needs its own slot.
-    #[allow(clippy::too_many_arguments)]
-    pub async fn claim(
-        &self,
-        campaign_id: i64,
-        account: &str,
-        pause_key: &str,
-        windows: &[Window],
-        now: i64,
-        max: usize,
-        build: impl Fn(&Candidate) -> std::result::Result<Outgoing, String>,
-    ) -> Result<Claim> {
-        self.claim_held(
-            campaign_id,
-            account,
-            pause_key,
-            windows,
-            now,
-            max,
-            build,
-            |_| None,
-            &Skip::default(),
-        )
-        .await
+    /// The wait before a send of `count` recipients for `gate`'s account,
+    /// read without a lock: its pause, or its next slot in the future.
+    pub(super) async fn wait_before(&self, gate: &Gate<'_>, count: u32) -> Result<Option<Claim>> {
+        let mut conn = self.pool.acquire().await?;
+        wait_in(&mut conn, gate, count).await
     }
 
-    /// [`Store::claim`], passing over recipients that `hold` says must wait
-    /// (until when, and the domain that holds them): they stay as they are,
-    /// and the next recipients are tried, so that one slow destination
-    /// never holds up the others. `hold` is asked last, when the recipient
-    /// would otherwise be claimed.
-    #[allow(clippy::too_many_arguments)]
-    pub async fn claim_held(
+    /// Up to `limit` recipients due now for this worker, reserved to it for
+    /// [`PICK_MS`]: the deferred whose retry time has come, then the
+    /// pending, in file order, passing over rows another worker is picking
+    /// (`FOR UPDATE SKIP LOCKED`) or has reserved. The reservation is no
+    /// claim: it only keeps two workers from building the same messages,
+    /// and it is committed without waiting for the disk.
+    pub(super) async fn pick(
         &self,
         campaign_id: i64,
-        account: &str,
-        pause_key: &str,
-        windows: &[Window],
         now: i64,
-        max: usize,
-        build: impl Fn(&Candidate) -> std::result::Result<Outgoing, String>,
-        mut hold: impl FnMut(&Candidate) -> Option<(i64, WaitReason)>,
+        excluded: &[i64],
         skip: &Skip,
+        limit: usize,
+    ) -> Result<Vec<Candidate>> {
+        // Outcomes waiting are written first when nothing else is writing:
+        // a recipient returned to `pending` goes first again.
+        if let Ok(_writing) = self.writer.clone().try_lock_owned() {
+            self.write_outcomes(false).await?;
+        }
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SET LOCAL synchronous_commit = off")
+            .execute(&mut *tx)
+            .await?;
+        let limit = i64::try_from(limit.max(1)).unwrap_or(1);
+        let mut picked = pick_rows(
+            &mut tx,
+            &self.worker,
+            campaign_id,
+            now,
+            excluded,
+            skip,
+            limit,
+            true,
+        )
+        .await?;
+        let left = limit - i64::try_from(picked.len()).unwrap_or(limit);
+        if left > 0 {
+            picked.extend(
+                pick_rows(
+                    &mut tx,
+                    &self.worker,
+                    campaign_id,
+                    now,
+                    excluded,
+                    skip,
+                    left,
+                    false,
+                )
+                .await?,
+            );
+        }
+        tx.commit().await?;
+        Ok(picked)
+    }
+
+    /// Lets go of picked rows that were not taken: other workers may pick
+    /// them at once.
+    pub(super) async fn unpick(&self, ids: &[i64]) {
+        if ids.is_empty() {
+            return;
+        }
+        // Best effort: a reservation left runs out by itself.
+        let _ = sqlx::query(
+            "UPDATE recipients SET worker = NULL, lease_until = NULL \
+             WHERE id = ANY($1) AND worker = $2 AND state IN ('pending', 'deferred')",
+        )
+        .bind(ids)
+        .bind(&self.worker)
+        .execute(&self.pool)
+        .await;
+    }
+
+    /// Claims what was picked, in one transaction committed before any of
+    /// them is sent: one worker at a time decides the account's slot again
+    /// (an advisory lock on the account), the unbuildable rows are skipped,
+    /// and the built ones still as they were picked, and still reserved to
+    /// this worker, are marked `sending` under its lease, their sends
+    /// logged: a few statements for the whole claim.
+    pub(super) async fn take(
+        &self,
+        campaign_id: i64,
+        gate: &Gate<'_>,
+        picked: &mut Picked,
     ) -> Result<Claim> {
-        // Outcomes still waiting are written first: the rows `sending` in
-        // the database are never more than those claimed and not settled.
-        self.flush().await?;
+        self.failed_write()?;
+        let _writing = self.writer.clone().lock_owned().await;
+        // Outcomes still waiting are written first, without waiting for
+        // the disk (this claim's synced commit comes after them in the
+        // log): the rows `sending` in the database are never more than
+        // those claimed and not settled.
+        self.write_outcomes(false).await?;
         let mut tx = self.pool.begin().await?;
         // One worker at a time decides the account's next slot; the others
         // wait here, then see its send in the log.
-        advisory_lock(&mut tx, "account", account).await?;
-        let paused = sqlx::query(
-            "SELECT until, reason FROM account_pauses WHERE account = $1 AND until > $2",
-        )
-        .bind(pause_key)
-        .bind(now)
-        .fetch_optional(&mut *tx)
-        .await?;
-        if let Some(p) = paused {
-            return Ok(Claim::Wait {
-                until_ms: p.get("until"),
-                why: WaitReason::Paused(p.get("reason")),
-            });
+        advisory_lock(&mut tx, "account", gate.account).await?;
+        let count = picked
+            .built
+            .iter()
+            .map(|(_, m)| m.recipient_count)
+            .max()
+            .unwrap_or(1);
+        if let Some(wait) = wait_in(&mut tx, gate, count).await? {
+            if picked.unbuildable.is_empty() {
+                return Ok(wait);
+            }
+            picked.built.clear();
         }
-        let mut ready = Vec::new();
-        let mut unbuildable = Vec::new();
-        let mut passed_over: Vec<i64> = Vec::new();
-        let mut held: Option<(i64, WaitReason)> = None;
-        while ready.len() < max.max(1) && passed_over.len() < MAX_PASSED_OVER {
-            let Some(candidate) =
-                next_candidate(&mut tx, campaign_id, now, &passed_over, skip).await?
-            else {
-                break;
-            };
-            let message = match build(&candidate) {
-                Ok(m) => m,
-                Err(why) => {
-                    // The row was checked before the run; something changed
-                    // since (an attachment removed): a campaign defect, not a bounce.
-                    sqlx::query("UPDATE recipients SET state = 'skipped', reason = $1, updated_at = $2 WHERE id = $3")
-                        .bind(SkipReason::InvalidMessage(why.to_string()).to_text())
-                        .bind(now)
-                        .bind(candidate.id)
-                        .execute(&mut *tx)
-                        .await?;
-                    unbuildable.push((candidate, why));
-                    continue;
-                }
-            };
-            if !windows.is_empty() {
-                let schedule = load_schedule(&mut tx, account, windows, now).await?;
-                let slot: Slot = schedule.next_slot(now, message.recipient_count);
-                if slot.at_ms > now {
-                    if !unbuildable.is_empty() {
-                        break;
-                    }
-                    return Ok(Claim::Wait {
-                        until_ms: slot.at_ms,
-                        why: WaitReason::for_slot(&schedule, &slot, now),
-                    });
-                }
-            }
-            if let Some((until_ms, why)) = hold(&candidate) {
-                passed_over.push(candidate.id);
-                if held.as_ref().is_none_or(|(u, _)| until_ms < *u) {
-                    held = Some((until_ms, why));
-                }
-                continue;
-            }
+        if !picked.unbuildable.is_empty() {
+            let ids: Vec<i64> = picked.unbuildable.iter().map(|(c, _)| c.id).collect();
+            let reasons: Vec<String> = picked
+                .unbuildable
+                .iter()
+                .map(|(_, why)| SkipReason::InvalidMessage(why.to_string()).to_text())
+                .collect();
             sqlx::query(
-                "UPDATE recipients SET state = 'sending', attempts = attempts + 1, message_id = $1, updated_at = $2, \
-                 worker = $4, lease_until = $5 WHERE id = $3",
+                "UPDATE recipients r SET state = 'skipped', reason = u.reason, updated_at = $3, worker = NULL, lease_until = NULL \
+                 FROM UNNEST($1::bigint[], $2::text[]) AS u(id, reason) WHERE r.id = u.id",
             )
-            .bind(&message.message_id)
-            .bind(now)
-            .bind(candidate.id)
-            .bind(&self.worker)
-            .bind(now_ms() + lease_ms())
+            .bind(&ids)
+            .bind(&reasons)
+            .bind(gate.now)
             .execute(&mut *tx)
             .await?;
-            let log_id: i64 = sqlx::query_scalar(
-                "INSERT INTO send_log (account, at, recipients, recipient_id) VALUES ($1, $2, $3, $4) RETURNING id",
-            )
-            .bind(account)
-            .bind(now)
-            .bind(i64::from(message.recipient_count))
-            .bind(candidate.id)
-            .fetch_one(&mut *tx)
-            .await?;
-            ready.push(Ready {
-                candidate,
-                message: Box::new(message),
-                log_id,
-            });
-            if !windows.is_empty() {
-                break;
-            }
         }
-        if ready.is_empty() && unbuildable.is_empty() {
-            if let Some((until_ms, why)) = held {
-                return Ok(Claim::Wait { until_ms, why });
+        let built = std::mem::take(&mut picked.built);
+        let built_any = !built.is_empty();
+        let ready = self.mark_sending(&mut tx, gate, built).await?;
+        let claim = match picked.settle(built_any, ready) {
+            Some(claim) => claim,
+            None => {
+                // Nothing due: retries may be, and so may rows another
+                // worker reserved and never took (it died picking them).
+                let next_due_ms: Option<i64> = sqlx::query_scalar(
+                    "SELECT MIN(CASE WHEN worker IS NULL OR worker = $3 OR lease_until < $2 THEN next_attempt_at \
+                     ELSE GREATEST(lease_until, next_attempt_at) END) \
+                     FROM recipients WHERE campaign_id = $1 AND (state = 'deferred' \
+                     OR (state = 'pending' AND worker <> $3 AND lease_until >= $2))",
+                )
+                .bind(campaign_id)
+                .bind(now_ms())
+                .bind(&self.worker)
+                .fetch_one(&mut *tx)
+                .await?;
+                return Ok(Claim::Idle { next_due_ms });
             }
-            let next_due_ms: Option<i64> = sqlx::query_scalar(
-                "SELECT MIN(next_attempt_at) FROM recipients WHERE campaign_id = $1 AND state = 'deferred'",
-            )
-            .bind(campaign_id)
-            .fetch_one(&mut *tx)
-            .await?;
-            return Ok(Claim::Idle { next_due_ms });
-        }
+        };
         tx.commit().await?;
-        Ok(Claim::Ready { ready, unbuildable })
+        Ok(claim)
+    }
+
+    /// Marks `sending` the built rows still as they were picked and
+    /// reserved to this worker, under its lease, and logs their sends;
+    /// a row changed since it was picked is left alone, its message dropped.
+    async fn mark_sending(
+        &self,
+        tx: &mut Transaction<'static, Postgres>,
+        gate: &Gate<'_>,
+        built: Vec<(Candidate, Outgoing)>,
+    ) -> Result<Vec<Ready>> {
+        if built.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<i64> = built.iter().map(|(c, _)| c.id).collect();
+        let states: Vec<&str> = built.iter().map(|(c, _)| c.before.state.as_str()).collect();
+        let updated: Vec<i64> = built.iter().map(|(c, _)| c.before.updated_at).collect();
+        let message_ids: Vec<&str> = built.iter().map(|(_, m)| m.message_id.as_str()).collect();
+        let marked: HashSet<i64> = sqlx::query_scalar(
+            "UPDATE recipients r SET state = 'sending', attempts = r.attempts + 1, message_id = u.message_id, \
+             updated_at = $5, worker = $6, lease_until = $7 \
+             FROM UNNEST($1::bigint[], $2::text[], $3::bigint[], $4::text[]) AS u(id, state, updated_at, message_id) \
+             WHERE r.id = u.id AND r.state = u.state AND r.updated_at = u.updated_at AND r.worker = $6 \
+             RETURNING r.id",
+        )
+        .bind(&ids)
+        .bind(&states)
+        .bind(&updated)
+        .bind(&message_ids)
+        .bind(gate.now)
+        .bind(&self.worker)
+        .bind(now_ms() + lease_ms())
+        .fetch_all(&mut **tx)
+        .await?
+        .into_iter()
+        .collect();
+        let built: Vec<_> = built
+            .into_iter()
+            .filter(|(c, _)| marked.contains(&c.id))
+            .collect();
+        if built.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<i64> = built.iter().map(|(c, _)| c.id).collect();
+        let counts: Vec<i64> = built
+            .iter()
+            .map(|(_, m)| i64::from(m.recipient_count))
+            .collect();
+        let logged: HashMap<i64, i64> = sqlx::query_as::<_, (i64, i64)>(
+            "INSERT INTO send_log (account, at, recipients, recipient_id) \
+             SELECT $1, $2, u.recipients, u.id FROM UNNEST($3::bigint[], $4::bigint[]) AS u(id, recipients) \
+             RETURNING recipient_id, id",
+        )
+        .bind(gate.account)
+        .bind(gate.now)
+        .bind(&ids)
+        .bind(&counts)
+        .fetch_all(&mut **tx)
+        .await?
+        .into_iter()
+        .collect();
+        built
+            .into_iter()
+            .map(|(candidate, message)| {
+                let log_id = *logged
+                    .get(&candidate.id)
+                    .context("a logged send is missing from the send log")?;
+                Ok(Ready {
+                    candidate,
+                    message: Box::new(message),
+                    log_id,
+                })
+            })
+            .collect()
     }
 
     /// Records what happened to a claimed recipient. Outcomes are written
@@ -1115,7 +1190,7 @@ async fn write_outcomes(
     if !settled.id.is_empty() {
         sqlx::query(
             "UPDATE recipients r SET state = u.state, reason = u.reason, last_reply = u.reply, \
-             next_attempt_at = u.next, updated_at = u.now \
+             next_attempt_at = u.next, updated_at = u.now, worker = NULL, lease_until = NULL \
              FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::bigint[]) \
              AS u(id, state, reason, reply, next, now) WHERE r.id = u.id",
         )
@@ -1131,7 +1206,7 @@ async fn write_outcomes(
     if !unclaimed.is_empty() {
         sqlx::query(
             "UPDATE recipients r SET state = u.state, attempts = u.attempts, message_id = u.message_id, \
-             updated_at = u.updated_at \
+             updated_at = u.updated_at, worker = NULL, lease_until = NULL \
              FROM UNNEST($1::bigint[], $2::text[], $3::bigint[], $4::text[], $5::bigint[]) \
              AS u(id, state, attempts, message_id, updated_at) WHERE r.id = u.id",
         )
@@ -1146,7 +1221,7 @@ async fn write_outcomes(
     if !returned.id.is_empty() {
         sqlx::query(
             "UPDATE recipients r SET state = 'pending', attempts = GREATEST(r.attempts - 1, 0), \
-             last_reply = u.reply, updated_at = u.now \
+             last_reply = u.reply, updated_at = u.now, worker = NULL, lease_until = NULL \
              FROM UNNEST($1::bigint[], $2::text[], $3::bigint[]) AS u(id, reply, now) WHERE r.id = u.id",
         )
         .bind(&returned.id)
@@ -1193,73 +1268,115 @@ async fn insert_suppression(
     Ok(done.rows_affected() > 0)
 }
 
-/// The next recipient due: a deferred one whose retry time has come, else
-/// the first pending one.
-async fn next_candidate(
+/// Reserves to `worker` and reads up to `limit` rows due now: the
+/// deferred whose retry time has come (`deferred`), else the pending; rows
+/// reserved by another worker whose reservation runs are passed over.
+#[allow(clippy::too_many_arguments)]
+async fn pick_rows(
     conn: &mut sqlx::PgConnection,
+    worker: &str,
     campaign_id: i64,
     now: i64,
-    passed_over: &[i64],
+    excluded: &[i64],
     skip: &Skip,
-) -> Result<Option<Candidate>> {
+    limit: i64,
+    deferred: bool,
+) -> Result<Vec<Candidate>> {
     // With nothing to skip the condition is left out. Cells stored
     // compactly are joined by CELLS: a row holding a skipped value as a
     // whole cell is passed over. That may be another column than
     // `skip.field`, which only delays that row until the zone opens (the
     // engine still checks each recipient's own zone). Rows stored as JSON
     // are looked up by the field's index, a number written into the query.
-    let skipping = |n: usize| match skip.values.is_empty() {
+    let skipping = match skip.values.is_empty() {
         true => String::new(),
         false => format!(
             " AND CASE WHEN left(fields, 1) = chr({sep}) \
-             THEN NOT EXISTS (SELECT 1 FROM UNNEST(${n}::text[]) z(v) \
+             THEN NOT EXISTS (SELECT 1 FROM UNNEST($7::text[]) z(v) \
              WHERE strpos(fields || chr({sep}), chr({sep}) || z.v || chr({sep})) > 0) \
-             ELSE COALESCE(fields::jsonb ->> {}, '') <> ALL(${n}) END",
+             ELSE COALESCE(fields::jsonb ->> {}, '') <> ALL($7) END",
             skip.field,
             sep = u32::from(CELLS)
         ),
     };
-    let columns = format!(
-        "id, row_number, {EMAIL} AS email, {ADDRESS} AS address, fields, attempts, state, message_id, updated_at"
-    );
-    let mut row = sqlx::query(&format!(
-        "SELECT {columns} FROM recipients WHERE campaign_id = $1 AND state = 'deferred' AND next_attempt_at <= $2 AND NOT (id = ANY($3)){} ORDER BY next_attempt_at, id LIMIT 1 FOR UPDATE SKIP LOCKED",
-        skipping(4)
+    let (due, order) = match deferred {
+        true => (
+            "state = 'deferred' AND next_attempt_at <= $2",
+            "next_attempt_at, id",
+        ),
+        false => ("state = 'pending'", "id"),
+    };
+    let rows = sqlx::query(&format!(
+        "UPDATE recipients SET worker = $4, lease_until = $5 WHERE id IN ( \
+         SELECT id FROM recipients WHERE campaign_id = $1 AND {due} AND NOT (id = ANY($3)) \
+         AND (worker IS NULL OR worker = $4 OR lease_until < $8){skipping} \
+         ORDER BY {order} LIMIT $6 FOR UPDATE SKIP LOCKED) \
+         RETURNING id, row_number, {EMAIL} AS email, {ADDRESS} AS address, fields, attempts, state, message_id, updated_at, next_attempt_at"
     ))
     .bind(campaign_id)
     .bind(now)
-    .bind(passed_over)
+    .bind(excluded)
+    .bind(worker)
+    .bind(now_ms() + PICK_MS)
+    .bind(limit)
     .bind(&skip.values)
-    .fetch_optional(&mut *conn)
+    // Leases and reservations run on the clock of the machines.
+    .bind(now_ms())
+    .fetch_all(&mut *conn)
     .await?;
-    if row.is_none() {
-        row = sqlx::query(&format!(
-            "SELECT {columns} FROM recipients WHERE campaign_id = $1 AND state = 'pending' AND NOT (id = ANY($2)){} ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED",
-            skipping(3)
-        ))
-        .bind(campaign_id)
-        .bind(passed_over)
-        .bind(&skip.values)
-        .fetch_optional(&mut *conn)
-        .await?;
-    }
-    row.map(|row| {
-        let email: String = row.get("email");
-        Ok(Candidate {
-            id: row.get("id"),
-            row_number: row.get("row_number"),
-            fields: decode_fields(row.get("fields"), &email)?,
-            email,
-            address: row.get::<Option<String>, _>("address").unwrap_or_default(),
-            attempts: row.get("attempts"),
-            before: Before {
-                state: row.get("state"),
-                message_id: row.get("message_id"),
-                updated_at: row.get("updated_at"),
-            },
+    let mut picked = rows
+        .into_iter()
+        .map(|row| {
+            let email: String = row.get("email");
+            let candidate = Candidate {
+                id: row.get("id"),
+                row_number: row.get("row_number"),
+                fields: decode_fields(row.get("fields"), &email)?,
+                email,
+                address: row.get::<Option<String>, _>("address").unwrap_or_default(),
+                attempts: row.get("attempts"),
+                before: Before {
+                    state: row.get("state"),
+                    message_id: row.get("message_id"),
+                    updated_at: row.get("updated_at"),
+                },
+            };
+            Ok((row.get::<Option<i64>, _>("next_attempt_at"), candidate))
         })
-    })
-    .transpose()
+        .collect::<Result<Vec<_>>>()?;
+    // RETURNING keeps no order.
+    picked.sort_by_key(|(at, c)| (*at, c.id));
+    Ok(picked.into_iter().map(|(_, c)| c).collect())
+}
+
+/// The wait before a send of `count` recipients for `gate`'s account: its
+/// pause, or its next slot in the future.
+async fn wait_in(
+    conn: &mut sqlx::PgConnection,
+    gate: &Gate<'_>,
+    count: u32,
+) -> Result<Option<Claim>> {
+    let paused =
+        sqlx::query("SELECT until, reason FROM account_pauses WHERE account = $1 AND until > $2")
+            .bind(gate.pause_key)
+            .bind(gate.now)
+            .fetch_optional(&mut *conn)
+            .await?;
+    if let Some(p) = paused {
+        return Ok(Some(Claim::Wait {
+            until_ms: p.get("until"),
+            why: WaitReason::Paused(p.get("reason")),
+        }));
+    }
+    if gate.windows.is_empty() {
+        return Ok(None);
+    }
+    let schedule = load_schedule(conn, gate.account, gate.windows, gate.now).await?;
+    let slot: Slot = schedule.next_slot(gate.now, count);
+    Ok((slot.at_ms > gate.now).then(|| Claim::Wait {
+        until_ms: slot.at_ms,
+        why: WaitReason::for_slot(&schedule, &slot, gate.now),
+    }))
 }
 
 async fn load_schedule(

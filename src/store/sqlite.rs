@@ -17,8 +17,8 @@ use std::collections::{HashMap, HashSet};
 use super::compact::{self, decode_fields, encode_fields, ADDRESS, CELLS, EMAIL};
 use super::{
     classify_rows, lock, Before, CampaignRecord, CampaignSummary, Candidate, Claim, Counts,
-    Delivery, ExportRow, Identity, ImportInto, ImportRow, Known, Outcome, Outcomes, Ready,
-    RowStatus, Skip, SkipReason, State, WaitReason,
+    Delivery, ExportRow, Gate, Identity, ImportInto, ImportRow, Known, Outcome, Outcomes, Picked,
+    Ready, RowStatus, Skip, SkipReason, State, WaitReason,
 };
 use crate::error::input_error;
 use crate::limits::{Schedule, Send, Slot, Window};
@@ -150,10 +150,6 @@ async fn ensure_ours(path: &Path, migrator: &sqlx::migrate::Migrator) -> Result<
     }
 }
 
-/// Recipients one claim passes over for their domain before it waits: a
-/// bound on the rows read while every destination is busy.
-const MAX_PASSED_OVER: usize = 64;
-
 #[derive(Clone)]
 pub struct SqliteStore {
     pub(super) pool: SqlitePool,
@@ -161,6 +157,9 @@ pub struct SqliteStore {
     /// here instead of in SQLite's busy handler, which sleeps.
     writer: Arc<tokio::sync::Mutex<()>>,
     pub(super) outcomes: Arc<std::sync::Mutex<Outcomes>>,
+    /// Rows picked by a claim of this process and not yet taken or let go:
+    /// another account's claim passes over them.
+    picked: Arc<tokio::sync::Mutex<HashSet<i64>>>,
 }
 
 impl SqliteStore {
@@ -255,6 +254,7 @@ impl SqliteStore {
             pool,
             writer: Arc::default(),
             outcomes: Arc::default(),
+            picked: Arc::default(),
         })
     }
 
@@ -564,53 +564,60 @@ impl SqliteStore {
         })
     }
 
-    /// Picks up to `max` recipients and, if the account's windows allow it
-    /// now, marks them `sending` and logs their sends, in one transaction
-    /// synced to disk before any of them is sent. `build` renders a message
-    /// (its recipient count decides what the windows see). With windows,
-    /// claim one at a time: each send needs its own slot.
-    #[allow(clippy::too_many_arguments)]
-    pub async fn claim(
-        &self,
-        campaign_id: i64,
-        account: &str,
-        pause_key: &str,
-        windows: &[Window],
-        now: i64,
-        max: usize,
-        build: impl Fn(&Candidate) -> std::result::Result<Outgoing, String>,
-    ) -> Result<Claim> {
-        self.claim_held(
-            campaign_id,
-            account,
-            pause_key,
-            windows,
-            now,
-            max,
-            build,
-            |_| None,
-            &Skip::default(),
-        )
-        .await
+    /// The wait before a send of `count` recipients for `gate`'s account,
+    /// read without a lock: its pause, or its next slot in the future.
+    pub(super) async fn wait_before(&self, gate: &Gate<'_>, count: u32) -> Result<Option<Claim>> {
+        let mut conn = self.pool.acquire().await?;
+        wait_in(&mut conn, gate, count).await
     }
 
-    /// [`Store::claim`], passing over recipients that `hold` says must wait
-    /// (until when, and the domain that holds them): they stay as they are,
-    /// and the next recipients are tried, so that one slow destination
-    /// never holds up the others. `hold` is asked last, when the recipient
-    /// would otherwise be claimed.
-    #[allow(clippy::too_many_arguments)]
-    pub async fn claim_held(
+    /// Up to `limit` recipients due now, none of them picked already (by
+    /// this claim, `excluded`, or another account's claim in this process)
+    /// and not yet let go: the deferred whose retry time has come, then the
+    /// pending, in file order.
+    pub(super) async fn pick(
         &self,
         campaign_id: i64,
-        account: &str,
-        pause_key: &str,
-        windows: &[Window],
         now: i64,
-        max: usize,
-        build: impl Fn(&Candidate) -> std::result::Result<Outgoing, String>,
-        mut hold: impl FnMut(&Candidate) -> Option<(i64, WaitReason)>,
+        excluded: &[i64],
         skip: &Skip,
+        limit: usize,
+    ) -> Result<Vec<Candidate>> {
+        // Outcomes waiting are written first when nothing else is writing:
+        // a recipient returned to `pending` goes first again.
+        if let Ok(_writing) = self.writer.clone().try_lock_owned() {
+            self.write_outcomes().await?;
+        }
+        let mut picked = self.picked.lock().await;
+        // `excluded` is among them.
+        debug_assert!(excluded.iter().all(|id| picked.contains(id)));
+        let excluded: Vec<i64> = picked.iter().copied().collect();
+        let mut conn = self.pool.acquire().await?;
+        let candidates =
+            next_candidates(&mut conn, campaign_id, now, &excluded, skip, limit).await?;
+        picked.extend(candidates.iter().map(|c| c.id));
+        Ok(candidates)
+    }
+
+    /// Lets go of picked rows that were not taken.
+    pub(super) async fn unpick(&self, ids: &[i64]) {
+        if !ids.is_empty() {
+            let mut picked = self.picked.lock().await;
+            for id in ids {
+                picked.remove(id);
+            }
+        }
+    }
+
+    /// Claims what was picked: in one transaction synced to disk before any
+    /// of them is sent, the account's pause and slot decided again, the
+    /// unbuildable rows skipped, the built ones still as they were picked
+    /// marked `sending` and their sends logged.
+    pub(super) async fn take(
+        &self,
+        campaign_id: i64,
+        gate: &Gate<'_>,
+        picked: &mut Picked,
     ) -> Result<Claim> {
         self.failed_write()?;
         let _writing = self.writer.clone().lock_owned().await;
@@ -623,98 +630,50 @@ impl SqliteStore {
             .execute(&mut *conn)
             .await?;
         let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
-        let paused =
-            sqlx::query("SELECT until, reason FROM account_pauses WHERE account = ? AND until > ?")
-                .bind(pause_key)
-                .bind(now)
-                .fetch_optional(&mut *tx)
-                .await?;
-        if let Some(p) = paused {
-            return Ok(Claim::Wait {
-                until_ms: p.get("until"),
-                why: WaitReason::Paused(p.get("reason")),
-            });
+        let count = picked
+            .built
+            .iter()
+            .map(|(_, m)| m.recipient_count)
+            .max()
+            .unwrap_or(1);
+        if let Some(wait) = wait_in(&mut tx, gate, count).await? {
+            if picked.unbuildable.is_empty() {
+                return Ok(wait);
+            }
+            picked.built.clear();
         }
-        let mut ready = Vec::new();
-        let mut unbuildable = Vec::new();
-        let mut passed_over: Vec<i64> = Vec::new();
-        let mut held: Option<(i64, WaitReason)> = None;
-        // Read a claim's worth at a time; the rows are marked at the end.
-        let mut fetched = std::collections::VecDeque::new();
-        let mut seen: Vec<i64> = Vec::new();
-        while ready.len() < max.max(1) && passed_over.len() < MAX_PASSED_OVER {
-            if fetched.is_empty() {
-                let want = if windows.is_empty() {
-                    max - ready.len()
-                } else {
-                    1
-                };
-                fetched
-                    .extend(next_candidates(&mut tx, campaign_id, now, &seen, skip, want).await?);
-            }
-            let Some(candidate) = fetched.pop_front() else {
-                break;
-            };
-            seen.push(candidate.id);
-            let message = match build(&candidate) {
-                Ok(m) => m,
-                Err(why) => {
-                    // The row was checked before the run; something changed
-                    // since (an attachment removed): a campaign defect, not a bounce.
-                    sqlx::query(&format!("UPDATE recipients SET state = {SKIPPED}, reason = ?, updated_at = ? WHERE id = ?"))
-                        .bind(SkipReason::InvalidMessage(why.to_string()).to_text())
-                        .bind(now)
-                        .bind(candidate.id)
-                        .execute(&mut *tx)
-                        .await?;
-                    unbuildable.push((candidate, why));
-                    continue;
-                }
-            };
-            if !windows.is_empty() {
-                let schedule = load_schedule(&mut tx, account, windows, now).await?;
-                let slot: Slot = schedule.next_slot(now, message.recipient_count);
-                if slot.at_ms > now {
-                    if !unbuildable.is_empty() {
-                        break;
-                    }
-                    return Ok(Claim::Wait {
-                        until_ms: slot.at_ms,
-                        why: WaitReason::for_slot(&schedule, &slot, now),
-                    });
-                }
-            }
-            if let Some((until_ms, why)) = hold(&candidate) {
-                passed_over.push(candidate.id);
-                if held.as_ref().is_none_or(|(u, _)| until_ms < *u) {
-                    held = Some((until_ms, why));
-                }
-                continue;
-            }
-            ready.push(Ready {
-                candidate,
-                message: Box::new(message),
-                log_id: 0,
-            });
-            if !windows.is_empty() {
-                break;
-            }
-        }
-        if ready.is_empty() && unbuildable.is_empty() {
-            if let Some((until_ms, why)) = held {
-                return Ok(Claim::Wait { until_ms, why });
-            }
-            let next_due_ms: Option<i64> = sqlx::query_scalar(&format!(
-                "SELECT MIN(next_attempt_at) FROM recipients WHERE campaign_id = ? AND state = {DEFERRED} AND {INDEXED}",
+        for (candidate, why) in &picked.unbuildable {
+            sqlx::query(&format!(
+                "UPDATE recipients SET state = {SKIPPED}, reason = ?, updated_at = ? WHERE id = ?",
             ))
-            .bind(campaign_id)
-            .fetch_one(&mut *tx)
+            .bind(SkipReason::InvalidMessage(why.to_string()).to_text())
+            .bind(gate.now)
+            .bind(candidate.id)
+            .execute(&mut *tx)
             .await?;
-            return Ok(Claim::Idle { next_due_ms });
         }
-        mark_sending(&mut tx, account, now, &mut ready).await?;
+        let built = std::mem::take(&mut picked.built);
+        let built_any = !built.is_empty();
+        let ready = mark_sending(&mut tx, gate.account, gate.now, built).await?;
+        // The cursor of pending rows moves up past those now `sending`.
+        first_pending(&mut tx, campaign_id, true).await?;
+        let every = picked.ids.clone();
+        let claim = match picked.settle(built_any, ready) {
+            Some(claim) => claim,
+            None => {
+                let next_due_ms: Option<i64> = sqlx::query_scalar(&format!(
+                    "SELECT MIN(next_attempt_at) FROM recipients WHERE campaign_id = ? AND state = {DEFERRED} AND {INDEXED}",
+                ))
+                .bind(campaign_id)
+                .fetch_one(&mut *tx)
+                .await?;
+                return Ok(Claim::Idle { next_due_ms });
+            }
+        };
         tx.commit().await?;
-        Ok(Claim::Ready { ready, unbuildable })
+        // Taken rows are no longer due: nothing need keep them apart now.
+        self.unpick(&every).await;
+        Ok(claim)
     }
 
     /// Records what happened to a claimed recipient. Outcomes are written
@@ -1048,54 +1007,109 @@ pub(super) async fn insert_suppression(
     Ok(done.rows_affected() > 0)
 }
 
-/// Marks the claimed rows `sending` and logs their sends (their log ids
-/// handed out under the transaction's write lock), two statements for all.
+/// Marks `sending` the built rows still as they were picked and logs
+/// their sends (their log ids handed out under the transaction's write
+/// lock), two statements for all; a row changed since it was picked is left
+/// alone, its message dropped.
 async fn mark_sending(
     conn: &mut sqlx::SqliteConnection,
     account: &str,
     now: i64,
-    ready: &mut [Ready],
-) -> Result<()> {
-    if ready.is_empty() {
-        return Ok(());
+    built: Vec<(Candidate, Outgoing)>,
+) -> Result<Vec<Ready>> {
+    if built.is_empty() {
+        return Ok(Vec::new());
     }
     let marks = serde_json::to_string(
-        &ready
+        &built
             .iter()
-            .map(|r| {
-                (
-                    r.candidate.id,
-                    &r.message.message_id,
-                    r.message.recipient_count,
-                )
+            .map(|(c, m)| {
+                Ok((
+                    c.id,
+                    &m.message_id,
+                    m.recipient_count,
+                    state_code(&c.before.state)?,
+                    c.before.updated_at,
+                ))
             })
-            .collect::<Vec<_>>(),
+            .collect::<Result<Vec<_>>>()?,
     )?;
-    sqlx::query(&format!(
+    let marked: HashSet<i64> = sqlx::query_scalar(&format!(
         "UPDATE recipients SET state = {SENDING}, attempts = attempts + 1, message_id = j.value ->> 1, updated_at = ? \
-         FROM json_each(?) AS j WHERE recipients.id = j.value ->> 0",
+         FROM json_each(?) AS j WHERE recipients.id = j.value ->> 0 \
+         AND recipients.state = j.value ->> 3 AND recipients.updated_at = j.value ->> 4 \
+         RETURNING recipients.id",
     ))
     .bind(now)
     .bind(&marks)
-    .execute(&mut *conn)
-    .await?;
+    .fetch_all(&mut *conn)
+    .await?
+    .into_iter()
+    .collect();
+    let built: Vec<_> = built
+        .into_iter()
+        .filter(|(c, _)| marked.contains(&c.id))
+        .collect();
+    if built.is_empty() {
+        return Ok(Vec::new());
+    }
+    let logged = serde_json::to_string(
+        &built
+            .iter()
+            .map(|(c, m)| (c.id, m.recipient_count))
+            .collect::<Vec<_>>(),
+    )?;
     let last: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(id), 0) FROM send_log")
         .fetch_one(&mut *conn)
         .await?;
     sqlx::query(
         "INSERT INTO send_log (id, account, at, recipients, recipient_id) \
-         SELECT ? + j.key + 1, ?, ?, j.value ->> 2, j.value ->> 0 FROM json_each(?) AS j",
+         SELECT ? + j.key + 1, ?, ?, j.value ->> 1, j.value ->> 0 FROM json_each(?) AS j",
     )
     .bind(last)
     .bind(account)
     .bind(now)
-    .bind(&marks)
+    .bind(&logged)
     .execute(&mut *conn)
     .await?;
-    for (log_id, r) in (last + 1..).zip(ready.iter_mut()) {
-        r.log_id = log_id;
+    Ok((last + 1..)
+        .zip(built)
+        .map(|(log_id, (candidate, message))| Ready {
+            candidate,
+            message: Box::new(message),
+            log_id,
+        })
+        .collect())
+}
+
+/// The wait before a send of `count` recipients for `gate`'s account: its
+/// pause, or its next slot in the future.
+async fn wait_in(
+    conn: &mut sqlx::SqliteConnection,
+    gate: &Gate<'_>,
+    count: u32,
+) -> Result<Option<Claim>> {
+    let paused =
+        sqlx::query("SELECT until, reason FROM account_pauses WHERE account = ? AND until > ?")
+            .bind(gate.pause_key)
+            .bind(gate.now)
+            .fetch_optional(&mut *conn)
+            .await?;
+    if let Some(p) = paused {
+        return Ok(Some(Claim::Wait {
+            until_ms: p.get("until"),
+            why: WaitReason::Paused(p.get("reason")),
+        }));
     }
-    Ok(())
+    if gate.windows.is_empty() {
+        return Ok(None);
+    }
+    let schedule = load_schedule(conn, gate.account, gate.windows, gate.now).await?;
+    let slot: Slot = schedule.next_slot(gate.now, count);
+    Ok((slot.at_ms > gate.now).then(|| Claim::Wait {
+        until_ms: slot.at_ms,
+        why: WaitReason::for_slot(&schedule, &slot, gate.now),
+    }))
 }
 
 /// The next recipient due: a deferred one whose retry time has come, else
@@ -1153,7 +1167,7 @@ async fn next_candidates(
     .await?;
     let left = limit - i64::try_from(rows.len()).unwrap_or(limit);
     let first_pending = match left > 0 {
-        true => first_pending(conn, campaign_id).await?,
+        true => first_pending(conn, campaign_id, false).await?,
         false => None,
     };
     if let Some(first) = first_pending {
@@ -1193,8 +1207,14 @@ async fn next_candidates(
 }
 
 /// The campaign's first pending row, read in id order from where the
-/// last one was (`pending_from`), which moves up to it.
-async fn first_pending(conn: &mut sqlx::SqliteConnection, campaign_id: i64) -> Result<Option<i64>> {
+/// last one was (`pending_from`), which moves up to it when `advance` (in
+/// a claim's write transaction: a row made pending again meanwhile moves
+/// the cursor back under the same lock).
+async fn first_pending(
+    conn: &mut sqlx::SqliteConnection,
+    campaign_id: i64,
+    advance: bool,
+) -> Result<Option<i64>> {
     let from: Option<i64> = sqlx::query_scalar("SELECT pending_from FROM campaigns WHERE id = ?")
         .bind(campaign_id)
         .fetch_optional(&mut *conn)
@@ -1208,7 +1228,7 @@ async fn first_pending(conn: &mut sqlx::SqliteConnection, campaign_id: i64) -> R
     .bind(from)
     .fetch_optional(&mut *conn)
     .await?;
-    if let Some(first) = first.filter(|first| *first > from) {
+    if let Some(first) = first.filter(|first| advance && *first > from) {
         sqlx::query("UPDATE campaigns SET pending_from = ? WHERE id = ?")
             .bind(first)
             .bind(campaign_id)
@@ -1644,6 +1664,25 @@ async fn find(conn: &mut sqlx::SqliteConnection, id: &Identity) -> Result<Option
 pub(super) mod tests {
     use super::SqliteStore as Store;
     use super::*;
+
+    impl SqliteStore {
+        /// [`super::super::Store::claim`] on this backend.
+        #[allow(clippy::too_many_arguments)]
+        pub(in crate::store) async fn claim(
+            &self,
+            campaign_id: i64,
+            account: &str,
+            pause_key: &str,
+            windows: &[Window],
+            now: i64,
+            max: usize,
+            build: impl Fn(&Candidate) -> std::result::Result<Outgoing, String>,
+        ) -> Result<Claim> {
+            super::super::Store::Sqlite(self.clone())
+                .claim(campaign_id, account, pause_key, windows, now, max, build)
+                .await
+        }
+    }
 
     pub(in crate::store) fn ident(name: &str) -> Identity {
         Identity {

@@ -1120,3 +1120,129 @@ async fn rows_are_stored_compactly_and_older_json_rows_still_read() {
     store.close().await;
     pg.drop().await;
 }
+
+/// Messages are rendered and signed outside any database transaction
+/// (SPEC §10): while one worker builds its messages, another claims for
+/// the same account at once instead of waiting for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_building_its_messages_holds_up_no_other_claim() {
+    async fn body(a: Store, b: Store) {
+        let c = a.campaign(&ident("c")).await.unwrap();
+        import(&a, &c, &["a@x.example"]).await;
+        let c2 = b.campaign(&ident("c2")).await.unwrap();
+        import(&b, &c2, &["b@x.example"]).await;
+        let handle = tokio::runtime::Handle::current();
+        let claim = a
+            .claim(c.id, "acct", "acct", &[], 1, 1, |_| {
+                let other = tokio::task::block_in_place(|| {
+                    handle.block_on(tokio::time::timeout(
+                        Duration::from_secs(3),
+                        b.claim(c2.id, "acct", "acct", &[], 1, 1, |_| Ok(out(1))),
+                    ))
+                });
+                match other {
+                    Ok(Ok(Claim::Ready { ready, .. })) if ready.len() == 1 => Ok(out(1)),
+                    other => Err(format!("the other worker's claim: {other:?}")),
+                }
+            })
+            .await
+            .unwrap();
+        let Claim::Ready { ready, unbuildable } = claim else {
+            panic!("nothing claimed: {claim:?}")
+        };
+        assert!(unbuildable.is_empty(), "{unbuildable:?}");
+        assert_eq!(ready.len(), 1);
+        a.close().await;
+        b.close().await;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.db");
+    let a = Store::open(&path).await.unwrap();
+    let b = Store::open(&path).await.unwrap();
+    body(a, b).await;
+    if let Some(pg) = TestPg::create().await {
+        let a = Store::open_postgres(&pg.url).await.unwrap();
+        let b = Store::open_postgres(&pg.url).await.unwrap();
+        body(a, b).await;
+        pg.drop().await;
+    }
+}
+
+/// Rows a worker picked and never claimed (it died building their
+/// messages) are passed over by the others only for a moment: until then a
+/// worker with nothing else to send waits for them instead of finishing.
+#[tokio::test]
+async fn rows_picked_by_a_worker_that_died_are_not_lost() {
+    let Some((pg, a, b, c)) = two_workers().await else {
+        return;
+    };
+    import(&a, &c, &["a@x.example", "b@x.example", "c@x.example"]).await;
+    let Store::Postgres(dead) = &a else {
+        unreachable!()
+    };
+    let picked = dead.pick(c.id, 1, &[], &Skip::default(), 2).await.unwrap();
+    assert_eq!(picked.len(), 2);
+    let Claim::Ready { ready, .. } = b
+        .claim(c.id, "acct", "acct", &[], 1, 3, |_| Ok(out(1)))
+        .await
+        .unwrap()
+    else {
+        panic!("the third row is free")
+    };
+    assert_eq!(
+        ready
+            .iter()
+            .map(|r| r.candidate.email.as_str())
+            .collect::<Vec<_>>(),
+        ["c@x.example"]
+    );
+    let before = crate::time::now_ms();
+    match b
+        .claim(c.id, "acct", "acct", &[], 2, 3, |_| Ok(out(1)))
+        .await
+        .unwrap()
+    {
+        Claim::Idle {
+            next_due_ms: Some(due),
+        } => assert!(
+            due > before && due <= crate::time::now_ms() + super::postgres::PICK_MS,
+            "due {due}, now {before}"
+        ),
+        other => panic!("expected to wait for the picked rows: {other:?}"),
+    }
+    a.close().await;
+    b.close().await;
+    pg.drop().await;
+}
+
+/// A recipient one worker claimed and gave back (never offered to the
+/// server) is free for every other worker at once, not after its lease.
+#[tokio::test]
+async fn a_recipient_given_back_is_free_for_the_other_workers_at_once() {
+    let Some((pg, a, b, c)) = two_workers().await else {
+        return;
+    };
+    import(&a, &c, &["a@x.example"]).await;
+    let Claim::Ready { ready, .. } = a
+        .claim(c.id, "acct", "acct", &[], 1, 1, |_| Ok(out(1)))
+        .await
+        .unwrap()
+    else {
+        panic!("nothing claimed")
+    };
+    a.record(&ready[0].candidate, ready[0].log_id, &Outcome::Unclaimed, 2)
+        .await
+        .unwrap();
+    a.flush().await.unwrap();
+    match b
+        .claim(c.id, "acct", "acct", &[], 3, 1, |_| Ok(out(1)))
+        .await
+        .unwrap()
+    {
+        Claim::Ready { ready, .. } => assert_eq!(ready[0].candidate.email, "a@x.example"),
+        other => panic!("the other worker waits for a lease: {other:?}"),
+    }
+    a.close().await;
+    b.close().await;
+    pg.drop().await;
+}
