@@ -973,3 +973,46 @@ fn reset_is_refused_while_the_campaign_is_sent() {
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert!(dir.recorded().is_empty());
 }
+
+/// A dry run only reads (SPEC §9): it makes no row for a campaign never
+/// sent, so dry runs at once never take each other's row away.
+/// Before, each made the row, read into it and removed it again: a
+/// second dry run that found the first one's row lost it mid-read.
+#[test]
+fn dry_runs_at_once_make_no_row_for_each_other() {
+    let dir = CampaignDir::new();
+    standard_campaign(&dir, &recipients_csv(3_000), FILE_TRANSPORT, "");
+    for round in 0..4 {
+        let children: Vec<_> = (0..4)
+            .map(|_| {
+                dir.send_command(&["--dry-run"])
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        for child in children {
+            let out = common::finish(child);
+            assert_eq!(
+                out.status.code(),
+                Some(0),
+                "round {round}: {}",
+                text(&out.stderr)
+            );
+            assert!(
+                text(&out.stdout).contains("3000 would be sent"),
+                "{}",
+                text(&out.stdout)
+            );
+        }
+    }
+    let out = dir.run(&["campaigns", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        listed,
+        serde_json::json!([]),
+        "a dry run left a campaign row"
+    );
+}

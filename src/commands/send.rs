@@ -190,14 +190,20 @@ pub async fn send(
     }
     let store = global.store().await?;
     let token = uuid::Uuid::new_v4().to_string();
-    let record = if opts.dry_run {
-        store.campaign(&identity(&loaded.campaign)).await?
-    } else {
-        store.lock(&identity(&loaded.campaign), &token).await?
-    };
+    let id = identity(&loaded.campaign);
+    if opts.dry_run {
+        // Read only: a campaign never sent is read into a transaction that
+        // is rolled back, so no row is made for it, seen by another
+        // process, or removed again.
+        let found = store.find_campaign(&id).await?;
+        let result = send_locked(global, loaded, &store, found.as_ref(), &id, opts, stop).await;
+        store.close().await;
+        return result;
+    }
+    let record = store.lock(&id, &token).await?;
     // The sender renews its lease while it runs: SQLite's runner lock, or on
     // PostgreSQL its rows among the workers (settling what dead ones left).
-    let heartbeat = (!opts.dry_run).then(|| {
+    let heartbeat = {
         let (store, id) = (store.clone(), record.id);
         tokio::spawn(async move {
             loop {
@@ -212,16 +218,12 @@ pub async fn send(
                 }
             }
         })
-    });
-    let result = send_locked(global, loaded, &store, &record, opts, stop).await;
-    if let Some(heartbeat) = heartbeat {
-        heartbeat.abort();
-    }
-    if !opts.dry_run {
-        store.unlock(record.id, &token).await?;
-    }
+    };
+    let result = send_locked(global, loaded, &store, Some(&record), &id, opts, stop).await;
+    heartbeat.abort();
+    store.unlock(record.id, &token).await?;
     // A run that sent nothing leaves no trace of a campaign new to the database.
-    if opts.dry_run || result.is_err() {
+    if result.is_err() {
         store.forget_if_empty(record.id).await?;
     }
     store.close().await;
@@ -232,13 +234,19 @@ async fn send_locked(
     global: &Global,
     loaded: Loaded,
     store: &crate::store::Store,
-    record: &crate::store::CampaignRecord,
+    // `None` only for a dry run of a campaign never sent.
+    existing: Option<&crate::store::CampaignRecord>,
+    id: &crate::store::Identity,
     opts: &SendOptions,
     stop: watch::Receiver<bool>,
 ) -> Result<Exit> {
     let campaign = &loaded.campaign;
     let parts = fingerprint(&loaded)?;
-    if let Some(changed) = content_changed(record, &parts)? {
+    if let Some(changed) = existing
+        .map(|r| content_changed(r, &parts))
+        .transpose()?
+        .flatten()
+    {
         if !opts.force {
             return Err(input_error(changed));
         }
@@ -268,7 +276,7 @@ async fn send_locked(
         }
     }
     let campaign = &loaded.campaign;
-    if !opts.dry_run {
+    if let (false, Some(record)) = (opts.dry_run, existing) {
         let unknown = store.settle_interrupted(record.id).await?;
         if unknown > 0 {
             tracing::warn!(
@@ -299,30 +307,37 @@ async fn send_locked(
     } else {
         checked_digest(&loaded, &parts)?
     };
-    let unchanged = !opts.force
-        && !opts.skip_invalid
-        && record.fingerprint.is_some()
-        && digest.is_some()
-        && record.checked == digest
-        && !store.suppressions_changed(record.id).await?;
+    let unchanged = match existing {
+        Some(record) => {
+            !opts.force
+                && !opts.skip_invalid
+                && record.fingerprint.is_some()
+                && digest.is_some()
+                && record.checked == digest
+                && !store.suppressions_changed(record.id).await?
+        }
+        None => false,
+    };
     if unchanged {
         tracing::info!(
             "{}: unchanged since its rows were checked; not read again",
             campaign.recipients.file.display()
         );
     } else {
-        if record.checked.is_some() && !opts.dry_run {
-            // Cleared before the rows change: a run stopped between the
-            // import and the new digest leaves none, never a stale one.
-            store.set_checked(record.id, None).await?;
+        if let (false, Some(record)) = (opts.dry_run, existing) {
+            if record.checked.is_some() {
+                // Cleared before the rows change: a run stopped between the
+                // import and the new digest leaves none, never a stale one.
+                store.set_checked(record.id, None).await?;
+            }
         }
         let (mut import, found) = scan(
             &loaded,
             store,
-            if opts.dry_run {
-                ImportInto::Discarded(record)
-            } else {
-                ImportInto::Campaign(record)
+            match existing {
+                Some(record) if opts.dry_run => ImportInto::Discarded(record),
+                Some(record) => ImportInto::Campaign(record),
+                None => ImportInto::Found(id),
             },
             if opts.skip_invalid {
                 Rows::BuildOrSkip
@@ -353,10 +368,9 @@ async fn send_locked(
         if opts.dry_run {
             let counts = import.counts().await?;
             import.rollback().await?;
-            let retried = if opts.retry_failed {
-                store.retryable_failed(record.id).await?
-            } else {
-                0
+            let retried = match existing {
+                Some(record) if opts.retry_failed => store.retryable_failed(record.id).await?,
+                _ => 0,
             };
             let ready = counts[State::Pending]
                 + retried
@@ -366,7 +380,7 @@ async fn send_locked(
                     0
                 };
             let remaining = ready + counts[State::Deferred];
-            let look = outlook(store, campaign, Some(record.id), remaining, ready).await?;
+            let look = outlook(store, campaign, existing.map(|r| r.id), remaining, ready).await?;
             let mut out = output::stdout();
             writeln!(
                 out,
@@ -384,6 +398,10 @@ async fn send_locked(
             }
             return Ok(Exit::Done);
         }
+        if existing.is_none() {
+            import.rollback().await?;
+            anyhow::bail!("a send without its campaign's row in the state database");
+        }
         let removed = import.commit().await?;
         if removed > 0 {
             tracing::warn!(
@@ -391,11 +409,14 @@ async fn send_locked(
                 plural(removed, "unsent recipient")
             );
         }
-        if !opts.skip_invalid {
+        if let (false, Some(record)) = (opts.skip_invalid, existing) {
             // Every row to send was checked and none failed.
             store.set_checked(record.id, digest.as_deref()).await?;
         }
     }
+    let Some(record) = existing else {
+        anyhow::bail!("a send without its campaign's row in the state database");
+    };
     if record.fingerprint.is_none() || opts.force {
         store
             .set_fingerprint(record.id, &serde_json::to_string(&parts)?)

@@ -770,13 +770,12 @@ impl Store {
     /// `hold` is asked last, when the recipient would otherwise be claimed.
     ///
     /// The protocol is the same on both backends (SPEC §10):
-    /// 1. the account's pause and next slot are read first, without a lock:
-    ///    nothing is built for a send that must wait;
-    /// 2. recipients are picked for this worker (kept from the others: on
+    /// 1. recipients are picked for this worker (kept from the others: on
     ///    SQLite within the process, on PostgreSQL by `FOR UPDATE SKIP
     ///    LOCKED` and a short reservation) and their messages are rendered
-    ///    and signed outside any database transaction;
-    /// 3. one transaction, taken by one worker at a time for the account,
+    ///    and signed outside any database transaction, unless the account's
+    ///    pause or next slot, read without a lock, says the send must wait;
+    /// 2. one transaction, taken by one worker at a time for the account,
     ///    decides the slot again, marks `sending` the picked rows that are
     ///    still as they were picked and logs their sends, and is committed
     ///    (synced) before any of them is sent. A row another worker changed
@@ -800,9 +799,6 @@ impl Store {
             windows,
             now,
         };
-        if let Some(wait) = on_backend!(self, Store, b => b.wait_before(&gate, 1).await)? {
-            return Ok(wait);
-        }
         // With windows, one at a time: each send needs its own slot.
         let want = if windows.is_empty() { max.max(1) } else { 1 };
         let mut picked = Picked::default();
@@ -814,6 +810,14 @@ impl Store {
                 let batch = on_backend!(self, Store, b => b.pick(campaign_id, now, &picked.ids, skip, left).await)?;
                 if batch.is_empty() {
                     break;
+                }
+                if picked.ids.is_empty() {
+                    // Something is due: nothing is built for a send that
+                    // must wait anyway.
+                    if let Some(wait) = on_backend!(self, Store, b => b.wait_before(&gate, 1).await)? {
+                        picked.ids.extend(batch.iter().map(|c| c.id));
+                        return Ok(wait);
+                    }
                 }
                 for candidate in batch {
                     picked.ids.push(candidate.id);

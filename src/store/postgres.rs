@@ -582,7 +582,13 @@ impl PgStore {
             .map(|(_, m)| m.recipient_count)
             .max()
             .unwrap_or(1);
-        if let Some(wait) = wait_in(&mut tx, gate, count).await? {
+        // With nothing picked, nothing waits: the claim comes to `Idle`.
+        let nothing = picked.built.is_empty() && picked.unbuildable.is_empty();
+        let wait = match nothing {
+            true => None,
+            false => wait_in(&mut tx, gate, count).await?,
+        };
+        if let Some(wait) = wait {
             if picked.unbuildable.is_empty() {
                 return Ok(wait);
             }
