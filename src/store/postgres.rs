@@ -266,9 +266,12 @@ impl PgStore {
     /// longer is.
     pub async fn suppressions_changed(&self, campaign_id: i64) -> Result<bool> {
         Ok(sqlx::query_scalar(
-            // Each suppressed address looked up among the rows, not each row among them.
-            "SELECT EXISTS (SELECT 1 FROM suppressions s CROSS JOIN recipients r \
-             WHERE r.campaign_id = $1 AND r.row_key = s.email_key AND r.state IN ('pending', 'deferred')) \
+            // Each suppressed address looked up among the rows, not each row
+            // among them: a subquery per address, which no plan turns into
+            // a scan of the campaign's rows (the planner may not know yet
+            // how many there are, right after a large read).
+            "SELECT EXISTS (SELECT 1 FROM suppressions s WHERE (SELECT r.state FROM recipients r \
+             WHERE r.campaign_id = $1 AND r.row_key = s.email_key) IN ('pending', 'deferred')) \
              OR EXISTS (SELECT 1 FROM recipients r WHERE r.campaign_id = $1 AND r.state = 'skipped' \
              AND r.reason = 'suppressed' AND NOT EXISTS (SELECT 1 FROM suppressions s WHERE s.email_key = r.row_key))",
         )
@@ -435,11 +438,9 @@ impl PgStore {
             .bind(campaign.id)
             .execute(&mut *tx)
             .await?;
-            sqlx::query(&format!(
-                "CREATE UNIQUE INDEX ON {DISCARDED} (campaign_id, row_key)"
-            ))
-            .execute(&mut *tx)
-            .await?;
+            sqlx::query(&format!("CREATE INDEX ON {DISCARDED} USING hash (row_key)"))
+                .execute(&mut *tx)
+                .await?;
             DISCARDED
         } else {
             "recipients"
