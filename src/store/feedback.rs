@@ -76,7 +76,7 @@ impl SqliteStore {
             return Ok(found);
         }
         // Only a message a server accepted (or may have) can bounce.
-        let sql = format!("SELECT id, {EMAIL} AS email, {ADDRESS} AS address, row_key, state, reason, message_id FROM recipients \
+        let sql = format!("SELECT id, {EMAIL} AS email, {ADDRESS} AS address, row_key, state, reason, message_id FROM recipients NOT INDEXED \
              WHERE campaign_id = ? AND state IN ({SENT}, {UNKNOWN}, {BOUNCED})");
         let mut rows = sqlx::query(&sql).bind(campaign_id).fetch(&self.pool);
         while let Some(row) = rows.try_next().await? {
