@@ -552,9 +552,16 @@ impl SqliteStore {
                 .execute(&mut *tx)
                 .await?
                 .rows_affected();
-        let row_count = read
-            .get::<Option<i64>, _>("row_count")
-            .map(|n| n - i64::try_from(dropped).unwrap_or(n));
+        let fresh: bool = !sqlx::query_scalar::<_, bool>(
+            "SELECT EXISTS (SELECT 1 FROM recipients WHERE campaign_id = ?)",
+        )
+        .bind(campaign.id)
+        .fetch_one(&mut *tx)
+        .await?;
+        let row_count = match read.get::<Option<i64>, _>("row_count") {
+            Some(n) => Some(n - i64::try_from(dropped).unwrap_or(n)),
+            None => fresh.then_some(0),
+        };
         let next_id: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(id), 0) + 1 FROM recipients")
             .fetch_one(&mut *tx)
             .await?;
@@ -568,6 +575,7 @@ impl SqliteStore {
             now,
             imported_before: read.get("imported_before"),
             row_count,
+            fresh,
             next_id,
             any_suppressed,
         })
@@ -1390,6 +1398,9 @@ pub struct SqliteImport {
     imported_before: Option<i64>,
     /// The campaign's rows so far, if known.
     row_count: Option<i64>,
+    /// Whether the campaign had no rows before this read: none of them can
+    /// have left the file, nor be the read before's.
+    fresh: bool,
     /// The id the next new row gets: the transaction holds the write lock,
     /// so ids are handed out here and no insert needs a round trip of its own.
     next_id: i64,
@@ -1550,6 +1561,11 @@ impl SqliteImport {
     /// Rows that left the file and were never sent become `skipped (removed)`;
     /// then everything read becomes visible at once. Returns how many left.
     pub async fn commit(mut self) -> Result<u64> {
+        if self.fresh {
+            self.write_row_count().await?;
+            self.tx.commit().await?;
+            return Ok(0);
+        }
         let removed = sqlx::query(&format!(
             "UPDATE recipients NOT INDEXED SET state = {SKIPPED}, reason = 'removed', updated_at = ? \
              WHERE campaign_id = ? AND seen_gen < ? AND state IN ({PENDING}, {DEFERRED})",
@@ -1560,14 +1576,7 @@ impl SqliteImport {
         .execute(&mut *self.tx)
         .await?
         .rows_affected();
-        sqlx::query(
-            "UPDATE campaigns SET row_count = COALESCE(?, \
-             (SELECT COUNT(*) FROM recipients NOT INDEXED WHERE campaign_id = campaigns.id)) WHERE id = ?",
-        )
-        .bind(self.row_count)
-        .bind(self.campaign_id)
-        .execute(&mut *self.tx)
-        .await?;
+        self.write_row_count().await?;
         // Rows at 0 are the latest read's once it is committed.
         sqlx::query(
             "UPDATE recipients NOT INDEXED SET updated_at = ? WHERE campaign_id = ? AND seen_gen < ? AND updated_at = 0",
@@ -1579,6 +1588,19 @@ impl SqliteImport {
         .await?;
         self.tx.commit().await?;
         Ok(removed)
+    }
+
+    /// Records how many rows the campaign has now (counted if unknown).
+    async fn write_row_count(&mut self) -> Result<()> {
+        sqlx::query(
+            "UPDATE campaigns SET row_count = COALESCE(?, \
+             (SELECT COUNT(*) FROM recipients NOT INDEXED WHERE campaign_id = campaigns.id)) WHERE id = ?",
+        )
+        .bind(self.row_count)
+        .bind(self.campaign_id)
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(())
     }
 
     /// Leaves the store as it was (check, dry run, refused send).
