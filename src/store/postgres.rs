@@ -36,6 +36,9 @@ const RETRYABLE_FAILED: &str = "campaign_id = $1 AND state = 'failed' \
 /// builds their messages, before it claims them or lets them go.
 pub(super) const PICK_MS: i64 = 10_000;
 
+/// How long an outcome waits for others to be written with it.
+const OUTCOMES_GATHERED: Duration = Duration::from_millis(20);
+
 #[derive(Clone)]
 pub struct PgStore {
     pool: PgPool,
@@ -726,22 +729,36 @@ impl PgStore {
         now: i64,
     ) -> Result<()> {
         self.failed_write()?;
-        lock(&self.outcomes).push((candidate.clone(), log_id, outcome.clone(), now));
-        match self.writer.clone().try_lock_owned() {
-            Ok(_writing) => self.write_outcomes(false).await,
-            Err(_) => {
-                // Written once the current write is done, without making
-                // this sender wait for it.
-                let store = self.clone();
-                tokio::spawn(async move {
-                    let _writing = store.writer.clone().lock_owned().await;
-                    if let Err(e) = store.write_outcomes(false).await {
-                        lock(&store.outcomes).error.get_or_insert(format!("{e:#}"));
-                    }
-                });
-                Ok(())
-            }
+        let first = {
+            let mut outcomes = lock(&self.outcomes);
+            outcomes.push((candidate.clone(), log_id, outcome.clone(), now));
+            outcomes.queue.len() == 1
+        };
+        if first {
+            // Written a moment later with those recorded meanwhile (each
+            // write is a few round trips to the server, whatever its size),
+            // or before, by the next claim; never making this sender wait.
+            let store = self.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(OUTCOMES_GATHERED).await;
+                let _writing = store.writer.clone().lock_owned().await;
+                if let Err(e) = store.write_outcomes(false).await {
+                    lock(&store.outcomes).error.get_or_insert(format!("{e:#}"));
+                }
+            });
         }
+        Ok(())
+    }
+
+    /// Writes the outcomes this process recorded and not yet written, so
+    /// that its own reads see them.
+    async fn written(&self) -> Result<()> {
+        self.failed_write()?;
+        if !lock(&self.outcomes).queue.is_empty() {
+            let _writing = self.writer.clone().lock_owned().await;
+            self.write_outcomes(false).await?;
+        }
+        Ok(())
     }
 
     /// Writes the outcomes not yet written, synced; returns once they are.
@@ -836,6 +853,7 @@ impl PgStore {
     }
 
     pub async fn counts(&self, campaign_id: i64) -> Result<Counts> {
+        self.written().await?;
         let rows = sqlx::query(
             "SELECT state AS st, COUNT(*) AS n FROM recipients WHERE campaign_id = $1 GROUP BY state",
         )
@@ -847,6 +865,7 @@ impl PgStore {
 
     /// The earliest retry time among deferred recipients.
     pub async fn next_retry(&self, campaign_id: i64) -> Result<Option<i64>> {
+        self.written().await?;
         Ok(sqlx::query_scalar("SELECT MIN(next_attempt_at) FROM recipients WHERE campaign_id = $1 AND state = 'deferred'")
             .bind(campaign_id)
             .fetch_one(&self.pool)
@@ -860,6 +879,7 @@ impl PgStore {
         state: Option<State>,
         visit: impl FnMut(ExportRow) -> Result<()>,
     ) -> Result<()> {
+        self.written().await?;
         let mut conn = self.pool.acquire().await?;
         export_rows(&mut conn, "recipients", campaign_id, state, visit).await
     }
@@ -970,6 +990,7 @@ impl PgStore {
         message_ids: &HashSet<String>,
         addresses: &HashSet<String>,
     ) -> Result<Vec<NoticeRow>> {
+        self.written().await?;
         use futures_util::TryStreamExt;
         let mut found = Vec::new();
         if message_ids.is_empty() && addresses.is_empty() {
@@ -1068,6 +1089,7 @@ impl PgStore {
         campaign_id: i64,
         mut visit: impl FnMut(SendEntry) -> Result<()>,
     ) -> Result<()> {
+        self.written().await?;
         use futures_util::TryStreamExt;
         let sql = format!(
             "SELECT l.account, l.at, l.done_at, l.recipients, {EMAIL} AS email, r.last_reply \
