@@ -571,12 +571,13 @@ impl PgStore {
     ) -> Result<Claim> {
         self.failed_write()?;
         let _writing = self.writer.clone().lock_owned().await;
-        // Outcomes still waiting are written first, without waiting for
-        // the disk (this claim's synced commit comes after them in the
-        // log): the rows `sending` in the database are never more than
-        // those claimed and not settled.
-        self.write_outcomes(false).await?;
         let mut tx = self.pool.begin().await?;
+        // Outcomes still waiting are written first, in the claim's own
+        // transaction (committed whatever the claim comes to): the rows
+        // `sending` in the database are never more than those claimed and
+        // not settled.
+        let waiting = std::mem::take(&mut lock(&self.outcomes).queue);
+        write_outcomes(&mut tx, &waiting).await?;
         // One worker at a time decides the account's next slot; the others
         // wait here, then see its send in the log.
         advisory_lock(&mut tx, "account", gate.account).await?;
@@ -594,6 +595,7 @@ impl PgStore {
         };
         if let Some(wait) = wait {
             if picked.unbuildable.is_empty() {
+                tx.commit().await?;
                 return Ok(wait);
             }
             picked.built.clear();
@@ -634,6 +636,7 @@ impl PgStore {
                 .bind(&self.worker)
                 .fetch_one(&mut *tx)
                 .await?;
+                tx.commit().await?;
                 return Ok(Claim::Idle { next_due_ms });
             }
         };
@@ -1145,6 +1148,9 @@ async fn write_outcomes(
     conn: &mut sqlx::PgConnection,
     outcomes: &[(Candidate, i64, Outcome, i64)],
 ) -> Result<()> {
+    if outcomes.is_empty() {
+        return Ok(());
+    }
     let (mut logs, mut ends) = (Vec::new(), Vec::new());
     let mut unlogged = Vec::new();
     let mut settled = Settled::default();
