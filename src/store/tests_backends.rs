@@ -1284,3 +1284,29 @@ async fn outcomes_recorded_are_soon_written_for_every_worker_to_see() {
     b.close().await;
     pg.drop().await;
 }
+
+/// The database itself refuses a second row with a recipient's key in one
+/// campaign (SPEC §7.1: an address stored twice would be mailed twice),
+/// whatever wrote it.
+#[tokio::test]
+async fn postgresql_refuses_a_second_row_for_one_key() {
+    use sqlx::Connection as _;
+    let Some((pg, a, b, c)) = two_workers().await else {
+        return;
+    };
+    import(&a, &c, &["a@x.example"]).await;
+    let mut conn = sqlx::PgConnection::connect(&pg.url).await.unwrap();
+    let again = sqlx::query(
+        "INSERT INTO recipients (campaign_id, row_key, email, row_number, fields, state, seen_gen, updated_at) \
+         SELECT campaign_id, row_key, email, row_number + 1, fields, state, seen_gen, updated_at \
+         FROM recipients WHERE campaign_id = $1",
+    )
+    .bind(c.id)
+    .execute(&mut conn)
+    .await;
+    assert!(again.is_err(), "a second row for the same key was stored");
+    conn.close().await.unwrap();
+    a.close().await;
+    b.close().await;
+    pg.drop().await;
+}
