@@ -494,6 +494,31 @@ pub(crate) struct Gate<'a> {
     pub now: i64,
 }
 
+impl Gate<'_> {
+    /// The wait before a send of `count` recipients: the account's pause
+    /// (until when, and why), else its next slot when it is in the future.
+    /// `schedule` is read only when the account has windows.
+    pub fn wait(
+        &self,
+        paused: Option<(i64, String)>,
+        schedule: Option<Schedule>,
+        count: u32,
+    ) -> Option<Claim> {
+        if let Some((until_ms, reason)) = paused {
+            return Some(Claim::Wait {
+                until_ms,
+                why: WaitReason::Paused(reason),
+            });
+        }
+        let schedule = schedule?;
+        let slot = schedule.next_slot(self.now, count);
+        (slot.at_ms > self.now).then(|| Claim::Wait {
+            until_ms: slot.at_ms,
+            why: WaitReason::for_slot(&schedule, &slot, self.now),
+        })
+    }
+}
+
 /// Recipients picked for a claim, their messages built outside any
 /// transaction, handed to the backend's `take`.
 #[derive(Default)]

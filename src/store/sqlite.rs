@@ -18,10 +18,10 @@ use super::compact::{self, decode_fields, encode_fields, ADDRESS, CELLS, EMAIL};
 use super::{
     classify_rows, lock, Before, CampaignRecord, CampaignSummary, Candidate, Claim, Counts,
     Delivery, ExportRow, Gate, Identity, ImportInto, ImportRow, Known, Outcome, Outcomes, Picked,
-    Ready, RowStatus, Skip, SkipReason, State, WaitReason,
+    Ready, RowStatus, Skip, SkipReason, State,
 };
 use crate::error::input_error;
-use crate::limits::{Schedule, Send, Slot, Window};
+use crate::limits::{Schedule, Send, Window};
 use crate::message::Outgoing;
 use crate::time::now_ms;
 
@@ -1128,27 +1128,17 @@ async fn wait_in(
     gate: &Gate<'_>,
     count: u32,
 ) -> Result<Option<Claim>> {
-    let paused =
-        sqlx::query("SELECT until, reason FROM account_pauses WHERE account = ? AND until > ?")
+    let paused: Option<(i64, String)> =
+        sqlx::query_as("SELECT until, reason FROM account_pauses WHERE account = ? AND until > ?")
             .bind(gate.pause_key)
             .bind(gate.now)
             .fetch_optional(&mut *conn)
             .await?;
-    if let Some(p) = paused {
-        return Ok(Some(Claim::Wait {
-            until_ms: p.get("until"),
-            why: WaitReason::Paused(p.get("reason")),
-        }));
-    }
-    if gate.windows.is_empty() {
-        return Ok(None);
-    }
-    let schedule = load_schedule(conn, gate.account, gate.windows, gate.now).await?;
-    let slot: Slot = schedule.next_slot(gate.now, count);
-    Ok((slot.at_ms > gate.now).then(|| Claim::Wait {
-        until_ms: slot.at_ms,
-        why: WaitReason::for_slot(&schedule, &slot, gate.now),
-    }))
+    let schedule = match paused.is_none() && !gate.windows.is_empty() {
+        true => Some(load_schedule(conn, gate.account, gate.windows, gate.now).await?),
+        false => None,
+    };
+    Ok(gate.wait(paused, schedule, count))
 }
 
 /// The next recipient due: a deferred one whose retry time has come, else
