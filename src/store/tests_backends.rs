@@ -483,6 +483,26 @@ async fn two_workers() -> Option<(TestPg, Store, Store, CampaignRecord)> {
     Some((pg, a, b, c))
 }
 
+/// Ends a test of [`two_workers`].
+async fn close_workers(pg: TestPg, a: Store, b: Store) {
+    a.close().await;
+    b.close().await;
+    pg.drop().await;
+}
+
+/// Claims up to `max` recipients of the campaign for account `acct`, no
+/// windows; something must be claimed.
+async fn claimed(store: &Store, campaign_id: i64, now: i64, max: usize) -> Vec<Ready> {
+    match store
+        .claim(campaign_id, "acct", "acct", &[], now, max, |_| Ok(out(1)))
+        .await
+        .unwrap()
+    {
+        Claim::Ready { ready, .. } if !ready.is_empty() => ready,
+        other => panic!("nothing claimed: {other:?}"),
+    }
+}
+
 #[tokio::test]
 async fn workers_never_claim_the_same_recipient_and_share_the_windows() {
     let Some((pg, a, b, c)) = two_workers().await else {
@@ -1185,13 +1205,8 @@ async fn rows_picked_by_a_worker_that_died_are_not_lost() {
     };
     let picked = dead.pick(c.id, 1, &[], &Skip::default(), 2).await.unwrap();
     assert_eq!(picked.len(), 2);
-    let Claim::Ready { ready, .. } = b
-        .claim(c.id, "acct", "acct", &[], 1, 3, |_| Ok(out(1)))
-        .await
-        .unwrap()
-    else {
-        panic!("the third row is free")
-    };
+    // The third row is free.
+    let ready = claimed(&b, c.id, 1, 3).await;
     assert_eq!(
         ready
             .iter()
@@ -1213,9 +1228,7 @@ async fn rows_picked_by_a_worker_that_died_are_not_lost() {
         ),
         other => panic!("expected to wait for the picked rows: {other:?}"),
     }
-    a.close().await;
-    b.close().await;
-    pg.drop().await;
+    close_workers(pg, a, b).await;
 }
 
 /// A recipient one worker claimed and gave back (never offered to the
@@ -1226,13 +1239,7 @@ async fn a_recipient_given_back_is_free_for_the_other_workers_at_once() {
         return;
     };
     import(&a, &c, &["a@x.example"]).await;
-    let Claim::Ready { ready, .. } = a
-        .claim(c.id, "acct", "acct", &[], 1, 1, |_| Ok(out(1)))
-        .await
-        .unwrap()
-    else {
-        panic!("nothing claimed")
-    };
+    let ready = claimed(&a, c.id, 1, 1).await;
     a.record(&ready[0].candidate, ready[0].log_id, &Outcome::Unclaimed, 2)
         .await
         .unwrap();
@@ -1245,9 +1252,7 @@ async fn a_recipient_given_back_is_free_for_the_other_workers_at_once() {
         Claim::Ready { ready, .. } => assert_eq!(ready[0].candidate.email, "a@x.example"),
         other => panic!("the other worker waits for a lease: {other:?}"),
     }
-    a.close().await;
-    b.close().await;
-    pg.drop().await;
+    close_workers(pg, a, b).await;
 }
 
 /// Outcomes recorded one after the other are written together a moment
@@ -1258,13 +1263,7 @@ async fn outcomes_recorded_are_soon_written_for_every_worker_to_see() {
         return;
     };
     import(&a, &c, &["a@x.example", "b@x.example", "c@x.example"]).await;
-    let Claim::Ready { ready, .. } = a
-        .claim(c.id, "acct", "acct", &[], 1, 3, |_| Ok(out(1)))
-        .await
-        .unwrap()
-    else {
-        panic!("nothing claimed")
-    };
+    let ready = claimed(&a, c.id, 1, 3).await;
     for r in &ready {
         let sent = Outcome::Sent {
             reply: "250 ok".into(),
@@ -1280,9 +1279,7 @@ async fn outcomes_recorded_are_soon_written_for_every_worker_to_see() {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    a.close().await;
-    b.close().await;
-    pg.drop().await;
+    close_workers(pg, a, b).await;
 }
 
 /// The database itself refuses a second row with a recipient's key in one
@@ -1306,7 +1303,5 @@ async fn postgresql_refuses_a_second_row_for_one_key() {
     .await;
     assert!(again.is_err(), "a second row for the same key was stored");
     conn.close().await.unwrap();
-    a.close().await;
-    b.close().await;
-    pg.drop().await;
+    close_workers(pg, a, b).await;
 }
