@@ -60,18 +60,18 @@ pub trait Transport: Send + Sync + 'static {
 
 /// Either real transport, chosen by the campaign file.
 pub enum AnyTransport {
-    Smtp(Smtp),
+    Smtp(Box<Smtp>),
     File(FileOut),
 }
 
 impl AnyTransport {
     pub async fn new(campaign: &Campaign) -> Result<AnyTransport> {
         Ok(match &campaign.transport {
-            TransportConfig::Smtp(cfg) => AnyTransport::Smtp(
+            TransportConfig::Smtp(cfg) => AnyTransport::Smtp(Box::new(
                 Smtp::new(cfg)
                     .await
                     .with_context(|| campaign.path.display().to_string())?,
-            ),
+            )),
             TransportConfig::File { dir } => AnyTransport::File(FileOut::new(dir.clone()).await?),
         })
     }
@@ -144,8 +144,18 @@ pub struct Smtp {
     hello: Option<ClientId>,
     timeout: Duration,
     idle: Mutex<Vec<Conn>>,
-    /// The server's EHLO SIZE (0: no limit), learnt on the first connection.
-    advertised: OnceLock<u64>,
+    /// What the server's EHLO offers, learnt on the first connection.
+    advertised: OnceLock<Advertised>,
+}
+
+/// What a server's EHLO reply offers beyond what lettre keeps.
+#[derive(Debug, Clone, Copy)]
+struct Advertised {
+    /// SIZE (RFC 1870); 0: no limit.
+    size: u64,
+    /// PIPELINING (RFC 2920): MAIL, RCPT and DATA go in one write and
+    /// their replies are read after it, one round trip instead of three.
+    pipelining: bool,
 }
 
 /// An open, logged-in connection.
@@ -165,6 +175,8 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 struct Failed {
     reply: Reply,
     at_mail: bool,
+    /// The connection is out of step with the server and cannot be reset.
+    broken: bool,
 }
 
 impl Smtp {
@@ -216,7 +228,7 @@ impl Smtp {
     }
 
     fn size_limit(&self) -> Option<u64> {
-        self.advertised.get().copied().filter(|s| *s > 0)
+        self.advertised.get().map(|a| a.size).filter(|s| *s > 0)
     }
 
     fn take_idle(&self) -> Option<Conn> {
@@ -350,7 +362,10 @@ impl Smtp {
                 .await
                 .map_err(as_unreachable)?
                 .map_err(|e| login_failure(&e, "EHLO"))?;
-            let _ = self.advertised.set(advertised_size(&ehlo).unwrap_or(0));
+            let _ = self.advertised.set(Advertised {
+                size: advertised_size(&ehlo).unwrap_or(0),
+                pipelining: offers(&ehlo, "PIPELINING"),
+            });
         }
         let credentials = self
             .credentials
@@ -399,6 +414,7 @@ impl Smtp {
                         "the address is not ASCII and the server does not offer SMTPUTF8",
                     ),
                     at_mail: false,
+                    broken: false,
                 });
             }
             options.push(MailParameter::SmtpUtfEight);
@@ -411,39 +427,22 @@ impl Smtp {
                         "the message is not ASCII and the server does not offer 8BITMIME",
                     ),
                     at_mail: false,
+                    broken: false,
                 });
             }
             options.push(MailParameter::Body(MailBodyParameter::EightBitMime));
         }
-        let lost = |e: &lettre::transport::smtp::Error| transaction_failure(e, Origin::Lost);
-        let mail = self
-            .bounded(
-                "MAIL FROM",
-                conn.smtp
-                    .command(Mail::new(envelope.from().cloned(), options)),
-            )
-            .await
-            .and_then(|r| r.map_err(|e| lost(&e)));
-        if let Err(reply) = mail {
-            // No answer, or 421: the server had closed (or is closing)
-            // the connection, typically one left idle.
-            let at_mail = reply.code.is_none() || reply.code == Some(421);
-            return Err(Failed { reply, at_mail });
+        let mail = Mail::new(envelope.from().cloned(), options);
+        let rcpts: Vec<Rcpt> = envelope
+            .to()
+            .iter()
+            .map(|to| Rcpt::new(to.clone(), vec![]))
+            .collect();
+        if self.advertised.get().is_some_and(|a| a.pipelining) {
+            self.envelope_pipelined(conn, mail, &rcpts).await?;
+        } else {
+            self.envelope_step_by_step(conn, mail, &rcpts).await?;
         }
-        let before_data = |r: std::result::Result<_, Reply>| {
-            r.and_then(|r: std::result::Result<Response, _>| r.map_err(|e| lost(&e)))
-                .map_err(|reply| Failed {
-                    reply,
-                    at_mail: false,
-                })
-        };
-        for to in envelope.to() {
-            before_data(
-                self.bounded("RCPT TO", conn.smtp.command(Rcpt::new(to.clone(), vec![])))
-                    .await,
-            )?;
-        }
-        before_data(self.bounded("DATA", conn.smtp.command(Data)).await)?;
         // lettre reads the reply only once the message and its final "."
         // have been flushed to the socket: a read after this mark means the
         // server may have the whole message.
@@ -463,6 +462,7 @@ impl Smtp {
             Ok(Err(e)) => Err(Failed {
                 reply: transaction_failure(&e, origin),
                 at_mail: false,
+                broken: false,
             }),
             Err(_) => Err(Failed {
                 reply: Reply::local(
@@ -480,7 +480,109 @@ impl Smtp {
                     },
                 ),
                 at_mail: false,
+                broken: false,
             }),
+        }
+    }
+    /// MAIL, each RCPT and DATA, one round trip each.
+    async fn envelope_step_by_step(
+        &self,
+        conn: &mut Conn,
+        mail: Mail,
+        rcpts: &[Rcpt],
+    ) -> std::result::Result<(), Failed> {
+        let lost = |e: &lettre::transport::smtp::Error| transaction_failure(e, Origin::Lost);
+        let reply = self
+            .bounded("MAIL FROM", conn.smtp.command(mail))
+            .await
+            .and_then(|r| r.map_err(|e| lost(&e)));
+        if let Err(reply) = reply {
+            return Err(Failed::at(0, reply));
+        }
+        for rcpt in rcpts {
+            self.bounded("RCPT TO", conn.smtp.command(rcpt))
+                .await
+                .and_then(|r| r.map_err(|e| lost(&e)))
+                .map_err(|reply| Failed::at(1, reply))?;
+        }
+        self.bounded("DATA", conn.smtp.command(Data))
+            .await
+            .and_then(|r| r.map_err(|e| lost(&e)))
+            .map_err(|reply| Failed::at(1, reply))?;
+        Ok(())
+    }
+
+    /// MAIL, each RCPT and DATA in one write, then their replies in order
+    /// (RFC 2920): one round trip instead of two or more. Every reply is
+    /// read, so that a refused MAIL or RCPT leaves the connection in step
+    /// to be reset and reused.
+    async fn envelope_pipelined(
+        &self,
+        conn: &mut Conn,
+        mail: Mail,
+        rcpts: &[Rcpt],
+    ) -> std::result::Result<(), Failed> {
+        let lost = |e: &lettre::transport::smtp::Error| transaction_failure(e, Origin::Lost);
+        let mut batch = mail.to_string();
+        for rcpt in rcpts {
+            batch.push_str(&rcpt.to_string());
+        }
+        batch.push_str(&Data.to_string());
+        let replies = rcpts.len() + 2;
+        let mut refused: Option<Failed> = None;
+        for step in 0..replies {
+            let what = match step {
+                0 => "MAIL FROM",
+                s if s + 1 == replies => "DATA",
+                _ => "RCPT TO",
+            };
+            let reply = if step == 0 {
+                // lettre writes the whole batch as one command and reads
+                // the first reply.
+                self.bounded(what, conn.smtp.command(&batch)).await
+            } else {
+                self.bounded(what, conn.smtp.read_response()).await
+            };
+            match reply.and_then(|r| r.map_err(|e| lost(&e))) {
+                Ok(_) if step + 1 == replies => {
+                    if let Some(mut failed) = refused {
+                        // DATA was taken although MAIL or a RCPT was not: the
+                        // server waits for a message that will not come, and
+                        // the connection cannot be reset.
+                        failed.broken = true;
+                        return Err(failed);
+                    }
+                }
+                Ok(_) => {}
+                Err(reply) if reply.code.is_none() => {
+                    // No reply: the connection is gone.
+                    return Err(match refused {
+                        Some(mut failed) => {
+                            failed.broken = true;
+                            failed
+                        }
+                        None => Failed::at(step, reply),
+                    });
+                }
+                Err(reply) => {
+                    refused.get_or_insert(Failed::at(step, reply));
+                }
+            }
+        }
+        refused.map_or(Ok(()), Err)
+    }
+}
+
+impl Failed {
+    /// A failure of the envelope's `step`th command (0: MAIL).
+    fn at(step: usize, reply: Reply) -> Failed {
+        // No answer to MAIL, or 421: the server had closed (or is closing)
+        // the connection, typically one left idle.
+        let at_mail = step == 0 && (reply.code.is_none() || reply.code == Some(421));
+        Failed {
+            reply,
+            at_mail,
+            broken: false,
         }
     }
 }
@@ -525,8 +627,8 @@ impl Transport for Smtp {
                 self.put_idle(conn);
                 Ok(reply)
             }
-            Err(Failed { reply, .. }) => {
-                if reply.origin == Origin::Server && reply.code.is_some() {
+            Err(Failed { reply, broken, .. }) => {
+                if !broken && reply.origin == Origin::Server && reply.code.is_some() {
                     // A refused MAIL, RCPT or message leaves the
                     // connection usable once reset.
                     if let Ok(Ok(_)) = self.bounded("RSET", conn.smtp.command(Rset)).await {
@@ -560,6 +662,15 @@ fn advertised_size(ehlo: &Response) -> Option<u64> {
             (Some(k), Some(n)) if k.eq_ignore_ascii_case("SIZE") => n.parse().ok(),
             _ => None,
         }
+    })
+}
+
+/// Whether an EHLO reply offers the extension `keyword`.
+fn offers(ehlo: &Response, keyword: &str) -> bool {
+    ehlo.message().any(|line| {
+        line.split_whitespace()
+            .next()
+            .is_some_and(|k| k.eq_ignore_ascii_case(keyword))
     })
 }
 

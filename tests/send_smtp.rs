@@ -278,6 +278,51 @@ fn unknown_user_fails_and_is_suppressed_the_rest_are_sent() {
 }
 
 #[test]
+fn envelopes_are_pipelined_where_the_server_offers_it_and_a_refusal_resets() {
+    let reject =
+        "user3@example.com=550 5.1.1 The email account that you tried to reach does not exist.";
+    for pipelining in [true, false] {
+        let mut args = vec!["--reject", reject];
+        if !pipelining {
+            args.push("--no-pipelining");
+        }
+        let server = SmtpServer::start(&args);
+        let dir = CampaignDir::new();
+        // One connection: the refused RCPT must leave it in step (every
+        // pipelined reply read, then RSET) for the next recipients.
+        standard_campaign(
+            &dir,
+            &recipients_csv(6),
+            &server.transport_toml("connections = 1"),
+            "",
+        );
+        let out = dir.run(&["send", dir.campaign().to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
+        let received = server.received();
+        let mut to: Vec<String> = received.iter().map(|r| r.rcpt_tos.join(",")).collect();
+        to.sort();
+        assert_eq!(
+            to,
+            ["user1", "user2", "user4", "user5", "user6"]
+                .map(|u| format!("{u}@example.com"))
+                .to_vec(),
+            "pipelining offered: {pipelining}"
+        );
+        assert!(
+            received.iter().all(|r| r.pipelined == pipelining),
+            "pipelining offered: {pipelining}, pipelined: {:?}",
+            received.iter().map(|r| r.pipelined).collect::<Vec<_>>()
+        );
+        let failed = dir.export(Some("failed"));
+        assert_eq!(failed.len(), 1, "{failed:?}");
+        assert!(
+            failed[0]["last_reply"].starts_with("550 5.1.1"),
+            "{failed:?}"
+        );
+    }
+}
+
+#[test]
 fn a_line_break_in_a_cell_never_becomes_a_header() {
     let server = SmtpServer::start(&[]);
     let dir = CampaignDir::new();

@@ -86,6 +86,9 @@ pub struct Received {
     pub replied: bool,
     /// The user the client logged in as.
     pub user: Option<String>,
+    /// Whether RCPT and DATA had arrived before MAIL FROM was answered
+    /// (PIPELINING, which the server offers unless `--no-pipelining`).
+    pub pipelined: bool,
 }
 
 impl Received {
@@ -221,6 +224,7 @@ impl SmtpServer {
                     helo: v["helo"].as_str().unwrap_or_default().to_string(),
                     replied: v["replied"].as_bool().unwrap_or(true),
                     user: v["user"].as_str().map(str::to_string),
+                    pipelined: v["pipelined"].as_bool().unwrap_or(false),
                 }
             })
             .collect()

@@ -32,7 +32,9 @@ Command line
                            "helo": the client's EHLO/HELO argument,
                            "replied": false when the connection was then
                                       dropped without a reply,
-                           "user": the user the session logged in as, or null}
+                           "user": the user the session logged in as, or null,
+                           "pipelined": whether RCPT and DATA had arrived
+                                        before MAIL FROM was answered}
 
 --tls starttls|tls|none
                       starttls (default): STARTTLS is required before anything
@@ -79,6 +81,8 @@ Command line
 --port N              listen on port N instead of one chosen by the OS.
 --size-limit N        advertise SIZE N in the EHLO reply and refuse larger
                       messages with 552 (default 64 MiB).
+--no-pipelining       do not offer PIPELINING (offered by default, as Gmail
+                      does).
 --verbose             log the SMTP conversation to stderr.
 
 Accepted messages get ``250 2.0.0 OK <n> - gsmtp``.  Messages up to 64 MiB
@@ -159,6 +163,7 @@ class FaultPlan:
                 raise ValueError(f"--pause-user expects USER=N, got {spec!r}")
             self.pause_users[user] = int(count)
         self.delay: float = max(args.delay_ms, 0) / 1000.0
+        self.pipelining: bool = not args.no_pipelining
 
 
 class Recorder:
@@ -214,9 +219,14 @@ class FaultyHandler:
                           responses: list[str]) -> list[str]:
         # With this hook aiosmtpd leaves setting host_name to the handler.
         session.host_name = hostname
-        if self.auth_enabled:
-            return responses
-        return [r for r in responses if not r[4:].upper().startswith("AUTH")]
+        if not self.auth_enabled:
+            responses = [r for r in responses
+                         if not r[4:].upper().startswith("AUTH")]
+        if self.plan.pipelining:
+            # Gmail offers PIPELINING (RFC 2920); aiosmtpd reads pipelined
+            # commands line by line from its buffer either way.
+            responses = responses[:-1] + ["250-PIPELINING"] + responses[-1:]
+        return responses
 
     async def auth_XOAUTH2(self, server: SMTP, args: list[str]) -> AuthResult:
         """Google's XOAUTH2: base64 of "user=U^Aauth=Bearer T^A^A" as the
@@ -244,6 +254,9 @@ class FaultyHandler:
     async def handle_MAIL(self, server: SMTP, session: Session,
                           envelope: Envelope, address: str,
                           mail_options: list[str]) -> str:
+        # Whether the client sent more (RCPT, DATA) before this reply: the
+        # commands that follow MAIL are already in the read buffer.
+        envelope.pipelined = bool(getattr(server._reader, "_buffer", b""))
         if self._paused(session):
             return self.plan.pause_reply
         envelope.mail_from = address
@@ -306,6 +319,7 @@ class FaultyHandler:
             "helo": _text(session.host_name or ""),
             "replied": replied,
             "user": user,
+            "pipelined": getattr(envelope, "pipelined", False),
         })
         return n
 
@@ -434,6 +448,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         "daily limit)")
     p.add_argument("--delay-ms", type=float, default=0.0, metavar="D",
                    help="wait D ms before answering DATA")
+    p.add_argument("--no-pipelining", action="store_true",
+                   help="do not offer PIPELINING in the EHLO reply")
     p.add_argument("--verbose", action="store_true",
                    help="log the SMTP conversation to stderr")
     args = p.parse_args(argv)
