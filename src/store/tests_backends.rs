@@ -1305,3 +1305,178 @@ async fn postgresql_refuses_a_second_row_for_one_key() {
     conn.close().await.unwrap();
     close_workers(pg, a, b).await;
 }
+
+/// Claims find pending rows from a cursor below which the campaign has
+/// none (SPEC §12: the index by state holds no pending row). Rows made
+/// pending again below it — given back, never offered, `--resend-unknown`,
+/// `--retry-failed` — are claimed again all the same, in file order, and
+/// the counts stay right.
+#[tokio::test]
+async fn rows_pending_again_below_the_claims_cursor_are_claimed() {
+    on_both!(|store| {
+        let c = store.campaign(&ident("c")).await.unwrap();
+        let emails: Vec<String> = (1..=8).map(|i| format!("r{i}@x.example")).collect();
+        let rows: Vec<&str> = emails.iter().map(String::as_str).collect();
+        import(&store, &c, &rows).await;
+        let mut first = claimed(&store, c.id, 1, 4).await;
+        let got: Vec<i64> = first.iter().map(|r| r.candidate.row_number).collect();
+        assert_eq!(got, [1, 2, 3, 4], "claims go in file order");
+        // The next claim moves the cursor past the rows `sending`.
+        let fifth = claimed(&store, c.id, 2, 1).await;
+        assert_eq!(fifth[0].candidate.row_number, 5);
+        let outcomes = [
+            Outcome::Returned {
+                reply: "421 later".into(),
+                unlog: true,
+            },
+            Outcome::Unclaimed,
+            Outcome::Unknown {
+                reply: "lost".into(),
+            },
+            Outcome::Failed {
+                reply: "550 no".into(),
+                suppress: false,
+            },
+        ];
+        for (r, outcome) in first.drain(..).zip(outcomes) {
+            store
+                .record(&r.candidate, r.log_id, &outcome, 3)
+                .await
+                .unwrap();
+        }
+        store
+            .record(
+                &fifth[0].candidate,
+                fifth[0].log_id,
+                &Outcome::Sent {
+                    reply: "250 ok".into(),
+                },
+                3,
+            )
+            .await
+            .unwrap();
+        store.flush().await.unwrap();
+        let counts = store.counts(c.id).await.unwrap();
+        assert_eq!(
+            (
+                counts[State::Pending],
+                counts[State::Unknown],
+                counts[State::Failed],
+                counts[State::Sent],
+                counts.total()
+            ),
+            (5, 1, 1, 1, 8)
+        );
+        let again = claimed(&store, c.id, 4, 10).await;
+        let got: Vec<i64> = again.iter().map(|r| r.candidate.row_number).collect();
+        assert_eq!(got, [1, 2, 6, 7, 8], "rows given back are claimed again");
+        for r in &again {
+            let unclaimed = Outcome::Unclaimed;
+            store
+                .record(&r.candidate, r.log_id, &unclaimed, 5)
+                .await
+                .unwrap();
+        }
+        store.flush().await.unwrap();
+        // Everything claimable is claimed: the cursor is past the end.
+        let all = claimed(&store, c.id, 6, 10).await;
+        assert_eq!(all.len(), 5);
+        for r in &all {
+            let sent = Outcome::Sent {
+                reply: "250 ok".into(),
+            };
+            store
+                .record(&r.candidate, r.log_id, &sent, 7)
+                .await
+                .unwrap();
+        }
+        store.flush().await.unwrap();
+        assert_eq!(store.requeue_unknown(c.id).await.unwrap(), 1);
+        // (On PostgreSQL `--retry-failed` used to compare the campaign
+        // with the time and so requeue nothing.)
+        assert_eq!(store.requeue_failed(c.id).await.unwrap(), 1);
+        let counts = store.counts(c.id).await.unwrap();
+        assert_eq!((counts[State::Pending], counts[State::Sent]), (2, 6));
+        let last = claimed(&store, c.id, 8, 10).await;
+        let got: Vec<i64> = last.iter().map(|r| r.candidate.row_number).collect();
+        assert_eq!(got, [3, 4], "requeued rows are claimed again");
+    });
+}
+
+/// A PostgreSQL database from before rows were narrowed and pending rows
+/// left out of the index by state migrates: its rows keep their ids,
+/// states and cells, new rows go on from its ids, and claims go on in file
+/// order.
+#[tokio::test]
+async fn a_postgresql_database_from_before_narrow_rows_migrates() {
+    use sqlx::Connection as _;
+    let Some(pg) = TestPg::create().await else {
+        return;
+    };
+    let mut conn = sqlx::PgConnection::connect(&pg.url).await.unwrap();
+    let mut before = sqlx::migrate!("./migrations/postgres");
+    before.migrations = before
+        .migrations
+        .iter()
+        .filter(|m| m.version < 20261130200000)
+        .cloned()
+        .collect::<Vec<_>>()
+        .into();
+    before.run(&mut conn).await.unwrap();
+    let campaign: i64 = sqlx::query_scalar(
+        "INSERT INTO campaigns (name, transport, file, import_gen, created_at) \
+         VALUES ('c', 'smtp', '/campaigns/c.toml', 1, 0) RETURNING id",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    let ids: Vec<i64> = sqlx::query_scalar(
+        "INSERT INTO recipients (campaign_id, row_key, email, row_number, fields, state, attempts, \
+         message_id, seen_gen, updated_at) VALUES \
+         ($1, 'a@x.example', '', 1, '[\"a@x.example\"]', 'sent', 1, '<a@x>', 1, 5), \
+         ($1, 'b@x.example', '', 2, '[\"b@x.example\"]', 'pending', 0, NULL, 1, 5), \
+         ($1, 'c@x.example', '', 3, '[\"c@x.example\"]', 'pending', 0, NULL, 1, 5) RETURNING id",
+    )
+    .bind(campaign)
+    .fetch_all(&mut conn)
+    .await
+    .unwrap();
+    conn.close().await.unwrap();
+    let store = Store::open_postgres(&pg.url).await.unwrap();
+    let c = store.campaign(&ident("c")).await.unwrap();
+    assert_eq!(c.id, campaign);
+    let counts = store.counts(c.id).await.unwrap();
+    assert_eq!((counts[State::Sent], counts[State::Pending]), (1, 2));
+    let statuses = import(
+        &store,
+        &c,
+        &["a@x.example", "b@x.example", "c@x.example", "d@x.example"],
+    )
+    .await;
+    assert_eq!(to_send(&statuses[1]), ids[1], "a row keeps its id");
+    assert!(
+        to_send(&statuses[3]) > ids[2],
+        "new rows go on from the ids"
+    );
+    let ready = claimed(&store, c.id, 10, 10).await;
+    let got: Vec<(i64, i64, String)> = ready
+        .iter()
+        .map(|r| {
+            (
+                r.candidate.row_number,
+                r.candidate.attempts,
+                r.candidate.fields[0].clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (2, 0, "b@x.example".to_string()),
+            (3, 0, "c@x.example".to_string()),
+            (4, 0, "d@x.example".to_string())
+        ]
+    );
+    store.close().await;
+    pg.drop().await;
+}
