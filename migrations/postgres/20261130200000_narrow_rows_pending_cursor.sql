@@ -13,6 +13,9 @@
 --   state share one key (PostgreSQL then keeps them as one list). Claims
 --   find the pending rows in id order by the primary key, from
 --   `campaigns.pending_from`, below which the campaign has no pending row.
+-- * The unique index on keys and the primary key fill their pages: a
+--   campaign's first read adds its rows in the order of their keys, and
+--   ids only grow.
 -- * A recipient's key compares byte for byte (collation "C"): only ever
 --   looked up by equality or by a `row:` prefix, and sorted faster.
 --
@@ -71,8 +74,18 @@ ALTER TABLE recipients RENAME CONSTRAINT recipients_new_state_check TO recipient
 -- rest on the import's lock alone.
 ALTER TABLE recipients ADD CONSTRAINT recipients_campaign_id_row_key_key UNIQUE (campaign_id, row_key)
     WITH (fillfactor = 100);
-CREATE INDEX recipients_by_state ON recipients (campaign_id, state) WHERE state <> 'pending';
+-- A pending row a worker has picked (for a few seconds, while it builds
+-- its message) is in it too: when nothing is due, a claim asks when the
+-- rows other workers hold come free.
+CREATE INDEX recipients_by_state ON recipients (campaign_id, state)
+    WHERE state <> 'pending' OR worker IS NOT NULL;
 
 -- 0: from the campaign's first row. Lowered in the same transaction as any
 -- row of the campaign becomes pending again.
 ALTER TABLE campaigns ADD COLUMN pending_from BIGINT NOT NULL DEFAULT 0;
+
+-- How many rows the campaign has, written by each read of the recipients
+-- file (the only writer of rows): `status` and every `send` count the
+-- pending rows as those less the others, which the index by state holds,
+-- instead of reading the whole table. NULL: counted when asked.
+ALTER TABLE campaigns ADD COLUMN row_count BIGINT;
