@@ -202,15 +202,19 @@ impl PgStore {
     /// rows were forgotten, or `None` if the name is unknown.
     pub async fn reset(&self, name: &str) -> Result<Option<u64>> {
         let mut tx = self.pool.begin().await?;
-        let ids: Vec<i64> = sqlx::query_scalar("SELECT id FROM campaigns WHERE name = $1")
-            .bind(name)
-            .fetch_all(&mut *tx)
-            .await?;
+        // The campaigns' rows locked first: a read of the file under way
+        // (which holds its campaign's row) is waited for, and its rows are
+        // seen and deleted with the others.
+        let ids: Vec<i64> =
+            sqlx::query_scalar("SELECT id FROM campaigns WHERE name = $1 FOR UPDATE")
+                .bind(name)
+                .fetch_all(&mut *tx)
+                .await?;
         if ids.is_empty() {
             return Ok(None);
         }
         let mut holder = None;
-        for id in ids {
+        for &id in &ids {
             holder = holder.or(live_workers(&mut tx, id).await?.into_iter().next());
         }
         if let Some((_, holder)) = holder {
@@ -218,18 +222,19 @@ impl PgStore {
                 "campaign {name:?} is being sent by {holder}; stop it first (Ctrl-C), then reset"
             );
         }
-        let forgotten: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM recipients WHERE campaign_id IN (SELECT id FROM campaigns WHERE name = $1)",
-        )
-        .bind(name)
-        .fetch_one(&mut *tx)
-        .await?;
-        sqlx::query("DELETE FROM campaigns WHERE name = $1")
-            .bind(name)
+        // Recipients name their campaign without a foreign key (see the
+        // migrations): they are deleted here, not by a cascade.
+        let forgotten = sqlx::query("DELETE FROM recipients WHERE campaign_id = ANY($1)")
+            .bind(&ids)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        sqlx::query("DELETE FROM campaigns WHERE id = ANY($1)")
+            .bind(&ids)
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
-        Ok(Some(u64::try_from(forgotten).unwrap_or(0)))
+        Ok(Some(forgotten))
     }
 
     /// Removes a campaign row that holds no recipients: `send --dry-run`
@@ -444,6 +449,12 @@ impl PgStore {
             .bind(campaign.id)
             .fetch_one(&mut *tx)
             .await?;
+        // A key is looked up among the rows written before: in a table
+        // that started empty only the keys this read wrote, which it
+        // remembers ([`Written`]); the index on keys is made when one is
+        // first looked up there (adding to it is most of the cost of
+        // writing such a table: 2.5 s of 1,000,000 rows).
+        let mut written = None;
         let table = if discarded || fresh {
             let table = if discarded { DISCARDED } else { STAGED };
             sqlx::query(&format!(
@@ -452,17 +463,23 @@ impl PgStore {
             ))
             .execute(&mut *tx)
             .await?;
-            if discarded {
-                sqlx::query(&format!(
+            let copied = match discarded {
+                true => sqlx::query(&format!(
                     "INSERT INTO {table} SELECT * FROM recipients WHERE campaign_id = $1"
                 ))
                 .bind(campaign.id)
                 .execute(&mut *tx)
-                .await?;
-            }
-            sqlx::query(&format!("CREATE INDEX ON {table} USING hash (row_key)"))
+                .await?
+                .rows_affected(),
+                false => 0,
+            };
+            sqlx::query(&format!("CREATE INDEX ON {table} (id)"))
                 .execute(&mut *tx)
                 .await?;
+            match copied {
+                0 => written = Some(Written::new()),
+                _ => index_keys(&mut tx, table).await?,
+            }
             table
         } else {
             "recipients"
@@ -499,6 +516,7 @@ impl PgStore {
         Ok(PgImport {
             tx,
             table,
+            written,
             campaign_id: campaign.id,
             generation,
             row_count,
@@ -1642,12 +1660,66 @@ const DISCARDED: &str = "pg_temp.hikyaku_discarded_read";
 /// table at commit.
 const STAGED: &str = "pg_temp.hikyaku_staged_read";
 
+/// Makes the index on keys of a read's own table.
+async fn index_keys(conn: &mut sqlx::PgConnection, table: &str) -> Result<()> {
+    sqlx::query(&format!("CREATE INDEX ON {table} USING hash (row_key)"))
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// The keys a read wrote, as a Bloom filter of a fixed size (8 MB, memory
+/// not growing with the file): a key it says was not written was not. Of
+/// the keys of a 1,000,000-row file, about one in ten million is taken for
+/// written (and looked up); of a 10,000,000-row file, one in twenty.
+struct Written {
+    bits: Vec<u64>,
+    /// The table has its index on keys.
+    indexed: bool,
+}
+
+impl Written {
+    const BITS: u64 = 1 << 26;
+    const HASHES: u64 = 7;
+
+    fn new() -> Box<Written> {
+        Box::new(Written {
+            bits: vec![0; (Self::BITS / 64) as usize],
+            indexed: false,
+        })
+    }
+
+    /// The key's bits: two halves of one hash, combined.
+    fn bits_of(key: &str) -> impl Iterator<Item = usize> {
+        use std::hash::{Hash as _, Hasher as _};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        key.hash(&mut hasher);
+        let hash = hasher.finish();
+        let (a, b) = (hash & 0xffff_ffff, (hash >> 32) | 1);
+        (0..Self::HASHES).map(move |i| (a.wrapping_add(i.wrapping_mul(b)) % Self::BITS) as usize)
+    }
+
+    fn add(&mut self, key: &str) {
+        for bit in Self::bits_of(key) {
+            self.bits[bit / 64] |= 1 << (bit % 64);
+        }
+    }
+
+    fn may_hold(&self, key: &str) -> bool {
+        Self::bits_of(key).all(|bit| self.bits[bit / 64] & (1 << (bit % 64)) != 0)
+    }
+}
+
 /// A read of the recipients file in progress, inside one transaction.
 pub struct PgImport {
     tx: Transaction<'static, Postgres>,
     /// Where the rows are written: `recipients`, [`DISCARDED`] for a
     /// read that is rolled back, or [`STAGED`] for a campaign's first read.
     table: &'static str,
+    /// The keys this read wrote, where its table started empty: the only
+    /// ones worth looking up there (and until one is, it has no index on
+    /// keys).
+    written: Option<Box<Written>>,
     campaign_id: i64,
     generation: i64,
     /// How many rows the campaign has with this read's (`None`: unknown,
@@ -1669,14 +1741,28 @@ impl PgImport {
         let keys: Vec<&str> = rows.iter().filter_map(|r| r.valid.map(|v| v.1)).collect();
         let mut known: HashMap<String, Known> = HashMap::new();
         let mut suppressed: HashSet<String> = HashSet::new();
-        if !keys.is_empty() {
+        let lookup: Vec<&str> = match &self.written {
+            Some(written) => keys
+                .iter()
+                .copied()
+                .filter(|k| written.may_hold(k))
+                .collect(),
+            None => keys.clone(),
+        };
+        if !lookup.is_empty() {
+            if let Some(written) = &mut self.written {
+                if !written.indexed {
+                    index_keys(&mut self.tx, self.table).await?;
+                    written.indexed = true;
+                }
+            }
             let found = sqlx::query(&format!(
                 "SELECT row_key, id, seen_gen::bigint AS seen_gen, state, reason, row_number::bigint AS row_number FROM {} \
                  WHERE campaign_id = $1 AND row_key = ANY($2)",
                 self.table
             ))
             .bind(self.campaign_id)
-            .bind(&keys)
+            .bind(&lookup)
             .fetch_all(&mut *self.tx)
             .await?;
             for r in found {
@@ -1691,6 +1777,8 @@ impl PgImport {
                     },
                 );
             }
+        }
+        if !keys.is_empty() {
             suppressed =
                 sqlx::query_scalar("SELECT email_key FROM suppressions WHERE email_key = ANY($1)")
                     .bind(&keys)
@@ -1698,6 +1786,11 @@ impl PgImport {
                     .await?
                     .into_iter()
                     .collect();
+        }
+        if let Some(written) = &mut self.written {
+            for key in &keys {
+                written.add(key);
+            }
         }
         // New rows get their ids from the insert: until then, a stand-in
         // below zero, which no stored row has.

@@ -1480,3 +1480,77 @@ async fn a_postgresql_database_from_before_narrow_rows_migrates() {
     store.close().await;
     pg.drop().await;
 }
+
+/// `reset` forgets a campaign's rows with it, and only its own.
+#[tokio::test]
+async fn reset_forgets_the_campaigns_rows_and_only_them() {
+    on_both!(|store| {
+        let c = store.campaign(&ident("c")).await.unwrap();
+        let d = store.campaign(&ident("d")).await.unwrap();
+        import(&store, &c, &["a@x.example", "b@x.example", "c@x.example"]).await;
+        import(&store, &d, &["a@x.example"]).await;
+        assert_eq!(store.reset("c").await.unwrap(), Some(3));
+        assert_eq!(store.reset("c").await.unwrap(), None);
+        assert_eq!(store.counts(c.id).await.unwrap().total(), 0, "no row left");
+        assert_eq!(store.counts(d.id).await.unwrap()[State::Pending], 1);
+        let again = store.campaign(&ident("c")).await.unwrap();
+        assert_eq!(store.counts(again.id).await.unwrap().total(), 0);
+        import(&store, &again, &["a@x.example"]).await;
+        assert_eq!(store.counts(again.id).await.unwrap()[State::Pending], 1);
+    });
+}
+
+/// A key written twice in one first read of a campaign is a duplicate
+/// however far apart the two rows are (on PostgreSQL the read's table is
+/// looked up only for keys it may hold, and has no index on keys until
+/// then).
+#[tokio::test]
+async fn a_first_read_finds_its_duplicates_far_apart() {
+    on_both!(|store| {
+        let c = store.campaign(&ident("c")).await.unwrap();
+        let mut emails: Vec<String> = (0..3000).map(|i| format!("r{i}@x.example")).collect();
+        emails.push("r5@x.example".into());
+        emails.push("R2999@x.example".into());
+        let rows: Vec<&str> = emails.iter().map(String::as_str).collect();
+        let mut imp = store
+            .import(ImportInto::Campaign(&c), &["email".into()])
+            .await
+            .unwrap();
+        let mut statuses = Vec::new();
+        for (n, chunk) in rows.chunks(700).enumerate() {
+            let batch: Vec<(u64, String, Vec<String>)> = chunk
+                .iter()
+                .enumerate()
+                .map(|(i, e)| {
+                    (
+                        (n * 700 + i) as u64 + 1,
+                        e.to_lowercase(),
+                        vec![e.to_string()],
+                    )
+                })
+                .collect();
+            let import_rows: Vec<ImportRow> = batch
+                .iter()
+                .zip(chunk)
+                .map(|((number, key, fields), email)| ImportRow {
+                    number: *number,
+                    email,
+                    valid: Some((email, key.as_str())),
+                    fields,
+                })
+                .collect();
+            statuses.extend(imp.rows(&import_rows).await.unwrap());
+        }
+        imp.commit().await.unwrap();
+        assert!(matches!(
+            statuses[3000],
+            RowStatus::Duplicate { first_row: 6 }
+        ));
+        assert!(matches!(
+            statuses[3001],
+            RowStatus::Duplicate { first_row: 3000 }
+        ));
+        let counts = store.counts(c.id).await.unwrap();
+        assert_eq!((counts[State::Pending], counts[State::Skipped]), (3000, 2));
+    });
+}
