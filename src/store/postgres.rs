@@ -1660,6 +1660,27 @@ const DISCARDED: &str = "pg_temp.hikyaku_discarded_read";
 /// table at commit.
 const STAGED: &str = "pg_temp.hikyaku_staged_read";
 
+/// Appends a value of a row for `COPY … FROM STDIN` (text format), then a
+/// tab: NULL as `\N`, and the backslash and the characters that end a
+/// value or a row escaped.
+fn copy_text(out: &mut String, value: Option<&str>) {
+    match value {
+        None => out.push_str("\\N"),
+        Some(value) => {
+            for c in value.chars() {
+                match c {
+                    '\\' => out.push_str("\\\\"),
+                    '\t' => out.push_str("\\t"),
+                    '\n' => out.push_str("\\n"),
+                    '\r' => out.push_str("\\r"),
+                    c => out.push(c),
+                }
+            }
+        }
+    }
+    out.push('\t');
+}
+
 /// Makes the index on keys of a read's own table.
 async fn index_keys(conn: &mut sqlx::PgConnection, table: &str) -> Result<()> {
     sqlx::query(&format!("CREATE INDEX ON {table} USING hash (row_key)"))
@@ -1832,33 +1853,43 @@ impl PgImport {
         if !new.id.is_empty() {
             let added = i64::try_from(new.id.len()).unwrap_or(0);
             self.row_count = self.row_count.map(|n| n + added);
-            let ids: HashMap<String, i64> = sqlx::query_as(&format!(
-                "INSERT INTO {} (campaign_id, row_key, email, address, row_number, fields, state, reason, seen_gen, updated_at) \
-                 SELECT $1, u.* , $9, $10 FROM UNNEST($2::text[], $3::text[], $4::text[], $5::bigint[], $6::text[], $7::text[], $8::text[]) \
-                 AS u(row_key, email, address, row_number, fields, state, reason) \
-                 RETURNING row_key, id",
-                self.table
-            ))
-            .bind(self.campaign_id)
-            .bind(&new.key)
-            .bind(&new.email)
-            .bind(&new.address)
-            .bind(&new.number)
-            .bind(&new.fields)
-            .bind(&new.state)
-            .bind(&new.reason)
-            .bind(self.generation)
-            .bind(self.now)
+            // Ids from the table's sequence, in file order; the rows sent
+            // with `COPY`, which costs the server about a third of an
+            // `INSERT` of the same rows.
+            let mut ids: Vec<i64> = sqlx::query_scalar(
+                "SELECT nextval('recipients_id_seq') FROM generate_series(1, $1)",
+            )
+            .bind(added)
             .fetch_all(&mut *self.tx)
-            .await?
-            .into_iter()
-            .collect();
-            for w in writes.iter().filter(|w| w.new) {
-                if let RowStatus::ToSend { id } = &mut statuses[w.row] {
-                    let key = rows[w.row].valid.map_or("", |v| v.1);
-                    *id = *ids
-                        .get(key)
-                        .with_context(|| format!("row {} was not stored", rows[w.row].number))?;
+            .await?;
+            ids.sort_unstable();
+            anyhow::ensure!(ids.len() == new.id.len(), "the store gave too few ids");
+            let mut data = String::with_capacity(new.id.len() * 160);
+            for (i, id) in ids.iter().enumerate() {
+                use std::fmt::Write as _;
+                let _ = write!(data, "{id}\t{}\t", self.campaign_id);
+                copy_text(&mut data, Some(&new.key[i]));
+                copy_text(&mut data, Some(&new.email[i]));
+                copy_text(&mut data, new.address[i].as_deref());
+                let _ = write!(data, "{}\t", new.number[i]);
+                copy_text(&mut data, Some(&new.fields[i]));
+                copy_text(&mut data, Some(new.state[i]));
+                copy_text(&mut data, new.reason[i].as_deref());
+                let _ = writeln!(data, "{}\t{}", self.generation, self.now);
+            }
+            let mut copy = self
+                .tx
+                .copy_in_raw(&format!(
+                    "COPY {} (id, campaign_id, row_key, email, address, row_number, fields, state, reason, \
+                     seen_gen, updated_at) FROM STDIN",
+                    self.table
+                ))
+                .await?;
+            copy.send(data.as_bytes()).await?;
+            copy.finish().await?;
+            for (w, id) in writes.iter().filter(|w| w.new).zip(&ids) {
+                if let RowStatus::ToSend { id: to_send } = &mut statuses[w.row] {
+                    *to_send = *id;
                 }
             }
         }

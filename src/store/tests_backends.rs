@@ -1554,3 +1554,53 @@ async fn a_first_read_finds_its_duplicates_far_apart() {
         assert_eq!((counts[State::Pending], counts[State::Skipped]), (3000, 2));
     });
 }
+
+/// Cells are stored as they were read, whatever characters they hold
+/// (on PostgreSQL rows are sent with `COPY`, whose text form escapes some).
+#[tokio::test]
+async fn cells_with_tabs_newlines_and_backslashes_read_back_unchanged() {
+    on_both!(|store| {
+        let c = store.campaign(&ident("c")).await.unwrap();
+        let cells = [
+            "a@x.example".to_string(),
+            "tab\there".to_string(),
+            "line\nbreak\r\n".to_string(),
+            "back\\slash \\N \\.".to_string(),
+            "\\N".to_string(),
+            String::new(),
+        ];
+        let columns: Vec<String> = (0..cells.len()).map(|i| format!("c{i}")).collect();
+        let mut imp = store
+            .import(ImportInto::Campaign(&c), &columns)
+            .await
+            .unwrap();
+        imp.row(1, "a@x.example", "a@x.example", "a@x.example", &cells)
+            .await
+            .unwrap();
+        // A cell holding the separator of cells: stored as JSON.
+        let json = [
+            "b@x.example".to_string(),
+            "unit\u{1f}sep".to_string(),
+            "tab\there \\ \"quoted\"".to_string(),
+        ];
+        imp.row(2, "b@x.example", "b@x.example", "b@x.example", &json)
+            .await
+            .unwrap();
+        imp.commit().await.unwrap();
+        let mut rows = Vec::new();
+        store
+            .export(c.id, None, |r| {
+                rows.push((r.email, r.fields));
+                Ok(())
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            rows,
+            [
+                ("a@x.example".to_string(), cells.to_vec()),
+                ("b@x.example".to_string(), json.to_vec())
+            ]
+        );
+    });
+}
