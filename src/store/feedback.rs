@@ -71,6 +71,7 @@ impl SqliteStore {
         addresses: &HashSet<String>,
     ) -> Result<Vec<NoticeRow>> {
         use futures_util::TryStreamExt;
+        self.flush().await?;
         let mut found = Vec::new();
         if message_ids.is_empty() && addresses.is_empty() {
             return Ok(found);
@@ -118,6 +119,7 @@ impl SqliteStore {
         suppress: bool,
         now: i64,
     ) -> Result<bool> {
+        self.flush().await?;
         let mut tx = self.pool.begin().await?;
         let reply = if diagnostic.is_empty() {
             status
@@ -147,6 +149,7 @@ impl SqliteStore {
     /// Notes a delayed delivery on a `sent` row's reason; nothing else
     /// changes. False when the same note is already there.
     pub async fn note_delay(&self, id: i64, note: &str) -> Result<bool> {
+        self.flush().await?;
         let done = sqlx::query(&format!(
             "UPDATE recipients SET reason = ?1 WHERE id = ?2 AND state = {SENT} AND reason IS NOT ?1",
         ))
@@ -165,6 +168,7 @@ impl SqliteStore {
         mut visit: impl FnMut(SendEntry) -> Result<()>,
     ) -> Result<()> {
         use futures_util::TryStreamExt;
+        self.flush().await?;
         let sql = format!(
             "SELECT l.account, l.at, l.done_at, l.recipients, {EMAIL} AS email, r.last_reply \
              FROM send_log l JOIN recipients r ON r.id = l.recipient_id \

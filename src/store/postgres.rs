@@ -547,9 +547,11 @@ impl PgStore {
         skip: &Skip,
         limit: usize,
     ) -> Result<Vec<Candidate>> {
-        // Outcomes waiting are written first when nothing else is writing:
-        // a recipient returned to `pending` goes first again.
-        if let Ok(_writing) = self.writer.clone().try_lock_owned() {
+        // Outcomes waiting, or being written, are written first: a
+        // recipient returned to `pending` goes first again, and a claim
+        // that finds nothing due never misses one on its way back.
+        {
+            let _writing = self.writer.clone().lock_owned().await;
             self.write_outcomes(false).await?;
         }
         let mut tx = self.pool.begin().await?;

@@ -3,6 +3,7 @@
 
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -160,6 +161,9 @@ pub struct SqliteStore {
     /// here instead of in SQLite's busy handler, which sleeps.
     writer: Arc<tokio::sync::Mutex<()>>,
     pub(super) outcomes: Arc<std::sync::Mutex<Outcomes>>,
+    /// A task to write the waiting outcomes is started and has not yet
+    /// taken them.
+    write_scheduled: Arc<AtomicBool>,
     /// Rows picked by a claim of this process and not yet taken or let go:
     /// another account's claim passes over them.
     picked: Arc<tokio::sync::Mutex<HashSet<i64>>>,
@@ -257,6 +261,7 @@ impl SqliteStore {
             pool,
             writer: Arc::default(),
             outcomes: Arc::default(),
+            write_scheduled: Arc::default(),
             picked: Arc::default(),
         })
     }
@@ -600,9 +605,11 @@ impl SqliteStore {
         skip: &Skip,
         limit: usize,
     ) -> Result<Vec<Candidate>> {
-        // Outcomes waiting are written first when nothing else is writing:
-        // a recipient returned to `pending` goes first again.
-        if let Ok(_writing) = self.writer.clone().try_lock_owned() {
+        // Outcomes waiting, or being written, are written first: a
+        // recipient returned to `pending` goes first again, and a claim
+        // that finds nothing due never misses one on its way back.
+        {
+            let _writing = self.writer.clone().lock_owned().await;
             self.write_outcomes().await?;
         }
         let mut picked = self.picked.lock().await;
@@ -714,24 +721,26 @@ impl SqliteStore {
     ) -> Result<()> {
         self.failed_write()?;
         lock(&self.outcomes).push((candidate.clone(), log_id, outcome.clone(), now));
-        match self.writer.clone().try_lock_owned() {
-            Ok(_writing) => self.write_outcomes().await,
-            Err(_) => {
-                // Written once the current write is done, without making
-                // this sender wait for it.
-                let store = self.clone();
-                tokio::spawn(async move {
-                    let _writing = store.writer.clone().lock_owned().await;
-                    if let Err(e) = store.write_outcomes().await {
-                        lock(&store.outcomes).error.get_or_insert(format!("{e:#}"));
-                    }
-                });
-                Ok(())
-            }
+        // Written by one task, with those recorded meanwhile, without making
+        // this sender wait for it (or by the next claim, which writes the
+        // waiting outcomes first).
+        if !self.write_scheduled.swap(true, Ordering::SeqCst) {
+            let store = self.clone();
+            tokio::spawn(async move {
+                let _writing = store.writer.clone().lock_owned().await;
+                // Recorded from here on: a new task writes it.
+                store.write_scheduled.store(false, Ordering::SeqCst);
+                if let Err(e) = store.write_outcomes().await {
+                    lock(&store.outcomes).error.get_or_insert(format!("{e:#}"));
+                }
+            });
         }
+        Ok(())
     }
 
-    /// Writes the outcomes not yet written; returns once they are.
+    /// Writes the outcomes not yet written; returns once they are. The
+    /// process's own reads of recipients call it first, so that they see
+    /// what it recorded.
     pub async fn flush(&self) -> Result<()> {
         let _writing = self.writer.clone().lock_owned().await;
         self.write_outcomes().await?;
@@ -760,8 +769,32 @@ impl SqliteStore {
             .execute(&mut *conn)
             .await?;
         let mut tx = conn.begin().await?;
+        // Messages sent, nearly all of them, in two statements for all; the
+        // others one by one.
+        let mut sent = Vec::new();
         for (candidate, log_id, outcome, now) in &waiting {
-            write_outcome(&mut tx, candidate, *log_id, outcome, *now).await?;
+            match outcome {
+                Outcome::Sent { reply } => sent.push((candidate.id, *log_id, reply, *now)),
+                _ => write_outcome(&mut tx, candidate, *log_id, outcome, *now).await?,
+            }
+        }
+        if !sent.is_empty() {
+            let sent = serde_json::to_string(&sent)?;
+            sqlx::query(
+                "UPDATE send_log SET done_at = MAX(at, j.value ->> 3) \
+                 FROM json_each(?) AS j WHERE send_log.id = j.value ->> 1",
+            )
+            .bind(&sent)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(&format!(
+                "UPDATE recipients SET state = {SENT}, reason = NULL, last_reply = j.value ->> 2, \
+                 next_attempt_at = NULL, updated_at = j.value ->> 3 \
+                 FROM json_each(?) AS j WHERE recipients.id = j.value ->> 0",
+            ))
+            .bind(&sent)
+            .execute(&mut *tx)
+            .await?;
         }
         tx.commit().await?;
         Ok(())
@@ -846,6 +879,7 @@ impl SqliteStore {
     /// those the index by state holds (never below none, whatever the
     /// database says).
     pub async fn counts(&self, campaign_id: i64) -> Result<Counts> {
+        self.flush().await?;
         let mut conn = self.pool.begin().await?;
         let rows = sqlx::query(&format!(
             "SELECT state AS st, COUNT(*) AS n FROM recipients WHERE campaign_id = ? AND {INDEXED} GROUP BY state",
@@ -870,6 +904,7 @@ impl SqliteStore {
 
     /// The earliest retry time among deferred recipients.
     pub async fn next_retry(&self, campaign_id: i64) -> Result<Option<i64>> {
+        self.flush().await?;
         Ok(sqlx::query_scalar(&format!("SELECT MIN(next_attempt_at) FROM recipients WHERE campaign_id = ? AND state = {DEFERRED} AND {INDEXED}"))
             .bind(campaign_id)
             .fetch_one(&self.pool)
@@ -883,6 +918,7 @@ impl SqliteStore {
         state: Option<State>,
         visit: impl FnMut(ExportRow) -> Result<()>,
     ) -> Result<()> {
+        self.flush().await?;
         let mut conn = self.pool.acquire().await?;
         export_rows(&mut conn, campaign_id, state, visit).await
     }
@@ -1837,7 +1873,14 @@ pub(super) mod tests {
             .record(&ready[0].candidate, ready[0].log_id, &sent, 2)
             .await
             .unwrap();
-        assert_eq!(store.counts(c.id).await.unwrap()[State::Sending], 1);
+        // Not written while another write goes on (the process's own
+        // reads would wait for it: the table is read directly).
+        let state: i64 = sqlx::query_scalar("SELECT state FROM recipients WHERE id = ?")
+            .bind(ready[0].candidate.id)
+            .fetch_one(&store.pool)
+            .await
+            .unwrap();
+        assert_eq!(state, SENDING);
         drop(busy);
         assert!(matches!(claim(3).await.unwrap(), Claim::Ready { .. }));
         let counts = store.counts(c.id).await.unwrap();
