@@ -10,7 +10,8 @@ use anyhow::Result;
 
 /// The address as written, from a stored row: an empty `email` of a
 /// recipient (whose key holds an `@`, unlike the `row:N` key of a row that
-/// is not one) is its key. The same SQL on SQLite and PostgreSQL.
+/// is not one) is its key. PostgreSQL's; SQLite keeps both addresses with a
+/// row's details.
 pub(super) const EMAIL: &str =
     "(CASE WHEN email = '' AND row_key LIKE '%@%' THEN row_key ELSE email END)";
 /// The address as sent, from a stored row: NULL is the address as written.

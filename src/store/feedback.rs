@@ -7,8 +7,10 @@ use std::collections::HashSet;
 use anyhow::Result;
 use sqlx::Row as _;
 
-use super::compact::{ADDRESS, EMAIL};
-use super::sqlite::{insert_suppression, stored_state, SqliteStore, BOUNCED, SENT, UNKNOWN};
+use super::sqlite::{
+    insert_suppression, set_reply, stored_state, SqliteStore, ADDRESS, BOUNCED, DETAILS, EMAIL,
+    SENT, UNKNOWN,
+};
 use super::State;
 
 /// A recipient that a notification may be about.
@@ -77,8 +79,11 @@ impl SqliteStore {
             return Ok(found);
         }
         // Only a message a server accepted (or may have) can bounce.
-        let sql = format!("SELECT id, {EMAIL} AS email, {ADDRESS} AS address, row_key, state, reason, message_id FROM recipients NOT INDEXED \
-             WHERE campaign_id = ? AND state IN ({SENT}, {UNKNOWN}, {BOUNCED})");
+        let sql = format!(
+            "SELECT recipients.id AS id, {EMAIL} AS email, {ADDRESS} AS address, row_key, state, \
+             d.reason AS reason, d.message_id AS message_id FROM recipients NOT INDEXED {DETAILS} \
+             WHERE campaign_id = ? AND state IN ({SENT}, {UNKNOWN}, {BOUNCED})"
+        );
         let mut rows = sqlx::query(&sql).bind(campaign_id).fetch(&self.pool);
         while let Some(row) = rows.try_next().await? {
             let message_id: Option<String> = row.get("message_id");
@@ -127,17 +132,18 @@ impl SqliteStore {
             diagnostic
         };
         let changed = sqlx::query(&format!(
-            "UPDATE recipients SET state = {BOUNCED}, reason = ?, last_reply = ?, next_attempt_at = NULL, updated_at = ? \
-             WHERE id = ? AND state IN ({SENT}, {UNKNOWN})",
+            "UPDATE recipients SET state = {BOUNCED}, updated_at = ? WHERE id = ? AND state IN ({SENT}, {UNKNOWN})",
         ))
-        .bind(format!("bounced: {status}"))
-        .bind(reply)
         .bind(now)
         .bind(id)
         .execute(&mut *tx)
         .await?
         .rows_affected()
             > 0;
+        if changed {
+            let reason = format!("bounced: {status}");
+            set_reply(&mut tx, id, Some(&reason), reply, None).await?;
+        }
         if changed && suppress {
             insert_suppression(&mut tx, address, &format!("bounced: {status} {reply}"), now)
                 .await?;
@@ -151,7 +157,8 @@ impl SqliteStore {
     pub async fn note_delay(&self, id: i64, note: &str) -> Result<bool> {
         self.flush().await?;
         let done = sqlx::query(&format!(
-            "UPDATE recipients SET reason = ?1 WHERE id = ?2 AND state = {SENT} AND reason IS NOT ?1",
+            "INSERT INTO recipient_details (id, reason) SELECT id, ?1 FROM recipients WHERE id = ?2 AND state = {SENT} \
+             ON CONFLICT (id) DO UPDATE SET reason = excluded.reason WHERE reason IS NOT excluded.reason",
         ))
         .bind(note)
         .bind(id)
@@ -170,9 +177,9 @@ impl SqliteStore {
         use futures_util::TryStreamExt;
         self.flush().await?;
         let sql = format!(
-            "SELECT l.account, l.at, l.done_at, l.recipients, {EMAIL} AS email, r.last_reply \
-             FROM send_log l JOIN recipients r ON r.id = l.recipient_id \
-             WHERE r.campaign_id = ? ORDER BY l.account, l.at, l.id"
+            "SELECT l.account, l.at, l.done_at, l.recipients, {EMAIL} AS email, d.last_reply AS last_reply \
+             FROM send_log l JOIN recipients ON recipients.id = l.recipient_id {DETAILS} \
+             WHERE recipients.campaign_id = ? ORDER BY l.account, l.at, l.id"
         );
         let mut rows = sqlx::query(&sql).bind(campaign_id).fetch(&self.pool);
         while let Some(row) = rows.try_next().await? {

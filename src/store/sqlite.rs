@@ -15,7 +15,7 @@ use sqlx::{ConnectOptions as _, Connection as _, Row as _, Sqlite, Transaction};
 
 use std::collections::{HashMap, HashSet};
 
-use super::compact::{self, decode_fields, encode_fields, ADDRESS, CELLS, EMAIL};
+use super::compact::{self, decode_fields, encode_fields, CELLS};
 use super::{
     classify_rows, lock, Before, CampaignRecord, CampaignSummary, Candidate, Claim, Counts,
     Delivery, ExportRow, Gate, Identity, ImportInto, ImportRow, Known, Outcome, Outcomes, Picked,
@@ -46,6 +46,21 @@ pub(super) const BOUNCED: i64 = State::Bounced as i64;
 const INDEXED: &str = "state != 0";
 const _: () = assert!(PENDING == 0);
 
+/// What most rows never have is kept apart, in `recipient_details`, a row
+/// there only for a recipient that has some of it (SPEC §12: every column
+/// costs every row a byte). A query reading it joins the details as `d` to
+/// `recipients`, which it leaves without an alias.
+pub(super) const DETAILS: &str = "LEFT JOIN recipient_details d ON d.id = recipients.id";
+/// The address as written, from a row and its details: its key, unless
+/// the details say otherwise.
+pub(super) const EMAIL: &str = "COALESCE(d.email, recipients.row_key)";
+/// The address as sent, from a row and its details: the address as written,
+/// unless the details say otherwise.
+pub(super) const ADDRESS: &str = "COALESCE(d.address, d.email, recipients.row_key)";
+/// A row's number in the file (see `row_shift` in the migrations).
+const ROW_NUMBER: &str = "(recipients.row_shift + recipients.id \
+     - (SELECT row_base FROM campaigns base WHERE base.id = recipients.campaign_id))";
+
 /// A state's stored number, from its name.
 fn state_code(name: &str) -> Result<i64> {
     State::from_str(name)
@@ -69,13 +84,22 @@ fn retryable_failed() -> String {
     )
 }
 
+/// The earliest retry time among the deferred rows of a campaign (bound).
+fn next_due() -> String {
+    format!(
+        "SELECT MIN(d.next_attempt_at) FROM recipients JOIN recipient_details d ON d.id = recipients.id \
+         WHERE campaign_id = ? AND state = {DEFERRED} AND {INDEXED}"
+    )
+}
+
 /// Marks a database file as hikyaku's (SQLite's `application_id`, 'hiky').
 const APPLICATION_ID: u32 = 0x6869_6b79;
 
 /// hikyaku's tables; a database holding any other is not its own.
-const TABLES: [&str; 7] = [
+const TABLES: [&str; 8] = [
     "campaigns",
     "recipients",
+    "recipient_details",
     "send_log",
     "account_pauses",
     "accounts_set_aside",
@@ -394,8 +418,9 @@ impl SqliteStore {
             // Each suppressed address looked up among the rows, not each row among them.
             "SELECT EXISTS (SELECT 1 FROM suppressions s CROSS JOIN recipients r \
              WHERE r.campaign_id = ?1 AND r.row_key = s.email_key AND r.state IN ({PENDING}, {DEFERRED})) \
-             OR EXISTS (SELECT 1 FROM recipients r WHERE r.campaign_id = ?1 AND r.state = {SKIPPED} AND r.{INDEXED} \
-             AND r.reason = 'suppressed' AND NOT EXISTS (SELECT 1 FROM suppressions s WHERE s.email_key = r.row_key))",
+             OR EXISTS (SELECT 1 FROM recipients r JOIN recipient_details d ON d.id = r.id \
+             WHERE r.campaign_id = ?1 AND r.state = {SKIPPED} AND r.{INDEXED} \
+             AND d.reason = 'suppressed' AND NOT EXISTS (SELECT 1 FROM suppressions s WHERE s.email_key = r.row_key))",
         ))
         .bind(campaign_id)
         .fetch_one(&self.pool)
@@ -472,14 +497,23 @@ impl SqliteStore {
     /// Rows a dead runner left `sending` may or may not have been delivered:
     /// they become `unknown` (SPEC §7.3). Call only while holding the lock.
     pub async fn settle_interrupted(&self, campaign_id: i64) -> Result<u64> {
+        let mut tx = self.pool.begin().await?;
+        let sending = format!("campaign_id = ? AND state = {SENDING} AND {INDEXED}");
+        set_reason(
+            &mut tx,
+            &format!("recipients WHERE {sending}"),
+            &[campaign_id],
+            Some("interrupted while sending: may or may not have been delivered"),
+        )
+        .await?;
         let done = sqlx::query(&format!(
-            "UPDATE recipients SET state = {UNKNOWN}, reason = 'interrupted while sending: may or may not have been delivered', updated_at = ? \
-             WHERE campaign_id = ? AND state = {SENDING} AND {INDEXED}",
+            "UPDATE recipients SET state = {UNKNOWN}, updated_at = ? WHERE {sending}"
         ))
         .bind(now_ms())
         .bind(campaign_id)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
+        tx.commit().await?;
         Ok(done.rows_affected())
     }
 
@@ -487,8 +521,10 @@ impl SqliteStore {
     pub async fn requeue_unknown(&self, campaign_id: i64) -> Result<u64> {
         let mut tx = self.pool.begin().await?;
         pending_from_start(&mut tx, campaign_id).await?;
+        let unknown = format!("campaign_id = ? AND state = {UNKNOWN} AND {INDEXED}");
+        set_reason(&mut tx, &format!("recipients WHERE {unknown}"), &[campaign_id], None).await?;
         let done = sqlx::query(&format!(
-            "UPDATE recipients SET state = {PENDING}, reason = NULL, updated_at = ? WHERE campaign_id = ? AND state = {UNKNOWN} AND {INDEXED}",
+            "UPDATE recipients SET state = {PENDING}, updated_at = ? WHERE {unknown}"
         ))
         .bind(now_ms())
         .bind(campaign_id)
@@ -504,9 +540,16 @@ impl SqliteStore {
     pub async fn requeue_failed(&self, campaign_id: i64) -> Result<u64> {
         let mut tx = self.pool.begin().await?;
         pending_from_start(&mut tx, campaign_id).await?;
+        sqlx::query(&format!(
+            "UPDATE recipient_details SET reason = NULL, attempts = 0, next_attempt_at = NULL \
+             WHERE id IN (SELECT id FROM recipients WHERE {})",
+            retryable_failed()
+        ))
+        .bind(campaign_id)
+        .execute(&mut *tx)
+        .await?;
         let done = sqlx::query(&format!(
-            "UPDATE recipients SET state = {PENDING}, reason = NULL, attempts = 0, next_attempt_at = NULL, updated_at = ? \
-             WHERE {}",
+            "UPDATE recipients SET state = {PENDING}, updated_at = ? WHERE {}",
             retryable_failed()
         ))
         .bind(now_ms())
@@ -567,9 +610,24 @@ impl SqliteStore {
             Some(n) => Some(n - i64::try_from(dropped).unwrap_or(n)),
             None => fresh.then_some(0),
         };
-        let next_id: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(id), 0) + 1 FROM recipients")
-            .fetch_one(&mut *tx)
-            .await?;
+        // Past any details too: a new row never finds some waiting for it.
+        let next_id: i64 = sqlx::query_scalar(
+            "SELECT MAX(COALESCE((SELECT MAX(id) FROM recipients), 0), \
+             COALESCE((SELECT MAX(id) FROM recipient_details), 0)) + 1",
+        )
+        .fetch_one(&mut *tx)
+        .await?;
+        // A campaign with no rows yet counts its ids from the next: the rows
+        // of its file read in order are stored with a row shift of 0.
+        let row_base: i64 = sqlx::query_scalar(
+            "UPDATE campaigns SET row_base = CASE WHEN ? OR row_base IS NULL THEN ? ELSE row_base END \
+             WHERE id = ? RETURNING row_base",
+        )
+        .bind(fresh)
+        .bind(next_id - 1)
+        .bind(campaign.id)
+        .fetch_one(&mut *tx)
+        .await?;
         let any_suppressed: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM suppressions)")
             .fetch_one(&mut *tx)
             .await?;
@@ -582,6 +640,7 @@ impl SqliteStore {
             row_count,
             fresh,
             next_id,
+            row_base,
             any_suppressed,
         })
     }
@@ -673,14 +732,7 @@ impl SqliteStore {
             picked.built.clear();
         }
         for (candidate, why) in &picked.unbuildable {
-            sqlx::query(&format!(
-                "UPDATE recipients SET state = {SKIPPED}, reason = ?, updated_at = ? WHERE id = ?",
-            ))
-            .bind(SkipReason::InvalidMessage(why.to_string()).to_text())
-            .bind(gate.now)
-            .bind(candidate.id)
-            .execute(&mut *tx)
-            .await?;
+            skip_unbuildable(&mut tx, candidate.id, why, gate.now).await?;
         }
         let built = std::mem::take(&mut picked.built);
         let built_any = !built.is_empty();
@@ -691,9 +743,7 @@ impl SqliteStore {
         let claim = match picked.settle(built_any, ready) {
             Some(claim) => claim,
             None => {
-                let next_due_ms: Option<i64> = sqlx::query_scalar(&format!(
-                    "SELECT MIN(next_attempt_at) FROM recipients WHERE campaign_id = ? AND state = {DEFERRED} AND {INDEXED}",
-                ))
+                let next_due_ms: Option<i64> = sqlx::query_scalar(&next_due())
                 .bind(campaign_id)
                 .fetch_one(&mut *tx)
                 .await?;
@@ -769,8 +819,8 @@ impl SqliteStore {
             .execute(&mut *conn)
             .await?;
         let mut tx = conn.begin().await?;
-        // Messages sent, nearly all of them, in two statements for all; the
-        // others one by one.
+        // Messages sent, nearly all of them, in three statements for all;
+        // the others one by one.
         let mut sent = Vec::new();
         for (candidate, log_id, outcome, now) in &waiting {
             match outcome {
@@ -788,10 +838,18 @@ impl SqliteStore {
             .execute(&mut *tx)
             .await?;
             sqlx::query(&format!(
-                "UPDATE recipients SET state = {SENT}, reason = NULL, last_reply = j.value ->> 2, \
-                 next_attempt_at = NULL, updated_at = j.value ->> 3 \
+                "UPDATE recipients SET state = {SENT}, updated_at = j.value ->> 3 \
                  FROM json_each(?) AS j WHERE recipients.id = j.value ->> 0",
             ))
+            .bind(&sent)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(
+                "INSERT INTO recipient_details (id, last_reply) \
+                 SELECT j.value ->> 0, j.value ->> 2 FROM json_each(?) AS j WHERE true \
+                 ON CONFLICT (id) DO UPDATE SET reason = NULL, last_reply = excluded.last_reply, \
+                 next_attempt_at = NULL",
+            )
             .bind(&sent)
             .execute(&mut *tx)
             .await?;
@@ -905,7 +963,7 @@ impl SqliteStore {
     /// The earliest retry time among deferred recipients.
     pub async fn next_retry(&self, campaign_id: i64) -> Result<Option<i64>> {
         self.flush().await?;
-        Ok(sqlx::query_scalar(&format!("SELECT MIN(next_attempt_at) FROM recipients WHERE campaign_id = ? AND state = {DEFERRED} AND {INDEXED}"))
+        Ok(sqlx::query_scalar(&next_due())
             .bind(campaign_id)
             .fetch_one(&self.pool)
             .await?)
@@ -987,32 +1045,21 @@ async fn write_outcome(
         .bind(log_id)
         .execute(&mut *conn)
         .await?;
+    let id = candidate.id;
     match outcome {
         Outcome::Sent { reply } => {
-            sqlx::query(&format!("UPDATE recipients SET state = {SENT}, reason = NULL, last_reply = ?, next_attempt_at = NULL, updated_at = ? WHERE id = ?"))
-                .bind(reply)
-                .bind(now)
-                .bind(candidate.id)
-                .execute(&mut *conn)
-                .await?;
+            set_state(conn, id, SENT, now).await?;
+            set_reply(conn, id, None, reply, None).await?;
         }
         Outcome::Deferred { reply, retry_at_ms } => {
-            sqlx::query(&format!("UPDATE recipients SET state = {DEFERRED}, reason = 'transient failure, will retry', last_reply = ?, next_attempt_at = ?, updated_at = ? WHERE id = ?"))
-                .bind(reply)
-                .bind(retry_at_ms)
-                .bind(now)
-                .bind(candidate.id)
-                .execute(&mut *conn)
-                .await?;
+            set_state(conn, id, DEFERRED, now).await?;
+            let reason = Some("transient failure, will retry");
+            set_reply(conn, id, reason, reply, Some(*retry_at_ms)).await?;
         }
         Outcome::Failed { reply, suppress } => {
-            sqlx::query(&format!("UPDATE recipients SET state = {FAILED}, reason = ?, last_reply = ?, next_attempt_at = NULL, updated_at = ? WHERE id = ?"))
-                .bind(format!("rejected: {reply}"))
-                .bind(reply)
-                .bind(now)
-                .bind(candidate.id)
-                .execute(&mut *conn)
-                .await?;
+            set_state(conn, id, FAILED, now).await?;
+            let reason = format!("rejected: {reply}");
+            set_reply(conn, id, Some(&reason), reply, None).await?;
             if *suppress {
                 insert_suppression(
                     &mut *conn,
@@ -1025,12 +1072,11 @@ async fn write_outcome(
         }
         Outcome::Unclaimed => {
             let before = &candidate.before;
-            sqlx::query("UPDATE recipients SET state = ?, attempts = ?, message_id = ?, updated_at = ? WHERE id = ?")
-                .bind(state_code(&before.state)?)
+            set_state(conn, id, state_code(&before.state)?, before.updated_at).await?;
+            sqlx::query("UPDATE recipient_details SET attempts = ?, message_id = ? WHERE id = ?")
                 .bind(candidate.attempts)
                 .bind(&before.message_id)
-                .bind(before.updated_at)
-                .bind(candidate.id)
+                .bind(id)
                 .execute(&mut *conn)
                 .await?;
             pending_again(conn, candidate.id).await?;
@@ -1040,18 +1086,16 @@ async fn write_outcome(
                 .await?;
         }
         Outcome::Unknown { reply } => {
-            sqlx::query(&format!("UPDATE recipients SET state = {UNKNOWN}, reason = 'connection lost after the message was sent: may or may not have been delivered', last_reply = ?, next_attempt_at = NULL, updated_at = ? WHERE id = ?"))
-                .bind(reply)
-                .bind(now)
-                .bind(candidate.id)
-                .execute(&mut *conn)
-                .await?;
+            set_state(conn, id, UNKNOWN, now).await?;
+            let reason =
+                Some("connection lost after the message was sent: may or may not have been delivered");
+            set_reply(conn, id, reason, reply, None).await?;
         }
         Outcome::Returned { reply, unlog } => {
-            sqlx::query(&format!("UPDATE recipients SET state = {PENDING}, attempts = MAX(attempts - 1, 0), last_reply = ?, updated_at = ? WHERE id = ?"))
+            set_state(conn, id, PENDING, now).await?;
+            sqlx::query("UPDATE recipient_details SET attempts = MAX(attempts - 1, 0), last_reply = ? WHERE id = ?")
                 .bind(reply)
-                .bind(now)
-                .bind(candidate.id)
+                .bind(id)
                 .execute(&mut *conn)
                 .await?;
             pending_again(conn, candidate.id).await?;
@@ -1063,6 +1107,77 @@ async fn write_outcome(
             }
         }
     }
+    Ok(())
+}
+
+/// Skips a row whose message cannot be built.
+async fn skip_unbuildable(
+    conn: &mut sqlx::SqliteConnection,
+    id: i64,
+    why: &str,
+    now: i64,
+) -> Result<()> {
+    set_state(conn, id, SKIPPED, now).await?;
+    let reason = SkipReason::InvalidMessage(why.to_string()).to_text();
+    set_reason(conn, "recipients WHERE id = ?", &[id], Some(&reason)).await
+}
+
+/// Sets a row's state and when it changed.
+async fn set_state(conn: &mut sqlx::SqliteConnection, id: i64, state: i64, at: i64) -> Result<()> {
+    sqlx::query("UPDATE recipients SET state = ?, updated_at = ? WHERE id = ?")
+        .bind(state)
+        .bind(at)
+        .bind(id)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Records a server's reply to a row's message in its details, with the
+/// row's reason and when it is retried (if it is).
+pub(super) async fn set_reply(
+    conn: &mut sqlx::SqliteConnection,
+    id: i64,
+    reason: Option<&str>,
+    reply: &str,
+    retry_at_ms: Option<i64>,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO recipient_details (id, reason, last_reply, next_attempt_at) VALUES (?, ?, ?, ?) \
+         ON CONFLICT (id) DO UPDATE SET reason = excluded.reason, last_reply = excluded.last_reply, \
+         next_attempt_at = excluded.next_attempt_at",
+    )
+    .bind(id)
+    .bind(reason)
+    .bind(reply)
+    .bind(retry_at_ms)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Sets, in their details, the reason of the rows `rows` selects (what
+/// follows `FROM`, over `recipients`, bound to `binds`).
+async fn set_reason(
+    conn: &mut sqlx::SqliteConnection,
+    rows: &str,
+    binds: &[i64],
+    reason: Option<&str>,
+) -> Result<()> {
+    let sql = match reason {
+        Some(_) => format!(
+            "INSERT INTO recipient_details (id, reason) SELECT id, ? FROM {rows} \
+             ON CONFLICT (id) DO UPDATE SET reason = excluded.reason"
+        ),
+        None => format!(
+            "UPDATE recipient_details SET reason = ? WHERE id IN (SELECT id FROM {rows})"
+        ),
+    };
+    let mut query = sqlx::query(&sql).bind(reason);
+    for bind in binds {
+        query = query.bind(bind);
+    }
+    query.execute(conn).await?;
     Ok(())
 }
 
@@ -1110,7 +1225,7 @@ async fn mark_sending(
             .collect::<Result<Vec<_>>>()?,
     )?;
     let marked: HashSet<i64> = sqlx::query_scalar(&format!(
-        "UPDATE recipients SET state = {SENDING}, attempts = attempts + 1, message_id = j.value ->> 1, updated_at = ? \
+        "UPDATE recipients SET state = {SENDING}, updated_at = ? \
          FROM json_each(?) AS j WHERE recipients.id = j.value ->> 0 \
          AND recipients.state = j.value ->> 3 AND recipients.updated_at = j.value ->> 4 \
          RETURNING recipients.id",
@@ -1128,6 +1243,20 @@ async fn mark_sending(
     if built.is_empty() {
         return Ok(Vec::new());
     }
+    let sent = serde_json::to_string(
+        &built
+            .iter()
+            .map(|(c, m)| (c.id, &m.message_id))
+            .collect::<Vec<_>>(),
+    )?;
+    sqlx::query(
+        "INSERT INTO recipient_details (id, attempts, message_id) \
+         SELECT j.value ->> 0, 1, j.value ->> 1 FROM json_each(?) AS j WHERE true \
+         ON CONFLICT (id) DO UPDATE SET attempts = attempts + 1, message_id = excluded.message_id",
+    )
+    .bind(&sent)
+    .execute(&mut *conn)
+    .await?;
     let logged = serde_json::to_string(
         &built
             .iter()
@@ -1215,12 +1344,15 @@ async fn next_candidates(
         }
     }
     let columns = format!(
-        "id, row_number, {EMAIL} AS email, {ADDRESS} AS address, fields, attempts, state, message_id, updated_at"
+        "recipients.id AS id, {ROW_NUMBER} AS row_number, {EMAIL} AS email, {ADDRESS} AS address, fields, \
+         COALESCE(d.attempts, 0) AS attempts, state, d.message_id AS message_id, updated_at"
     );
     let limit = i64::try_from(limit.max(1)).unwrap_or(1);
     let mut rows = bind_skip(
         sqlx::query(&format!(
-            "SELECT {columns} FROM recipients WHERE campaign_id = ? AND state = {DEFERRED} AND {INDEXED} AND next_attempt_at <= ? AND id NOT IN (SELECT value FROM json_each(?)){skipping} ORDER BY next_attempt_at, id LIMIT ?"
+            "SELECT {columns} FROM recipients {DETAILS} WHERE campaign_id = ? AND state = {DEFERRED} AND {INDEXED} \
+             AND d.next_attempt_at <= ? AND recipients.id NOT IN (SELECT value FROM json_each(?)){skipping} \
+             ORDER BY d.next_attempt_at, recipients.id LIMIT ?"
         ))
         .bind(campaign_id)
         .bind(now)
@@ -1239,7 +1371,9 @@ async fn next_candidates(
         rows.extend(
             bind_skip(
                 sqlx::query(&format!(
-                    "SELECT {columns} FROM recipients NOT INDEXED WHERE campaign_id = ? AND state = {PENDING} AND id >= ? AND id NOT IN (SELECT value FROM json_each(?)){skipping} ORDER BY id LIMIT ?"
+                    "SELECT {columns} FROM recipients NOT INDEXED {DETAILS} WHERE campaign_id = ? AND state = {PENDING} \
+                     AND recipients.id >= ? AND recipients.id NOT IN (SELECT value FROM json_each(?)){skipping} \
+                     ORDER BY recipients.id LIMIT ?"
                 ))
                 .bind(campaign_id)
                 .bind(first)
@@ -1358,8 +1492,10 @@ async fn export_rows(
 ) -> Result<()> {
     use futures_util::TryStreamExt;
     let sql = format!(
-        "SELECT {EMAIL} AS email, state, reason, attempts, last_reply, {UPDATED_AT} AS updated_at, message_id, fields \
-         FROM recipients NOT INDEXED WHERE campaign_id = ? AND (? IS NULL OR state = ?) ORDER BY row_number, id"
+        "SELECT {EMAIL} AS email, state, d.reason AS reason, COALESCE(d.attempts, 0) AS attempts, \
+         d.last_reply AS last_reply, {UPDATED_AT} AS updated_at, d.message_id AS message_id, fields \
+         FROM recipients NOT INDEXED {DETAILS} WHERE campaign_id = ? AND (? IS NULL OR state = ?) \
+         ORDER BY row_shift + recipients.id, recipients.id"
     );
     let mut rows = sqlx::query(&sql)
         .bind(campaign_id)
@@ -1382,29 +1518,27 @@ async fn export_rows(
     Ok(())
 }
 
-/// A row of the recipients table, written compactly ([`super::compact`]).
-#[allow(clippy::too_many_arguments)]
-fn stored_row(
+/// A row as the import writes it: its columns of `recipients` and of its
+/// details, each written compactly ([`super::compact`]).
+struct Stored {
     id: i64,
-    key: &str,
-    email: &str,
-    address: &str,
+    /// Not in the store before this read.
+    new: bool,
+    key: String,
     number: i64,
-    fields: &[String],
+    fields: String,
     state: &'static str,
+    /// The address as written, unless it is the key.
+    email: Option<String>,
+    /// The address as sent, unless it is the address as written.
+    address: Option<String>,
     reason: Option<String>,
-) -> Stored {
-    let (email, address, fields) = compact::recipient(key, email, address, fields);
-    (
-        id,
-        key.to_string(),
-        email,
-        address,
-        number,
-        fields,
-        state,
-        reason,
-    )
+}
+
+impl Stored {
+    fn details(&self) -> bool {
+        self.email.is_some() || self.address.is_some() || self.reason.is_some()
+    }
 }
 
 /// When a stored row last changed: 0 is when the read of the recipients
@@ -1430,6 +1564,8 @@ pub struct SqliteImport {
     /// The id the next new row gets: the transaction holds the write lock,
     /// so ids are handed out here and no insert needs a round trip of its own.
     next_id: i64,
+    /// The campaign's `row_base`: a row's number is its row shift + id - this.
+    row_base: i64,
     /// Whether the suppression list has any entry (it cannot change while
     /// the transaction holds the write lock).
     any_suppressed: bool,
@@ -1439,17 +1575,6 @@ pub struct SqliteImport {
 /// many rows (8 parameters each, well under SQLite's 32,766).
 const ROWS_PER_STATEMENT: usize = 1000;
 
-/// A row as stored: `(id, row_key, email, address, row_number, fields, state, reason)`.
-type Stored = (
-    i64,
-    String,
-    String,
-    Option<String>,
-    i64,
-    String,
-    &'static str,
-    Option<String>,
-);
 
 impl SqliteImport {
     /// Rows of the file in file order, what the store knows of each (a row
@@ -1462,23 +1587,25 @@ impl SqliteImport {
         let mut suppressed: HashSet<String> = HashSet::new();
         if !keys.is_empty() {
             let keys = serde_json::to_string(&keys)?;
-            let found = sqlx::query(
-                "SELECT row_key, id, seen_gen, state, reason, row_number FROM recipients \
+            let found = sqlx::query(&format!(
+                "SELECT row_key, recipients.id AS id, seen_gen, state, d.reason AS reason, row_shift \
+                 FROM recipients {DETAILS} \
                  WHERE campaign_id = ? AND row_key IN (SELECT value FROM json_each(?))",
-            )
+            ))
             .bind(self.campaign_id)
             .bind(&keys)
             .fetch_all(&mut *self.tx)
             .await?;
             for r in found {
+                let id: i64 = r.get("id");
                 known.insert(
                     r.get("row_key"),
                     Known {
-                        id: r.get("id"),
+                        id,
                         seen_gen: r.get("seen_gen"),
                         state: stored_state(r.get("state"))?.as_str().to_string(),
                         reason: r.get("reason"),
-                        row_number: r.get("row_number"),
+                        row_number: r.get::<i64, _>("row_shift") + id - self.row_base,
                     },
                 );
             }
@@ -1507,21 +1634,30 @@ impl SqliteImport {
             .into_iter()
             .map(|w| {
                 let row = &rows[w.row];
-                let number = i64::try_from(row.number).unwrap_or(i64::MAX);
-                match row.valid {
-                    Some((address, key)) if w.recipient => stored_row(
-                        w.id, key, row.email, address, number, row.fields, w.state, w.reason,
-                    ),
-                    _ => (
-                        w.id,
-                        format!("row:{}", row.number),
-                        row.email.to_string(),
-                        None,
-                        number,
-                        encode_fields(row.fields, row.email),
-                        w.state,
-                        w.reason,
-                    ),
+                let (key, email, address, fields) = match row.valid {
+                    Some((address, key)) if w.recipient => {
+                        let (email, address, fields) =
+                            compact::recipient(key, row.email, address, row.fields);
+                        // Empty: the key.
+                        let email = Some(email).filter(|e| !e.is_empty());
+                        (key.to_string(), email, address, fields)
+                    }
+                    _ => {
+                        let key = format!("row:{}", row.number);
+                        let email = Some(row.email.to_string()).filter(|e| *e != key);
+                        (key, email, None, encode_fields(row.fields, row.email))
+                    }
+                };
+                Stored {
+                    id: w.id,
+                    new: w.new,
+                    key,
+                    number: i64::try_from(row.number).unwrap_or(i64::MAX),
+                    fields,
+                    state: w.state,
+                    email,
+                    address,
+                    reason: w.reason,
                 }
             })
             .collect();
@@ -1531,16 +1667,17 @@ impl SqliteImport {
         Ok(statuses)
     }
 
-    /// Inserts new rows and refreshes known ones in one statement.
+    /// Inserts new rows and refreshes known ones in one statement, then
+    /// their details in at most two more.
     async fn write(&mut self, rows: &[Stored]) -> Result<()> {
         let (gen, campaign) = (self.generation, self.campaign_id);
         // A row this read writes is unchanged since it, at 0; one it leaves
         // in its state keeps its time, which a 0 of the read before becomes.
         let before = self.imported_before.unwrap_or(0);
-        let one = format!("(?,?,?,?,?,?,?,?,{campaign},{gen},0)");
+        let one = format!("(?,?,?,?,?,{campaign},{gen},0)");
         let mut sql = String::with_capacity(256 + rows.len() * (one.len() + 1));
         sql.push_str(
-            "INSERT INTO recipients (id, row_key, email, address, row_number, fields, state, reason, campaign_id, seen_gen, updated_at) VALUES ",
+            "INSERT INTO recipients (id, row_key, row_shift, fields, state, campaign_id, seen_gen, updated_at) VALUES ",
         );
         for i in 0..rows.len() {
             if i > 0 {
@@ -1549,39 +1686,58 @@ impl SqliteImport {
             sql.push_str(&one);
         }
         sql.push_str(&format!(
-            " ON CONFLICT (id) DO UPDATE SET email = excluded.email, address = excluded.address, \
-             row_number = excluded.row_number, fields = excluded.fields, seen_gen = excluded.seen_gen, \
-             reason = excluded.reason, state = excluded.state, \
+            " ON CONFLICT (id) DO UPDATE SET \
+             row_shift = excluded.row_shift, fields = excluded.fields, seen_gen = excluded.seen_gen, \
+             state = excluded.state, \
              updated_at = CASE WHEN excluded.state != state THEN 0 \
              WHEN updated_at = 0 AND seen_gen < {gen} THEN {before} ELSE updated_at END",
         ));
         let mut query = sqlx::query(&sql);
-        for (id, key, email, address, number, fields, state, reason) in rows {
+        for row in rows {
             query = query
-                .bind(id)
-                .bind(key)
-                .bind(email)
-                .bind(address)
-                .bind(number)
-                .bind(fields)
-                .bind(state_code(state)?)
-                .bind(reason);
+                .bind(row.id)
+                .bind(&row.key)
+                .bind(row.number - row.id + self.row_base)
+                .bind(&row.fields)
+                .bind(state_code(row.state)?);
         }
         query.execute(&mut *self.tx).await?;
+        let details: Vec<_> = rows
+            .iter()
+            .filter(|r| r.details())
+            .map(|r| (r.id, &r.email, &r.address, &r.reason))
+            .collect();
+        if !details.is_empty() {
+            sqlx::query(
+                "INSERT INTO recipient_details (id, email, address, reason) \
+                 SELECT j.value ->> 0, j.value ->> 1, j.value ->> 2, j.value ->> 3 FROM json_each(?) AS j WHERE true \
+                 ON CONFLICT (id) DO UPDATE SET email = excluded.email, address = excluded.address, reason = excluded.reason",
+            )
+            .bind(serde_json::to_string(&details)?)
+            .execute(&mut *self.tx)
+            .await?;
+        }
+        // Known rows that no longer have any: what they had is cleared.
+        let cleared: Vec<i64> = rows
+            .iter()
+            .filter(|r| !r.new && !r.details())
+            .map(|r| r.id)
+            .collect();
+        if !cleared.is_empty() {
+            sqlx::query(
+                "UPDATE recipient_details SET email = NULL, address = NULL, reason = NULL \
+                 WHERE id IN (SELECT value FROM json_each(?))",
+            )
+            .bind(serde_json::to_string(&cleared)?)
+            .execute(&mut *self.tx)
+            .await?;
+        }
         Ok(())
     }
 
     /// A row whose message cannot be built, with `--skip-invalid`.
     pub async fn skip_invalid_message(&mut self, id: i64, why: &str) -> Result<()> {
-        sqlx::query(&format!(
-            "UPDATE recipients SET state = {SKIPPED}, reason = ?, updated_at = ? WHERE id = ?",
-        ))
-        .bind(SkipReason::InvalidMessage(why.to_string()).to_text())
-        .bind(self.now)
-        .bind(id)
-        .execute(&mut *self.tx)
-        .await?;
-        Ok(())
+        skip_unbuildable(&mut self.tx, id, why, self.now).await
     }
 
     /// Rows that left the file and were never sent become `skipped (removed)`;
@@ -1592,9 +1748,13 @@ impl SqliteImport {
             self.tx.commit().await?;
             return Ok(0);
         }
+        let left =
+            format!("campaign_id = ? AND seen_gen < ? AND state IN ({PENDING}, {DEFERRED})");
+        let binds = [self.campaign_id, self.generation];
+        let rows = format!("recipients NOT INDEXED WHERE {left}");
+        set_reason(&mut self.tx, &rows, &binds, Some("removed")).await?;
         let removed = sqlx::query(&format!(
-            "UPDATE recipients NOT INDEXED SET state = {SKIPPED}, reason = 'removed', updated_at = ? \
-             WHERE campaign_id = ? AND seen_gen < ? AND state IN ({PENDING}, {DEFERRED})",
+            "UPDATE recipients NOT INDEXED SET state = {SKIPPED}, updated_at = ? WHERE {left}"
         ))
         .bind(self.now)
         .bind(self.campaign_id)
@@ -2337,8 +2497,9 @@ pub(super) mod tests {
         }
         // What export showed before, read as it read it then.
         let sql = format!(
-            "SELECT {EMAIL} AS email, state, reason, attempts, last_reply, updated_at, message_id, fields \
-             FROM recipients ORDER BY row_number, id"
+            "SELECT {} AS email, state, reason, attempts, last_reply, updated_at, message_id, fields \
+             FROM recipients ORDER BY row_number, id",
+            compact::EMAIL
         );
         let expected: Vec<Exported> = sqlx::query(&sql)
             .fetch_all(&mut conn)
