@@ -15,7 +15,7 @@ use sqlx::{ConnectOptions as _, Connection as _, Row as _, Sqlite, Transaction};
 
 use std::collections::{HashMap, HashSet};
 
-use super::compact::{self, decode_fields, encode_fields, CELLS};
+use super::compact::{self, decode_fields, encode_fields_email_first, CELLS, EMAIL_FIRST};
 use super::{
     classify_rows, lock, Before, CampaignRecord, CampaignSummary, Candidate, Claim, Counts,
     Delivery, ExportRow, Gate, Identity, ImportInto, ImportRow, Known, Outcome, Outcomes, Picked,
@@ -522,7 +522,13 @@ impl SqliteStore {
         let mut tx = self.pool.begin().await?;
         pending_from_start(&mut tx, campaign_id).await?;
         let unknown = format!("campaign_id = ? AND state = {UNKNOWN} AND {INDEXED}");
-        set_reason(&mut tx, &format!("recipients WHERE {unknown}"), &[campaign_id], None).await?;
+        set_reason(
+            &mut tx,
+            &format!("recipients WHERE {unknown}"),
+            &[campaign_id],
+            None,
+        )
+        .await?;
         let done = sqlx::query(&format!(
             "UPDATE recipients SET state = {PENDING}, updated_at = ? WHERE {unknown}"
         ))
@@ -744,9 +750,9 @@ impl SqliteStore {
             Some(claim) => claim,
             None => {
                 let next_due_ms: Option<i64> = sqlx::query_scalar(&next_due())
-                .bind(campaign_id)
-                .fetch_one(&mut *tx)
-                .await?;
+                    .bind(campaign_id)
+                    .fetch_one(&mut *tx)
+                    .await?;
                 return Ok(Claim::Idle { next_due_ms });
             }
         };
@@ -1087,8 +1093,9 @@ async fn write_outcome(
         }
         Outcome::Unknown { reply } => {
             set_state(conn, id, UNKNOWN, now).await?;
-            let reason =
-                Some("connection lost after the message was sent: may or may not have been delivered");
+            let reason = Some(
+                "connection lost after the message was sent: may or may not have been delivered",
+            );
             set_reply(conn, id, reason, reply, None).await?;
         }
         Outcome::Returned { reply, unlog } => {
@@ -1169,9 +1176,9 @@ async fn set_reason(
             "INSERT INTO recipient_details (id, reason) SELECT id, ? FROM {rows} \
              ON CONFLICT (id) DO UPDATE SET reason = excluded.reason"
         ),
-        None => format!(
-            "UPDATE recipient_details SET reason = ? WHERE id IN (SELECT id FROM {rows})"
-        ),
+        None => {
+            format!("UPDATE recipient_details SET reason = ? WHERE id IN (SELECT id FROM {rows})")
+        }
     };
     let mut query = sqlx::query(&sql).bind(reason);
     for bind in binds {
@@ -1326,12 +1333,16 @@ async fn next_candidates(
     // passed over. That may be another column than `skip.field`, which only
     // delays that row until the zone opens (the engine still checks each
     // recipient's own zone); rows stored as JSON are never passed over here.
+    // The EMAIL_FIRST form, read as though its leading mark were CELLS, is
+    // the address's mark-free cells joined by CELLS.
     let skipping = match skip.values.is_empty() {
         true => String::new(),
         false => format!(
             " AND NOT EXISTS (SELECT 1 FROM json_each(?) z WHERE \
-             instr(fields || char({sep}), char({sep}) || z.value || char({sep})) > 0)",
-            sep = u32::from(CELLS)
+             instr(replace(substr(fields, 1, 1), char({first}), char({sep})) || substr(fields, 2) || char({sep}), \
+             char({sep}) || z.value || char({sep})) > 0)",
+            sep = u32::from(CELLS),
+            first = u32::from(EMAIL_FIRST)
         ),
     };
     fn bind_skip<'q>(
@@ -1575,7 +1586,6 @@ pub struct SqliteImport {
 /// many rows (8 parameters each, well under SQLite's 32,766).
 const ROWS_PER_STATEMENT: usize = 1000;
 
-
 impl SqliteImport {
     /// Rows of the file in file order, what the store knows of each (a row
     /// whose address is not valid is `Settled`: skipped, invalid address).
@@ -1634,20 +1644,13 @@ impl SqliteImport {
             .into_iter()
             .map(|w| {
                 let row = &rows[w.row];
-                let (key, email, address, fields) = match row.valid {
-                    Some((address, key)) if w.recipient => {
-                        let (email, address, fields) =
-                            compact::recipient(key, row.email, address, row.fields);
-                        // Empty: the key.
-                        let email = Some(email).filter(|e| !e.is_empty());
-                        (key.to_string(), email, address, fields)
-                    }
-                    _ => {
-                        let key = format!("row:{}", row.number);
-                        let email = Some(row.email.to_string()).filter(|e| *e != key);
-                        (key, email, None, encode_fields(row.fields, row.email))
-                    }
+                let (key, address) = match row.valid {
+                    Some((address, key)) if w.recipient => (key.to_string(), Some(address)),
+                    _ => (format!("row:{}", row.number), None),
                 };
+                let email = (row.email != key).then(|| row.email.to_string());
+                let address = address.filter(|a| *a != row.email).map(str::to_string);
+                let fields = encode_fields_email_first(row.fields, row.email);
                 Stored {
                     id: w.id,
                     new: w.new,
@@ -1748,8 +1751,7 @@ impl SqliteImport {
             self.tx.commit().await?;
             return Ok(0);
         }
-        let left =
-            format!("campaign_id = ? AND seen_gen < ? AND state IN ({PENDING}, {DEFERRED})");
+        let left = format!("campaign_id = ? AND seen_gen < ? AND state IN ({PENDING}, {DEFERRED})");
         let binds = [self.campaign_id, self.generation];
         let rows = format!("recipients NOT INDEXED WHERE {left}");
         set_reason(&mut self.tx, &rows, &binds, Some("removed")).await?;
@@ -2553,6 +2555,309 @@ pub(super) mod tests {
             .execute(&store.pool)
             .await;
         assert!(refused.is_err());
+    }
+
+    /// Regression guard for row numbers kept as their distance from file
+    /// order (0 for a file read in order): rows a later read finds
+    /// elsewhere, adds at the top or repeats, in a campaign whose ids are
+    /// not all its own in a row, report their own number in the file, to
+    /// claims, to `export` (in file order) and to a duplicate found in a
+    /// later batch of the same read.
+    #[tokio::test]
+    async fn rows_out_of_file_order_keep_their_row_numbers() {
+        let (_d, store) = store().await;
+        let c = store.campaign(&ident("c")).await.unwrap();
+        let other = store.campaign(&ident("other")).await.unwrap();
+        import(&store, &other, &["z1@x.example", "z2@x.example"]).await;
+        import(&store, &c, &["a@x.example", "b@x.example"]).await;
+        import(
+            &store,
+            &other,
+            &["z1@x.example", "z2@x.example", "z3@x.example"],
+        )
+        .await;
+        // c's file again: a new first row, a and b swapped, b repeated.
+        let mut imp = store
+            .import(ImportInto::Campaign(&c), &["email".into()])
+            .await
+            .unwrap();
+        let batch = |rows: &'static [(u64, &'static str)]| -> Vec<ImportRow<'static>> {
+            rows.iter()
+                .map(|(number, email)| ImportRow {
+                    number: *number,
+                    email,
+                    valid: Some((email, email)),
+                    fields: &[],
+                })
+                .collect()
+        };
+        imp.rows(&batch(&[(1, "n@x.example"), (2, "b@x.example")]))
+            .await
+            .unwrap();
+        let later = imp
+            .rows(&batch(&[(3, "a@x.example"), (4, "b@x.example")]))
+            .await
+            .unwrap();
+        imp.commit().await.unwrap();
+        assert!(
+            matches!(later[1], RowStatus::Duplicate { first_row: 2 }),
+            "{:?}",
+            later[1]
+        );
+        let order: Vec<String> = exported(&store, c.id, None)
+            .await
+            .into_iter()
+            .map(|r| r.0)
+            .collect();
+        assert_eq!(
+            order,
+            ["n@x.example", "b@x.example", "a@x.example", "b@x.example"]
+        );
+        let Claim::Ready { ready, .. } = store
+            .claim(c.id, "acct", "acct", &[], 1, 5, |_| Ok(out(1)))
+            .await
+            .unwrap()
+        else {
+            panic!("nothing claimed")
+        };
+        let numbers: Vec<(&str, i64)> = ready
+            .iter()
+            .map(|r| (r.candidate.email.as_str(), r.candidate.row_number))
+            .collect();
+        assert_eq!(
+            numbers,
+            [("a@x.example", 3), ("b@x.example", 2), ("n@x.example", 1)]
+        );
+    }
+
+    /// A database from before the details of a row were kept apart: each
+    /// row keeps its addresses as written and as sent, its reason, its
+    /// sends and its number in the file, as `export`, claims and the
+    /// reading of bounces see them; only the rows that have details get a
+    /// row of them.
+    #[tokio::test]
+    async fn rows_keep_their_details_after_the_migration() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.db");
+        let mut before = sqlx::migrate!("./migrations/sqlite");
+        let apart = before
+            .migrations
+            .iter()
+            .position(|m| m.description == "row details apart")
+            .unwrap();
+        before.migrations = before.migrations[..apart].to_vec().into();
+        let options = SqliteConnectOptions::new()
+            .filename(&path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .foreign_keys(false);
+        let mut conn = options.connect().await.unwrap();
+        before.run_direct(&mut conn).await.unwrap();
+        sqlx::query("INSERT INTO campaigns (id, name, created_at) VALUES (1, 'c', 0), (2, 'd', 0)")
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        // (id, campaign, key, email, address, number, fields, state, reason,
+        //  attempts, last_reply, message_id, next attempt)
+        let rows: [(
+            i64,
+            i64,
+            &str,
+            &str,
+            Option<&str>,
+            i64,
+            &str,
+            i64,
+            Option<&str>,
+            i64,
+            Option<&str>,
+            Option<&str>,
+            Option<i64>,
+        ); 5] = [
+            (
+                10,
+                2,
+                "row:1",
+                "not an address",
+                None,
+                1,
+                "\u{1f}not an address",
+                6,
+                Some("invalid address"),
+                0,
+                None,
+                None,
+                None,
+            ),
+            (
+                11,
+                1,
+                "a@x.example",
+                "",
+                None,
+                2,
+                "\u{1f}\u{1e}\u{1f}Ann",
+                2,
+                None,
+                1,
+                Some("250 ok"),
+                Some("<m1@x.example>"),
+                None,
+            ),
+            (
+                12,
+                1,
+                "b@bücher.example",
+                "B@Bücher.example",
+                Some("B@xn--bcher-kva.example"),
+                1,
+                "[\"B@Bücher.example\",\"Bo\"]",
+                3,
+                Some("transient failure, will retry"),
+                2,
+                Some("451 later"),
+                Some("<m2@x.example>"),
+                Some(1),
+            ),
+            (
+                13,
+                1,
+                "c@x.example",
+                "c@x.example",
+                Some("c@x.example"),
+                4,
+                "[\"c@x.example\",\"Cy\"]",
+                0,
+                None,
+                0,
+                None,
+                None,
+                None,
+            ),
+            (
+                14,
+                1,
+                "d@x.example",
+                "",
+                None,
+                3,
+                "\u{1f}\u{1e}\u{1f}Di",
+                0,
+                None,
+                0,
+                None,
+                None,
+                None,
+            ),
+        ];
+        for r in rows {
+            sqlx::query(
+                "INSERT INTO recipients (id, campaign_id, row_key, email, address, row_number, fields, state, reason, \
+                 attempts, last_reply, message_id, next_attempt_at, seen_gen, updated_at) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1, 7)",
+            )
+            .bind(r.0).bind(r.1).bind(r.2).bind(r.3).bind(r.4).bind(r.5).bind(r.6)
+            .bind(r.7).bind(r.8).bind(r.9).bind(r.10).bind(r.11).bind(r.12)
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        }
+        let sql = format!(
+            "SELECT {} AS email, state, reason, attempts, last_reply, updated_at, message_id, fields \
+             FROM recipients WHERE campaign_id = ? ORDER BY row_number, id",
+            compact::EMAIL
+        );
+        let mut expected: Vec<Vec<Exported>> = Vec::new();
+        for campaign in [1, 2] {
+            let rows = sqlx::query(&sql)
+                .bind(campaign)
+                .fetch_all(&mut conn)
+                .await
+                .unwrap();
+            expected.push(
+                rows.into_iter()
+                    .map(|r| {
+                        let email: String = r.get("email");
+                        (
+                            email.clone(),
+                            stored_state(r.get("state")).unwrap().as_str().to_string(),
+                            r.get("reason"),
+                            r.get("attempts"),
+                            r.get("last_reply"),
+                            r.get("updated_at"),
+                            r.get("message_id"),
+                            decode_fields(r.get("fields"), &email).unwrap(),
+                        )
+                    })
+                    .collect(),
+            );
+        }
+        conn.close().await.unwrap();
+
+        let store = Store::open(&path).await.unwrap();
+        assert_eq!(exported(&store, 1, None).await, expected[0]);
+        assert_eq!(exported(&store, 2, None).await, expected[1]);
+        let emails: Vec<&str> = expected[0].iter().map(|r| r.0.as_str()).collect();
+        assert_eq!(
+            emails,
+            [
+                "B@Bücher.example",
+                "a@x.example",
+                "d@x.example",
+                "c@x.example"
+            ]
+        );
+        let with_details: Vec<i64> =
+            sqlx::query_scalar("SELECT id FROM recipient_details ORDER BY id")
+                .fetch_all(&store.pool)
+                .await
+                .unwrap();
+        assert_eq!(with_details, [10, 11, 12]);
+        // The deferred row is due, then the pending ones in id order.
+        let Claim::Ready { ready, .. } = store
+            .claim(1, "acct", "acct", &[], 2, 5, |_| Ok(out(1)))
+            .await
+            .unwrap()
+        else {
+            panic!("nothing claimed")
+        };
+        let claimed: Vec<(&str, &str, i64, i64)> = ready
+            .iter()
+            .map(|r| {
+                let c = &r.candidate;
+                (
+                    c.email.as_str(),
+                    c.address.as_str(),
+                    c.row_number,
+                    c.attempts,
+                )
+            })
+            .collect();
+        assert_eq!(
+            claimed,
+            [
+                ("B@Bücher.example", "B@xn--bcher-kva.example", 1, 2),
+                ("c@x.example", "c@x.example", 4, 0),
+                ("d@x.example", "d@x.example", 3, 0),
+            ]
+        );
+        let ids = HashSet::from(["m1@x.example".to_string()]);
+        let found = store.notice_rows(1, &ids, &HashSet::new()).await.unwrap();
+        assert_eq!(
+            found
+                .iter()
+                .map(|n| (n.id, n.email.as_str(), n.message_id.as_deref()))
+                .collect::<Vec<_>>(),
+            [(11, "a@x.example", Some("m1@x.example"))]
+        );
+        // Forgetting a campaign forgets its rows' details too; the claim
+        // gave its rows some.
+        assert_eq!(store.reset("d").await.unwrap(), Some(1));
+        let left: Vec<i64> = sqlx::query_scalar("SELECT id FROM recipient_details ORDER BY id")
+            .fetch_all(&store.pool)
+            .await
+            .unwrap();
+        assert_eq!(left, [11, 12, 13, 14]);
     }
 
     /// A database written before rehearsals and bound names: its rows stay,
