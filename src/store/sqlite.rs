@@ -825,41 +825,13 @@ impl SqliteStore {
             .execute(&mut *conn)
             .await?;
         let mut tx = conn.begin().await?;
-        // Messages sent, nearly all of them, in three statements for all;
-        // the others one by one.
-        let mut sent = Vec::new();
+        // The messages sent, nearly all of them, and the other outcomes
+        // that leave a reply, together; the others one by one.
+        let mut replies = Replies::default();
         for (candidate, log_id, outcome, now) in &waiting {
-            match outcome {
-                Outcome::Sent { reply } => sent.push((candidate.id, *log_id, reply, *now)),
-                _ => write_outcome(&mut tx, candidate, *log_id, outcome, *now).await?,
-            }
+            write_outcome(&mut tx, &mut replies, candidate, *log_id, outcome, *now).await?;
         }
-        if !sent.is_empty() {
-            let sent = serde_json::to_string(&sent)?;
-            sqlx::query(
-                "UPDATE send_log SET done_at = MAX(at, j.value ->> 3) \
-                 FROM json_each(?) AS j WHERE send_log.id = j.value ->> 1",
-            )
-            .bind(&sent)
-            .execute(&mut *tx)
-            .await?;
-            sqlx::query(&format!(
-                "UPDATE recipients SET state = {SENT}, updated_at = j.value ->> 3 \
-                 FROM json_each(?) AS j WHERE recipients.id = j.value ->> 0",
-            ))
-            .bind(&sent)
-            .execute(&mut *tx)
-            .await?;
-            sqlx::query(
-                "INSERT INTO recipient_details (id, last_reply) \
-                 SELECT j.value ->> 0, j.value ->> 2 FROM json_each(?) AS j WHERE true \
-                 ON CONFLICT (id) DO UPDATE SET reason = NULL, last_reply = excluded.last_reply, \
-                 next_attempt_at = NULL",
-            )
-            .bind(&sent)
-            .execute(&mut *tx)
-            .await?;
-        }
+        replies.write(&mut tx).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -1038,42 +1010,76 @@ impl SqliteStore {
     }
 }
 
-/// Writes one outcome of a claimed recipient.
+/// The outcomes that leave a server's reply on their row, gathered to be
+/// written together: three statements for all of them, whatever their
+/// number. Each is `(log id, row id, state, when, reason, reply, retry time)`.
+#[derive(Default)]
+struct Replies(Vec<(i64, i64, i64, i64, Option<String>, String, Option<i64>)>);
+
+impl Replies {
+    async fn write(self, conn: &mut sqlx::SqliteConnection) -> Result<()> {
+        if self.0.is_empty() {
+            return Ok(());
+        }
+        let replies = serde_json::to_string(&self.0)?;
+        sqlx::query(
+            "UPDATE send_log SET done_at = MAX(at, j.value ->> 3) FROM json_each(?) AS j \
+             WHERE send_log.id = j.value ->> 0",
+        )
+        .bind(&replies)
+        .execute(&mut *conn)
+        .await?;
+        sqlx::query(
+            "UPDATE recipients SET state = j.value ->> 2, updated_at = j.value ->> 3 FROM json_each(?) AS j \
+             WHERE recipients.id = j.value ->> 1",
+        )
+        .bind(&replies)
+        .execute(&mut *conn)
+        .await?;
+        sqlx::query(
+            "INSERT INTO recipient_details (id, reason, last_reply, next_attempt_at) \
+             SELECT j.value ->> 1, j.value ->> 4, j.value ->> 5, j.value ->> 6 FROM json_each(?) AS j WHERE true \
+             ON CONFLICT (id) DO UPDATE SET reason = excluded.reason, last_reply = excluded.last_reply, \
+             next_attempt_at = excluded.next_attempt_at",
+        )
+        .bind(&replies)
+        .execute(conn)
+        .await?;
+        Ok(())
+    }
+}
+
+/// Writes one outcome of a claimed recipient, or gathers it in `replies`.
 async fn write_outcome(
     conn: &mut sqlx::SqliteConnection,
+    replies: &mut Replies,
     candidate: &Candidate,
     log_id: i64,
     outcome: &Outcome,
     now: i64,
 ) -> Result<()> {
-    sqlx::query("UPDATE send_log SET done_at = MAX(at, ?) WHERE id = ?")
-        .bind(now)
-        .bind(log_id)
-        .execute(&mut *conn)
-        .await?;
     let id = candidate.id;
+    let mut gather = |state, reason: Option<String>, reply: &str, retry| {
+        replies
+            .0
+            .push((log_id, id, state, now, reason, reply.to_string(), retry));
+    };
     match outcome {
-        Outcome::Sent { reply } => {
-            set_state(conn, id, SENT, now).await?;
-            set_reply(conn, id, None, reply, None).await?;
-        }
+        Outcome::Sent { reply } => gather(SENT, None, reply, None),
         Outcome::Deferred { reply, retry_at_ms } => {
-            set_state(conn, id, DEFERRED, now).await?;
-            let reason = Some("transient failure, will retry");
-            set_reply(conn, id, reason, reply, Some(*retry_at_ms)).await?;
+            let reason = "transient failure, will retry".to_string();
+            gather(DEFERRED, Some(reason), reply, Some(*retry_at_ms));
+        }
+        Outcome::Unknown { reply } => {
+            let reason =
+                "connection lost after the message was sent: may or may not have been delivered";
+            gather(UNKNOWN, Some(reason.to_string()), reply, None);
         }
         Outcome::Failed { reply, suppress } => {
-            set_state(conn, id, FAILED, now).await?;
-            let reason = format!("rejected: {reply}");
-            set_reply(conn, id, Some(&reason), reply, None).await?;
+            gather(FAILED, Some(format!("rejected: {reply}")), reply, None);
             if *suppress {
-                insert_suppression(
-                    &mut *conn,
-                    &candidate.address,
-                    &format!("bounced: {reply}"),
-                    now,
-                )
-                .await?;
+                let reason = format!("bounced: {reply}");
+                insert_suppression(&mut *conn, &candidate.address, &reason, now).await?;
             }
         }
         Outcome::Unclaimed => {
@@ -1085,18 +1091,11 @@ async fn write_outcome(
                 .bind(id)
                 .execute(&mut *conn)
                 .await?;
-            pending_again(conn, candidate.id).await?;
+            pending_again(conn, id).await?;
             sqlx::query("DELETE FROM send_log WHERE id = ?")
                 .bind(log_id)
                 .execute(&mut *conn)
                 .await?;
-        }
-        Outcome::Unknown { reply } => {
-            set_state(conn, id, UNKNOWN, now).await?;
-            let reason = Some(
-                "connection lost after the message was sent: may or may not have been delivered",
-            );
-            set_reply(conn, id, reason, reply, None).await?;
         }
         Outcome::Returned { reply, unlog } => {
             set_state(conn, id, PENDING, now).await?;
@@ -1105,13 +1104,16 @@ async fn write_outcome(
                 .bind(id)
                 .execute(&mut *conn)
                 .await?;
-            pending_again(conn, candidate.id).await?;
-            if *unlog {
-                sqlx::query("DELETE FROM send_log WHERE id = ?")
-                    .bind(log_id)
-                    .execute(&mut *conn)
-                    .await?;
-            }
+            pending_again(conn, id).await?;
+            let log = match unlog {
+                true => "DELETE FROM send_log WHERE id = ?2",
+                false => "UPDATE send_log SET done_at = MAX(at, ?1) WHERE id = ?2",
+            };
+            sqlx::query(log)
+                .bind(now)
+                .bind(log_id)
+                .execute(&mut *conn)
+                .await?;
         }
     }
     Ok(())
