@@ -15,7 +15,7 @@ use sqlx::{ConnectOptions as _, Connection as _, Row as _, Sqlite, Transaction};
 
 use std::collections::{HashMap, HashSet};
 
-use super::compact::{self, decode_fields, encode_fields_email_first, CELLS, EMAIL_FIRST};
+use super::compact::{decode_fields, encode_fields_email_first, CELLS, EMAIL_FIRST};
 use super::{
     classify_rows, lock, Before, CampaignRecord, CampaignSummary, Candidate, Claim, Counts,
     Delivery, ExportRow, Gate, Identity, ImportInto, ImportRow, Known, Outcome, Outcomes, Picked,
@@ -1012,9 +1012,22 @@ impl SqliteStore {
 
 /// The outcomes that leave a server's reply on their row, gathered to be
 /// written together: three statements for all of them, whatever their
-/// number. Each is `(log id, row id, state, when, reason, reply, retry time)`.
+/// number, as each statement is a round trip to SQLite's thread.
 #[derive(Default)]
-struct Replies(Vec<(i64, i64, i64, i64, Option<String>, String, Option<i64>)>);
+struct Replies(Vec<Reply>);
+
+/// An outcome that leaves a server's reply on its row: its send's log
+/// entry, the row's state, when, reason and retry time.
+#[derive(serde::Serialize)]
+struct Reply {
+    log_id: i64,
+    id: i64,
+    state: i64,
+    at: i64,
+    reason: Option<String>,
+    reply: String,
+    retry_at: Option<i64>,
+}
 
 impl Replies {
     async fn write(self, conn: &mut sqlx::SqliteConnection) -> Result<()> {
@@ -1023,22 +1036,23 @@ impl Replies {
         }
         let replies = serde_json::to_string(&self.0)?;
         sqlx::query(
-            "UPDATE send_log SET done_at = MAX(at, j.value ->> 3) FROM json_each(?) AS j \
-             WHERE send_log.id = j.value ->> 0",
+            "UPDATE send_log SET done_at = MAX(at, j.value ->> 'at') FROM json_each(?) AS j \
+             WHERE send_log.id = j.value ->> 'log_id'",
         )
         .bind(&replies)
         .execute(&mut *conn)
         .await?;
         sqlx::query(
-            "UPDATE recipients SET state = j.value ->> 2, updated_at = j.value ->> 3 FROM json_each(?) AS j \
-             WHERE recipients.id = j.value ->> 1",
+            "UPDATE recipients SET state = j.value ->> 'state', updated_at = j.value ->> 'at' \
+             FROM json_each(?) AS j WHERE recipients.id = j.value ->> 'id'",
         )
         .bind(&replies)
         .execute(&mut *conn)
         .await?;
         sqlx::query(
             "INSERT INTO recipient_details (id, reason, last_reply, next_attempt_at) \
-             SELECT j.value ->> 1, j.value ->> 4, j.value ->> 5, j.value ->> 6 FROM json_each(?) AS j WHERE true \
+             SELECT j.value ->> 'id', j.value ->> 'reason', j.value ->> 'reply', j.value ->> 'retry_at' \
+             FROM json_each(?) AS j WHERE true \
              ON CONFLICT (id) DO UPDATE SET reason = excluded.reason, last_reply = excluded.last_reply, \
              next_attempt_at = excluded.next_attempt_at",
         )
@@ -1059,10 +1073,16 @@ async fn write_outcome(
     now: i64,
 ) -> Result<()> {
     let id = candidate.id;
-    let mut gather = |state, reason: Option<String>, reply: &str, retry| {
-        replies
-            .0
-            .push((log_id, id, state, now, reason, reply.to_string(), retry));
+    let mut gather = |state, reason: Option<String>, reply: &str, retry_at| {
+        replies.0.push(Reply {
+            log_id,
+            id,
+            state,
+            at: now,
+            reason,
+            reply: reply.to_string(),
+            retry_at,
+        });
     };
     match outcome {
         Outcome::Sent { reply } => gather(SENT, None, reply, None),
@@ -1335,8 +1355,8 @@ async fn next_candidates(
     // passed over. That may be another column than `skip.field`, which only
     // delays that row until the zone opens (the engine still checks each
     // recipient's own zone); rows stored as JSON are never passed over here.
-    // The EMAIL_FIRST form, read as though its leading mark were CELLS, is
-    // the address's mark-free cells joined by CELLS.
+    // A row in the EMAIL_FIRST form is read with its mark as CELLS, which
+    // then leads each of its cells after the address.
     let skipping = match skip.values.is_empty() {
         true => String::new(),
         false => format!(
@@ -2503,7 +2523,7 @@ pub(super) mod tests {
         let sql = format!(
             "SELECT {} AS email, state, reason, attempts, last_reply, updated_at, message_id, fields \
              FROM recipients ORDER BY row_number, id",
-            compact::EMAIL
+            super::super::compact::EMAIL
         );
         let expected: Vec<Exported> = sqlx::query(&sql)
             .fetch_all(&mut conn)
@@ -2659,115 +2679,32 @@ pub(super) mod tests {
             .execute(&mut conn)
             .await
             .unwrap();
-        // (id, campaign, key, email, address, number, fields, state, reason,
-        //  attempts, last_reply, message_id, next attempt)
-        let rows: [(
-            i64,
-            i64,
-            &str,
-            &str,
-            Option<&str>,
-            i64,
-            &str,
-            i64,
-            Option<&str>,
-            i64,
-            Option<&str>,
-            Option<&str>,
-            Option<i64>,
-        ); 5] = [
-            (
-                10,
-                2,
-                "row:1",
-                "not an address",
-                None,
-                1,
-                "\u{1f}not an address",
-                6,
-                Some("invalid address"),
-                0,
-                None,
-                None,
-                None,
-            ),
-            (
-                11,
-                1,
-                "a@x.example",
-                "",
-                None,
-                2,
-                "\u{1f}\u{1e}\u{1f}Ann",
-                2,
-                None,
-                1,
-                Some("250 ok"),
-                Some("<m1@x.example>"),
-                None,
-            ),
-            (
-                12,
-                1,
-                "b@bücher.example",
-                "B@Bücher.example",
-                Some("B@xn--bcher-kva.example"),
-                1,
-                "[\"B@Bücher.example\",\"Bo\"]",
-                3,
-                Some("transient failure, will retry"),
-                2,
-                Some("451 later"),
-                Some("<m2@x.example>"),
-                Some(1),
-            ),
-            (
-                13,
-                1,
-                "c@x.example",
-                "c@x.example",
-                Some("c@x.example"),
-                4,
-                "[\"c@x.example\",\"Cy\"]",
-                0,
-                None,
-                0,
-                None,
-                None,
-                None,
-            ),
-            (
-                14,
-                1,
-                "d@x.example",
-                "",
-                None,
-                3,
-                "\u{1f}\u{1e}\u{1f}Di",
-                0,
-                None,
-                0,
-                None,
-                None,
-                None,
-            ),
-        ];
-        for r in rows {
-            sqlx::query(
-                "INSERT INTO recipients (id, campaign_id, row_key, email, address, row_number, fields, state, reason, \
-                 attempts, last_reply, message_id, next_attempt_at, seen_gen, updated_at) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1, 7)",
-            )
-            .bind(r.0).bind(r.1).bind(r.2).bind(r.3).bind(r.4).bind(r.5).bind(r.6)
-            .bind(r.7).bind(r.8).bind(r.9).bind(r.10).bind(r.11).bind(r.12)
-            .execute(&mut conn)
-            .await
-            .unwrap();
-        }
+        // A row that is not a recipient; a sent one; a deferred one with an
+        // address written in capitals and sent in punycode, cells as JSON;
+        // a pending one with both addresses written in full, as rows were
+        // before they were written compactly; one only imported. Their ids
+        // are not in file order.
+        sqlx::query(
+            "INSERT INTO recipients (id, campaign_id, row_key, email, address, row_number, fields, state, \
+             reason, attempts, last_reply, message_id, next_attempt_at, seen_gen, updated_at) VALUES \
+             (10, 2, 'row:1', 'not an address', NULL, 1, char(31) || 'not an address', 6, \
+              'invalid address', 0, NULL, NULL, NULL, 1, 7), \
+             (11, 1, 'a@x.example', '', NULL, 2, char(31, 30, 31) || 'Ann', 2, \
+              NULL, 1, '250 ok', '<m1@x.example>', NULL, 1, 7), \
+             (12, 1, 'b@bücher.example', 'B@Bücher.example', 'B@xn--bcher-kva.example', 1, '[\"B@Bücher.example\",\"Bo\"]', 3, \
+              'transient failure, will retry', 2, '451 later', '<m2@x.example>', 1, 1, 7), \
+             (13, 1, 'c@x.example', 'c@x.example', 'c@x.example', 4, '[\"c@x.example\",\"Cy\"]', 0, \
+              NULL, 0, NULL, NULL, NULL, 1, 7), \
+             (14, 1, 'd@x.example', '', NULL, 3, char(31, 30, 31) || 'Di', 0, \
+              NULL, 0, NULL, NULL, NULL, 1, 7)",
+        )
+        .execute(&mut conn)
+        .await
+        .unwrap();
         let sql = format!(
             "SELECT {} AS email, state, reason, attempts, last_reply, updated_at, message_id, fields \
              FROM recipients WHERE campaign_id = ? ORDER BY row_number, id",
-            compact::EMAIL
+            super::super::compact::EMAIL
         );
         let mut expected: Vec<Vec<Exported>> = Vec::new();
         for campaign in [1, 2] {
