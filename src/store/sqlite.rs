@@ -2457,6 +2457,62 @@ pub(super) mod tests {
         rows
     }
 
+    /// A new database at `path` with only the migrations before the one
+    /// `description` names, and a connection to it (foreign keys off, as
+    /// migrations run).
+    async fn database_before(path: &Path, description: &str) -> sqlx::SqliteConnection {
+        let mut before = sqlx::migrate!("./migrations/sqlite");
+        let at = before
+            .migrations
+            .iter()
+            .position(|m| m.description == description)
+            .unwrap();
+        before.migrations = before.migrations[..at].to_vec().into();
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .foreign_keys(false);
+        let mut conn = options.connect().await.unwrap();
+        before.run_direct(&mut conn).await.unwrap();
+        conn
+    }
+
+    /// What `export` showed of a campaign in a database from before the
+    /// latest migrations, read as it read it then (states as words or as
+    /// numbers).
+    async fn exported_before(conn: &mut sqlx::SqliteConnection, campaign_id: i64) -> Vec<Exported> {
+        let sql = format!(
+            "SELECT {} AS email, state, reason, attempts, last_reply, updated_at, message_id, fields \
+             FROM recipients WHERE campaign_id = ? ORDER BY row_number, id",
+            super::super::compact::EMAIL
+        );
+        let rows = sqlx::query(&sql)
+            .bind(campaign_id)
+            .fetch_all(conn)
+            .await
+            .unwrap();
+        rows.into_iter()
+            .map(|r| {
+                let email: String = r.get("email");
+                let state = match r.try_get::<i64, _>("state") {
+                    Ok(code) => stored_state(code).unwrap().as_str().to_string(),
+                    Err(_) => r.get("state"),
+                };
+                (
+                    email.clone(),
+                    state,
+                    r.get("reason"),
+                    r.get("attempts"),
+                    r.get("last_reply"),
+                    r.get("updated_at"),
+                    r.get("message_id"),
+                    decode_fields(r.get("fields"), &email).unwrap(),
+                )
+            })
+            .collect()
+    }
+
     /// A database from before states were numbers: every row keeps its
     /// state, reason and everything `export` shows, and each state is
     /// found again by what reads it (counts, export by state, claims).
@@ -2464,20 +2520,7 @@ pub(super) mod tests {
     async fn states_written_as_words_are_read_back_after_the_migration() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("old.db");
-        let mut before = sqlx::migrate!("./migrations/sqlite");
-        let numbers = before
-            .migrations
-            .iter()
-            .position(|m| m.description == "states as numbers")
-            .unwrap();
-        before.migrations = before.migrations[..numbers].to_vec().into();
-        let options = SqliteConnectOptions::new()
-            .filename(&path)
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .foreign_keys(false);
-        let mut conn = options.connect().await.unwrap();
-        before.run_direct(&mut conn).await.unwrap();
+        let mut conn = database_before(&path, "states as numbers").await;
         sqlx::query("INSERT INTO campaigns (id, name, created_at) VALUES (1, 'c', 0)")
             .execute(&mut conn)
             .await
@@ -2519,31 +2562,7 @@ pub(super) mod tests {
             .await
             .unwrap();
         }
-        // What export showed before, read as it read it then.
-        let sql = format!(
-            "SELECT {} AS email, state, reason, attempts, last_reply, updated_at, message_id, fields \
-             FROM recipients ORDER BY row_number, id",
-            super::super::compact::EMAIL
-        );
-        let expected: Vec<Exported> = sqlx::query(&sql)
-            .fetch_all(&mut conn)
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|r| {
-                let email: String = r.get("email");
-                (
-                    email.clone(),
-                    r.get("state"),
-                    r.get("reason"),
-                    r.get("attempts"),
-                    r.get("last_reply"),
-                    r.get("updated_at"),
-                    r.get("message_id"),
-                    decode_fields(r.get("fields"), &email).unwrap(),
-                )
-            })
-            .collect();
+        let expected = exported_before(&mut conn, 1).await;
         conn.close().await.unwrap();
 
         let store = Store::open(&path).await.unwrap();
@@ -2661,20 +2680,7 @@ pub(super) mod tests {
     async fn rows_keep_their_details_after_the_migration() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("old.db");
-        let mut before = sqlx::migrate!("./migrations/sqlite");
-        let apart = before
-            .migrations
-            .iter()
-            .position(|m| m.description == "row details apart")
-            .unwrap();
-        before.migrations = before.migrations[..apart].to_vec().into();
-        let options = SqliteConnectOptions::new()
-            .filename(&path)
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .foreign_keys(false);
-        let mut conn = options.connect().await.unwrap();
-        before.run_direct(&mut conn).await.unwrap();
+        let mut conn = database_before(&path, "row details apart").await;
         sqlx::query("INSERT INTO campaigns (id, name, created_at) VALUES (1, 'c', 0), (2, 'd', 0)")
             .execute(&mut conn)
             .await
@@ -2701,36 +2707,10 @@ pub(super) mod tests {
         .execute(&mut conn)
         .await
         .unwrap();
-        let sql = format!(
-            "SELECT {} AS email, state, reason, attempts, last_reply, updated_at, message_id, fields \
-             FROM recipients WHERE campaign_id = ? ORDER BY row_number, id",
-            super::super::compact::EMAIL
-        );
-        let mut expected: Vec<Vec<Exported>> = Vec::new();
-        for campaign in [1, 2] {
-            let rows = sqlx::query(&sql)
-                .bind(campaign)
-                .fetch_all(&mut conn)
-                .await
-                .unwrap();
-            expected.push(
-                rows.into_iter()
-                    .map(|r| {
-                        let email: String = r.get("email");
-                        (
-                            email.clone(),
-                            stored_state(r.get("state")).unwrap().as_str().to_string(),
-                            r.get("reason"),
-                            r.get("attempts"),
-                            r.get("last_reply"),
-                            r.get("updated_at"),
-                            r.get("message_id"),
-                            decode_fields(r.get("fields"), &email).unwrap(),
-                        )
-                    })
-                    .collect(),
-            );
-        }
+        let expected = [
+            exported_before(&mut conn, 1).await,
+            exported_before(&mut conn, 2).await,
+        ];
         conn.close().await.unwrap();
 
         let store = Store::open(&path).await.unwrap();
