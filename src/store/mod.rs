@@ -337,11 +337,27 @@ pub struct CampaignRecord {
 pub(crate) struct Outcomes {
     pub(crate) queue: Vec<(Candidate, i64, Outcome, i64)>,
     pub(crate) error: Option<String>,
+    /// Outcomes recorded and not yet written (waiting, or in a write not
+    /// yet committed) that make a row due again: a claim writes them
+    /// before it picks, so that it never misses a row on its way back.
+    pub(crate) returning: usize,
 }
 
 impl Outcomes {
     fn push(&mut self, outcome: (Candidate, i64, Outcome, i64)) {
+        if outcome.2.returns_row() {
+            self.returning += 1;
+        }
         self.queue.push(outcome);
+    }
+
+    /// Counts out what a committed write took from the queue.
+    pub(crate) fn written(&mut self, written: &[(Candidate, i64, Outcome, i64)]) {
+        let returned = written
+            .iter()
+            .filter(|(_, _, o, _)| o.returns_row())
+            .count();
+        self.returning = self.returning.saturating_sub(returned);
     }
 }
 
@@ -583,6 +599,17 @@ pub enum Outcome {
     Unknown {
         reply: String,
     },
+}
+
+impl Outcome {
+    /// Whether the outcome makes its row due again, now or at a retry time
+    /// (a message sent, refused or lost makes none).
+    fn returns_row(&self) -> bool {
+        !matches!(
+            self,
+            Outcome::Sent { .. } | Outcome::Failed { .. } | Outcome::Unknown { .. }
+        )
+    }
 }
 
 /// One row of `export`.

@@ -550,7 +550,8 @@ impl PgStore {
         // Outcomes waiting, or being written, are written first: a
         // recipient returned to `pending` goes first again, and a claim
         // that finds nothing due never misses one on its way back.
-        {
+        // (Messages sent make no row due: they wait for their write.)
+        if lock(&self.outcomes).returning > 0 {
             let _writing = self.writer.clone().lock_owned().await;
             self.write_outcomes(false).await?;
         }
@@ -630,6 +631,9 @@ impl PgStore {
         // not settled.
         let waiting = std::mem::take(&mut lock(&self.outcomes).queue);
         write_outcomes(&mut tx, &waiting).await?;
+        // This process's claims come one at a time: no pick reads before
+        // this transaction ends.
+        lock(&self.outcomes).written(&waiting);
         // One worker at a time decides the account's next slot; the others
         // wait here, then see its send in the log.
         advisory_lock(&mut tx, "account", gate.account).await?;
@@ -851,6 +855,7 @@ impl PgStore {
         }
         write_outcomes(&mut tx, &waiting).await?;
         tx.commit().await?;
+        lock(&self.outcomes).written(&waiting);
         Ok(())
     }
 

@@ -673,7 +673,8 @@ impl SqliteStore {
         // Outcomes waiting, or being written, are written first: a
         // recipient returned to `pending` goes first again, and a claim
         // that finds nothing due never misses one on its way back.
-        {
+        // (Messages sent make no row due: they wait for their write.)
+        if lock(&self.outcomes).returning > 0 {
             let _writing = self.writer.clone().lock_owned().await;
             self.write_outcomes().await?;
         }
@@ -833,6 +834,7 @@ impl SqliteStore {
         }
         replies.write(&mut tx).await?;
         tx.commit().await?;
+        lock(&self.outcomes).written(&waiting);
         Ok(())
     }
 
