@@ -156,7 +156,7 @@ impl PgStore {
     pub async fn campaigns(&self) -> Result<Vec<CampaignSummary>> {
         let rows = sqlx::query(
             "SELECT c.id, c.name, c.transport, c.file, \
-             (SELECT MAX(updated_at) FROM recipients r WHERE r.campaign_id = c.id) AS last \
+             GREATEST((SELECT MAX(updated_at) FROM recipients r WHERE r.campaign_id = c.id), c.imported_at) AS last \
              FROM campaigns c ORDER BY c.name, c.transport",
         )
         .fetch_all(&self.pool)
@@ -484,20 +484,23 @@ impl PgStore {
         } else {
             "recipients"
         };
-        let (generation, row_count) = if joined {
+        let now = now_ms();
+        let (generation, row_count, imported_before) = if joined {
             let generation: i64 =
                 sqlx::query_scalar("SELECT import_gen FROM campaigns WHERE id = $1")
                     .bind(campaign.id)
                     .fetch_one(&mut *tx)
                     .await?;
-            (generation, None)
+            (generation, None, None)
         } else {
-            let (generation, row_count): (i64, Option<i64>) = sqlx::query_as(
-                "UPDATE campaigns SET import_gen = import_gen + 1, columns = $1 WHERE id = $2 \
-                 RETURNING import_gen, row_count",
+            let (generation, row_count, before): (i64, Option<i64>, Option<i64>) = sqlx::query_as(
+                "UPDATE campaigns c SET import_gen = c.import_gen + 1, columns = $1, imported_at = $3 \
+                 FROM (SELECT imported_at FROM campaigns WHERE id = $2) AS o \
+                 WHERE c.id = $2 RETURNING c.import_gen, c.row_count, o.imported_at",
             )
             .bind(serde_json::to_string(columns)?)
             .bind(campaign.id)
+            .bind(now)
             .fetch_one(&mut *tx)
             .await?;
             let deleted = sqlx::query(&format!(
@@ -511,7 +514,7 @@ impl PgStore {
                 true => Some(0),
                 false => row_count.map(|n| n - i64::try_from(deleted).unwrap_or(n)),
             };
-            (generation, row_count)
+            (generation, row_count, before)
         };
         Ok(PgImport {
             tx,
@@ -520,7 +523,8 @@ impl PgStore {
             campaign_id: campaign.id,
             generation,
             row_count,
-            now: now_ms(),
+            now,
+            imported_before,
             worker: self.worker.clone(),
             joined,
         })
@@ -721,7 +725,7 @@ impl PgStore {
             "UPDATE recipients r SET state = 'sending', attempts = r.attempts + 1, message_id = u.message_id, \
              updated_at = $5, worker = $6, lease_until = $7 \
              FROM UNNEST($1::bigint[], $2::text[], $3::bigint[], $4::text[]) AS u(id, state, updated_at, message_id) \
-             WHERE r.id = u.id AND r.state = u.state AND r.updated_at = u.updated_at AND r.worker = $6 \
+             WHERE r.id = u.id AND r.state = u.state AND COALESCE(r.updated_at, 0) = u.updated_at AND r.worker = $6 \
              RETURNING r.id",
         )
         .bind(&ids)
@@ -1327,7 +1331,7 @@ async fn write_outcomes(
     if !unclaimed.is_empty() {
         sqlx::query(
             "UPDATE recipients r SET state = u.state, attempts = u.attempts, message_id = u.message_id, \
-             updated_at = u.updated_at, worker = NULL, lease_until = NULL \
+             updated_at = NULLIF(u.updated_at, 0), worker = NULL, lease_until = NULL \
              FROM UNNEST($1::bigint[], $2::text[], $3::bigint[], $4::text[], $5::bigint[]) \
              AS u(id, state, attempts, message_id, updated_at) WHERE r.id = u.id",
         )
@@ -1529,7 +1533,7 @@ async fn pick_rows(
          AND (worker IS NULL OR worker = $4 OR lease_until < $6){skipping} \
          ORDER BY {order} LIMIT {limit} FOR UPDATE SKIP LOCKED) \
          RETURNING id, row_number::bigint AS row_number, {EMAIL} AS email, {ADDRESS} AS address, fields, \
-         attempts::bigint AS attempts, state, message_id, updated_at, next_attempt_at"
+         attempts::bigint AS attempts, state, message_id, COALESCE(updated_at, 0) AS updated_at, next_attempt_at"
     ))
     .bind(campaign_id)
     .bind(now)
@@ -1622,7 +1626,9 @@ async fn export_rows(
 ) -> Result<()> {
     use futures_util::TryStreamExt;
     let sql = format!(
-        "SELECT {EMAIL} AS email, state, reason, attempts::bigint AS attempts, last_reply, updated_at, message_id, fields FROM {table} \
+        "SELECT {EMAIL} AS email, state, reason, attempts::bigint AS attempts, last_reply, \
+         COALESCE(updated_at, (SELECT imported_at FROM campaigns WHERE id = $1), 0) AS updated_at, \
+         message_id, fields FROM {table} \
          WHERE campaign_id = $1 AND ($2::text IS NULL OR state = $3) ORDER BY row_number, id"
     );
     let mut rows = sqlx::query(&sql)
@@ -1754,6 +1760,9 @@ pub struct PgImport {
     /// counted at commit).
     row_count: Option<i64>,
     now: i64,
+    /// The time of the read before, which the rows it wrote and nothing
+    /// changed since (no time of their own) keep.
+    imported_before: Option<i64>,
     worker: String,
     /// Another live worker read the file: this one shares its sending.
     joined: bool,
@@ -1882,7 +1891,8 @@ impl PgImport {
                 copy_text(&mut data, Some(&new.fields[i]));
                 copy_text(&mut data, Some(new.state[i]));
                 copy_text(&mut data, new.reason[i].as_deref());
-                let _ = writeln!(data, "{}\t{}", self.generation, self.now);
+                // No time of its own: the read's, kept in the campaign.
+                let _ = writeln!(data, "{}\t\\N", self.generation);
             }
             let mut copy = self
                 .tx
@@ -1904,7 +1914,7 @@ impl PgImport {
             sqlx::query(&format!(
                 "UPDATE {} r SET email = u.email, address = u.address, row_number = u.row_number, \
                  fields = u.fields, seen_gen = $9, state = u.state, reason = u.reason, \
-                 updated_at = CASE WHEN r.state = u.state THEN r.updated_at ELSE $10 END \
+                 updated_at = CASE WHEN r.state = u.state THEN COALESCE(r.updated_at, $11) ELSE $10 END \
                  FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::text[], $7::text[], $8::text[]) \
                  AS u(id, row_key, email, address, row_number, fields, state, reason) WHERE r.id = u.id",
                 self.table
@@ -1919,6 +1929,7 @@ impl PgImport {
             .bind(&old.reason)
             .bind(self.generation)
             .bind(self.now)
+            .bind(self.imported_before)
             .execute(&mut *self.tx)
             .await?;
         }
@@ -1990,6 +2001,18 @@ impl PgImport {
         .execute(&mut *self.tx)
         .await?
         .rows_affected();
+        if let Some(before) = self.imported_before {
+            // Rows of the read before that this one left out keep its time.
+            sqlx::query(
+                "UPDATE recipients SET updated_at = $1 \
+                 WHERE campaign_id = $2 AND seen_gen < $3 AND updated_at IS NULL",
+            )
+            .bind(before)
+            .bind(self.campaign_id)
+            .bind(self.generation)
+            .execute(&mut *self.tx)
+            .await?;
+        }
         self.tx.commit().await?;
         Ok(removed)
     }

@@ -1600,3 +1600,104 @@ async fn cells_with_tabs_newlines_and_backslashes_read_back_unchanged() {
         );
     });
 }
+
+/// The times `export` shows for a campaign's rows, in file order.
+async fn shown_times(store: &Store, campaign_id: i64) -> Vec<(String, String, i64)> {
+    let mut rows = Vec::new();
+    store
+        .export(campaign_id, None, |r| {
+            rows.push((r.email, r.state, r.updated_at));
+            Ok(())
+        })
+        .await
+        .unwrap();
+    rows
+}
+
+/// On PostgreSQL a row that a read of the file wrote and nothing changed
+/// since stores no time of its own (eight bytes a row: SPEC §12, the state
+/// within 2 x of SQLite's), yet `export` shows the time of that read,
+/// through later reads that keep it or leave it out, and through a claim
+/// let go of; a row that changes gets its own time.
+#[tokio::test]
+async fn a_row_only_read_keeps_the_time_of_its_read_without_storing_it() {
+    let Some(pg) = TestPg::create().await else {
+        return;
+    };
+    let store = Store::open_postgres(&pg.url).await.unwrap();
+    let timed = || async {
+        use sqlx::Connection as _;
+        let mut conn = sqlx::PgConnection::connect(&pg.url).await.unwrap();
+        sqlx::query_scalar::<_, i64>("SELECT COUNT(updated_at) FROM recipients")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap()
+    };
+    let c = store.campaign(&ident("c")).await.unwrap();
+    store.suppress("s@x.example", "asked").await.unwrap();
+    let before = crate::time::now_ms();
+    import(
+        &store,
+        &c,
+        &["a@x.example", "b@x.example", "c@x.example", "s@x.example"],
+    )
+    .await;
+    let after = crate::time::now_ms();
+    let first = shown_times(&store, c.id).await;
+    let read = first[0].2;
+    assert!(before <= read && read <= after, "{first:?}");
+    assert!(first.iter().all(|r| r.2 == read), "{first:?}");
+    assert_eq!(first[3].1, "skipped", "{first:?}");
+    assert_eq!(timed().await, 0, "rows only read store no time");
+
+    // A claim let go of puts the row back as it was, time included.
+    let Claim::Ready { ready, .. } = store
+        .claim(c.id, "acct", "acct", &[], after + 1, 1, |_| Ok(out(1)))
+        .await
+        .unwrap()
+    else {
+        panic!("nothing claimed")
+    };
+    store
+        .record(
+            &ready[0].candidate,
+            ready[0].log_id,
+            &Outcome::Unclaimed,
+            after + 2,
+        )
+        .await
+        .unwrap();
+    store.flush().await.unwrap();
+    assert_eq!(shown_times(&store, c.id).await, first);
+    assert_eq!(timed().await, 0);
+
+    // A second read keeps a, leaves b and c out (skipped: removed, now)
+    // and s (skipped before: it keeps its time), and adds d.
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    import(&store, &c, &["a@x.example", "d@x.example"]).await;
+    let second = shown_times(&store, c.id).await;
+    let row = |rows: &[(String, String, i64)], email: &str| {
+        rows.iter().find(|r| r.0 == email).cloned().unwrap()
+    };
+    assert_eq!(row(&second, "a@x.example"), first[0], "{second:?}");
+    assert_eq!(row(&second, "s@x.example"), first[3], "{second:?}");
+    for removed in ["b@x.example", "c@x.example"] {
+        let (_, state, at) = row(&second, removed);
+        assert_eq!(state, "skipped", "{second:?}");
+        assert!(at > read, "{second:?}");
+    }
+    let (_, state, second_read) = row(&second, "d@x.example");
+    assert_eq!(state, "pending");
+    assert!(second_read > read, "{second:?}");
+
+    // A third read keeps a and d: each keeps the time of the read that
+    // wrote it.
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    import(&store, &c, &["a@x.example", "d@x.example"]).await;
+    let third = shown_times(&store, c.id).await;
+    assert_eq!(row(&third, "a@x.example"), first[0], "{third:?}");
+    assert_eq!(row(&third, "d@x.example").2, second_read, "{third:?}");
+    assert_eq!(row(&third, "s@x.example"), first[3], "{third:?}");
+    store.close().await;
+    pg.drop().await;
+}
