@@ -408,27 +408,19 @@ impl Smtp {
         let server = conn.smtp.server_info();
         if non_ascii {
             if !server.supports_feature(Extension::SmtpUtfEight) {
-                return Err(Failed {
-                    reply: Reply::local(
-                        Origin::Server,
-                        "the address is not ASCII and the server does not offer SMTPUTF8",
-                    ),
-                    at_mail: false,
-                    broken: false,
-                });
+                return Err(Failed::later(Reply::local(
+                    Origin::Server,
+                    "the address is not ASCII and the server does not offer SMTPUTF8",
+                )));
             }
             options.push(MailParameter::SmtpUtfEight);
         }
         if !message.bytes.is_ascii() {
             if !server.supports_feature(Extension::EightBitMime) {
-                return Err(Failed {
-                    reply: Reply::local(
-                        Origin::Server,
-                        "the message is not ASCII and the server does not offer 8BITMIME",
-                    ),
-                    at_mail: false,
-                    broken: false,
-                });
+                return Err(Failed::later(Reply::local(
+                    Origin::Server,
+                    "the message is not ASCII and the server does not offer 8BITMIME",
+                )));
             }
             options.push(MailParameter::Body(MailBodyParameter::EightBitMime));
         }
@@ -459,31 +451,36 @@ impl Smtp {
         };
         match sent {
             Ok(Ok(response)) => Ok(reply_of(&response)),
-            Ok(Err(e)) => Err(Failed {
-                reply: transaction_failure(&e, origin),
-                at_mail: false,
-                broken: false,
-            }),
-            Err(_) => Err(Failed {
-                reply: Reply::local(
-                    origin,
-                    if after_dot {
-                        format!(
-                            "no reply to the message within {}",
-                            humantime::format_duration(allowed)
-                        )
-                    } else {
-                        format!(
-                            "the message could not be written within {}",
-                            humantime::format_duration(allowed)
-                        )
-                    },
-                ),
-                at_mail: false,
-                broken: false,
-            }),
+            Ok(Err(e)) => Err(Failed::later(transaction_failure(&e, origin))),
+            Err(_) => Err(Failed::later(Reply::local(
+                origin,
+                if after_dot {
+                    format!(
+                        "no reply to the message within {}",
+                        humantime::format_duration(allowed)
+                    )
+                } else {
+                    format!(
+                        "the message could not be written within {}",
+                        humantime::format_duration(allowed)
+                    )
+                },
+            ))),
         }
     }
+
+    /// The reply to one envelope command, bounded by the timeout; no
+    /// reply at all is a lost connection.
+    async fn reply_to(
+        &self,
+        what: &str,
+        step: impl Future<Output = std::result::Result<Response, lettre::transport::smtp::Error>>,
+    ) -> std::result::Result<Response, Reply> {
+        self.bounded(what, step)
+            .await
+            .and_then(|r| r.map_err(|e| transaction_failure(&e, Origin::Lost)))
+    }
+
     /// MAIL, each RCPT and DATA, one round trip each.
     async fn envelope_step_by_step(
         &self,
@@ -491,23 +488,16 @@ impl Smtp {
         mail: Mail,
         rcpts: &[Rcpt],
     ) -> std::result::Result<(), Failed> {
-        let lost = |e: &lettre::transport::smtp::Error| transaction_failure(e, Origin::Lost);
-        let reply = self
-            .bounded("MAIL FROM", conn.smtp.command(mail))
+        self.reply_to("MAIL FROM", conn.smtp.command(mail))
             .await
-            .and_then(|r| r.map_err(|e| lost(&e)));
-        if let Err(reply) = reply {
-            return Err(Failed::at(0, reply));
-        }
+            .map_err(|reply| Failed::at(0, reply))?;
         for rcpt in rcpts {
-            self.bounded("RCPT TO", conn.smtp.command(rcpt))
+            self.reply_to("RCPT TO", conn.smtp.command(rcpt))
                 .await
-                .and_then(|r| r.map_err(|e| lost(&e)))
                 .map_err(|reply| Failed::at(1, reply))?;
         }
-        self.bounded("DATA", conn.smtp.command(Data))
+        self.reply_to("DATA", conn.smtp.command(Data))
             .await
-            .and_then(|r| r.map_err(|e| lost(&e)))
             .map_err(|reply| Failed::at(1, reply))?;
         Ok(())
     }
@@ -522,7 +512,6 @@ impl Smtp {
         mail: Mail,
         rcpts: &[Rcpt],
     ) -> std::result::Result<(), Failed> {
-        let lost = |e: &lettre::transport::smtp::Error| transaction_failure(e, Origin::Lost);
         let mut batch = mail.to_string();
         for rcpt in rcpts {
             batch.push_str(&rcpt.to_string());
@@ -539,11 +528,11 @@ impl Smtp {
             let reply = if step == 0 {
                 // lettre writes the whole batch as one command and reads
                 // the first reply.
-                self.bounded(what, conn.smtp.command(&batch)).await
+                self.reply_to(what, conn.smtp.command(&batch)).await
             } else {
-                self.bounded(what, conn.smtp.read_response()).await
+                self.reply_to(what, conn.smtp.read_response()).await
             };
-            match reply.and_then(|r| r.map_err(|e| lost(&e))) {
+            match reply {
                 Ok(_) if step + 1 == replies => {
                     if let Some(mut failed) = refused {
                         // DATA was taken although MAIL or a RCPT was not: the
@@ -584,6 +573,11 @@ impl Failed {
             at_mail,
             broken: false,
         }
+    }
+
+    /// A failure past MAIL (or before the envelope was sent).
+    fn later(reply: Reply) -> Failed {
+        Failed::at(1, reply)
     }
 }
 
