@@ -352,7 +352,7 @@ impl Outcomes {
     }
 
     /// Counts out what a committed write took from the queue.
-    pub(crate) fn written(&mut self, written: &[(Candidate, i64, Outcome, i64)]) {
+    pub(crate) fn committed(&mut self, written: &[(Candidate, i64, Outcome, i64)]) {
         let returned = written
             .iter()
             .filter(|(_, _, o, _)| o.returns_row())

@@ -637,7 +637,7 @@ impl PgStore {
         write_outcomes(&mut tx, &waiting).await?;
         // This process's claims come one at a time: no pick reads before
         // this transaction ends.
-        lock(&self.outcomes).written(&waiting);
+        lock(&self.outcomes).committed(&waiting);
         // One worker at a time decides the account's next slot; the others
         // wait here, then see its send in the log.
         advisory_lock(&mut tx, "account", gate.account).await?;
@@ -815,14 +815,12 @@ impl PgStore {
     }
 
     /// Writes the outcomes this process recorded and not yet written, so
-    /// that its own reads see them.
+    /// that its own reads see them (a write under way holds the lock:
+    /// waiting for it covers the outcomes it took from the queue too).
     async fn written(&self) -> Result<()> {
         self.failed_write()?;
-        if !lock(&self.outcomes).queue.is_empty() {
-            let _writing = self.writer.clone().lock_owned().await;
-            self.write_outcomes(false).await?;
-        }
-        Ok(())
+        let _writing = self.writer.clone().lock_owned().await;
+        self.write_outcomes(false).await
     }
 
     /// Writes the outcomes not yet written, synced; returns once they are.
@@ -859,7 +857,7 @@ impl PgStore {
         }
         write_outcomes(&mut tx, &waiting).await?;
         tx.commit().await?;
-        lock(&self.outcomes).written(&waiting);
+        lock(&self.outcomes).committed(&waiting);
         Ok(())
     }
 

@@ -838,7 +838,7 @@ impl SqliteStore {
         }
         replies.write(&mut tx).await?;
         tx.commit().await?;
-        lock(&self.outcomes).written(&waiting);
+        lock(&self.outcomes).committed(&waiting);
         Ok(())
     }
 
