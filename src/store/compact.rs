@@ -68,6 +68,7 @@ pub(super) fn encode_fields(fields: &[String], email: &str) -> String {
 /// [`encode_fields`], in the shorter [`EMAIL_FIRST`] form where it applies.
 pub(super) fn encode_fields_email_first(fields: &[String], email: &str) -> String {
     let stored = encode_fields(fields, email);
+    // CELLS, SAME_AS_EMAIL, CELLS: the address first, then other cells.
     match stored.strip_prefix("\u{1f}\u{1e}\u{1f}") {
         Some(others) => format!("{EMAIL_FIRST}{others}"),
         None => stored,
@@ -76,20 +77,20 @@ pub(super) fn encode_fields_email_first(fields: &[String], email: &str) -> Strin
 
 /// A row's cells from their stored form; `email` is the row's address as written.
 pub(super) fn decode_fields(stored: &str, email: &str) -> Result<Vec<String>> {
+    let cell = |c: &str| {
+        if c == SAME_AS_EMAIL {
+            email.to_string()
+        } else {
+            c.to_string()
+        }
+    };
     if let Some(others) = stored.strip_prefix(EMAIL_FIRST) {
-        return decode_fields(&format!("{CELLS}{SAME_AS_EMAIL}{CELLS}{others}"), email);
+        return Ok(std::iter::once(email.to_string())
+            .chain(others.split(CELLS).map(cell))
+            .collect());
     }
     match stored.strip_prefix(CELLS) {
-        Some(cells) => Ok(cells
-            .split(CELLS)
-            .map(|c| {
-                if c == SAME_AS_EMAIL {
-                    email.to_string()
-                } else {
-                    c.to_string()
-                }
-            })
-            .collect()),
+        Some(cells) => Ok(cells.split(CELLS).map(cell).collect()),
         None => Ok(serde_json::from_str(stored)?),
     }
 }
